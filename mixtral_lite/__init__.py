@@ -1,0 +1,18 @@
+"""mixtral_lite: a small, fast, readable Mixtral-style sparse MoE decoder in PyTorch."""
+
+from .cache import KVCache
+from .config import ConfigError, MixtralConfig, MoEConfig
+from .model import Mixtral
+from .params import ParamCount, count_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "KVCache",
+    "Mixtral",
+    "MixtralConfig",
+    "MoEConfig",
+    "ParamCount",
+    "count_parameters",
+]

@@ -1,0 +1,1 @@
+"""Subcommands of the mixtral-lite CLI, one module each."""

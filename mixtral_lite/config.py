@@ -1,0 +1,348 @@
+"""Model configuration: a typed dataclass with explicit constructors.
+
+Field names follow the Hugging Face ``config.json`` of Mixtral, so a user who knows the hub file
+knows this class. The MoE section is nested (``MoEConfig``) so routing variants live in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value or file that cannot describe a model."""
+
+
+ROUTER_KINDS = ("topk", "hard", "soft", "hierarchical")
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class MoEConfig:
+    """The sparse feed-forward section.
+
+    ``kind`` selects the routing rule: ``topk`` (Mixtral: softmax, top-k, renormalise), ``hard``
+    (top-1 with a capacity factor), ``soft`` (every expert, weighted by the full softmax) and
+    ``hierarchical`` (a gate over groups, then a gate inside each group). The DeepSeekMoE options
+    (shared experts, sigmoid scoring with bias-only selection, group-limited routing, dense first
+    layers) combine with ``topk``.
+    """
+
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    kind: str = "topk"
+    capacity_factor: float = 1.25  # hard routing only
+    num_groups: int = 1  # hierarchical: groups of experts; top_k_groups picked by the top gate
+    top_k_groups: int = 1
+    n_shared_experts: int = 0  # DeepSeekMoE: always-on experts of the same size as routed ones
+    score_func: str = "softmax"  # "sigmoid": DeepSeek-V3 scoring
+    bias_balancing: bool = False  # DeepSeek-V3 auxiliary-loss-free balancing (selection bias)
+    bias_update_speed: float = 1e-3
+    n_group: int = 1  # DeepSeek-V3 group-limited routing
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    first_k_dense: int = 0  # the first k layers use a dense FFN
+    dense_intermediate_size: int | None = None  # size of those dense FFNs (default: I * top_k)
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_experts", "num_experts_per_tok")
+        if self.kind not in ROUTER_KINDS:
+            raise ConfigError(f"moe.kind: expected one of {ROUTER_KINDS}, got {self.kind!r}")
+        if self.score_func not in SCORE_FUNCS:
+            raise ConfigError(f"moe.score_func: expected one of {SCORE_FUNCS}, got {self.score_func!r}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(
+                f"moe.num_experts_per_tok: must be <= num_experts ({self.num_experts}), got {self.num_experts_per_tok}"
+            )
+        if self.kind == "hard" and self.num_experts_per_tok != 1:
+            raise ConfigError(f"moe.num_experts_per_tok: hard routing is top-1, got {self.num_experts_per_tok}")
+        if self.capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor: must be > 0, got {self.capacity_factor}")
+        _positive(self, "num_groups", "top_k_groups", "n_group", "topk_group")
+        if self.num_experts % self.num_groups:
+            raise ConfigError(f"moe.num_groups: must divide num_experts ({self.num_experts}), got {self.num_groups}")
+        if self.top_k_groups > self.num_groups:
+            raise ConfigError(f"moe.top_k_groups: must be <= num_groups ({self.num_groups}), got {self.top_k_groups}")
+        if self.kind == "hierarchical" and self.num_experts_per_tok > self.num_experts // self.num_groups:
+            raise ConfigError(
+                "moe.num_experts_per_tok: hierarchical routing picks top-k inside one group of "
+                f"{self.num_experts // self.num_groups} experts, got {self.num_experts_per_tok}"
+            )
+        if self.num_experts % self.n_group:
+            raise ConfigError(f"moe.n_group: must divide num_experts ({self.num_experts}), got {self.n_group}")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"moe.topk_group: must be <= n_group ({self.n_group}), got {self.topk_group}")
+        for name in ("n_shared_experts", "first_k_dense"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.bias_balancing and self.kind != "topk":
+            raise ConfigError(f"moe.bias_balancing: only for kind 'topk', got kind {self.kind!r}")
+
+    @property
+    def is_plain_mixtral(self) -> bool:
+        """True when this section describes Mixtral's own router (loadable by transformers)."""
+        return self == MoEConfig(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
+
+
+@dataclass
+class MixtralConfig:
+    """Shapes and hyper-parameters of a Mixtral-style decoder.
+
+    Defaults are Mixtral-8x7B. ``head_dim`` defaults to ``hidden_size // num_attention_heads``.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336  # per expert
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    max_position_embeddings: int = 32768
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**_known(MoEConfig, self.moe, "moe"))
+        _positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"num_attention_heads: must divide hidden_size ({self.hidden_size}) when head_dim "
+                    f"is not given, got {self.num_attention_heads}"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _positive(self, "head_dim")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim: must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_key_value_heads: must divide num_attention_heads ({self.num_attention_heads}), "
+                f"got {self.num_key_value_heads}"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window: must be >= 1 or null, got {self.sliding_window}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name}: must be in [0, vocab_size={self.vocab_size}), got {value}")
+        if self.moe.first_k_dense > self.num_hidden_layers:
+            raise ConfigError(
+                f"moe.first_k_dense: must be <= num_hidden_layers ({self.num_hidden_layers}), "
+                f"got {self.moe.first_k_dense}"
+            )
+
+    # Convenience views of the MoE section.
+    @property
+    def num_experts(self) -> int:
+        return self.moe.num_experts
+
+    @property
+    def num_experts_per_tok(self) -> int:
+        return self.moe.num_experts_per_tok
+
+    # ---- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str) -> MixtralConfig:
+        """Read ``configs/<name>.json`` (exact name; ``available_presets()`` lists them)."""
+        path = PRESET_DIR / f"{name}.json"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name!r}: expected one of {available_presets()}")
+        return cls.from_dict(_read_json(path), source=str(path))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> MixtralConfig:
+        """Read a Hugging Face ``config.json`` or a Mistral ``params.json`` (a file or a folder)."""
+        path = Path(path)
+        if path.is_dir():
+            for name in ("config.json", "params.json"):
+                if (path / name).is_file():
+                    path = path / name
+                    break
+            else:
+                raise ConfigError(f"{path}: no config.json or params.json in this folder")
+        elif not path.is_file():
+            raise ConfigError(f"{path}: no such file or folder")
+        data = _read_json(path)
+        if path.name == "params.json" or ("dim" in data and "n_layers" in data):
+            return cls.from_mistral_params(data, source=str(path))
+        return cls.from_hf_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> MixtralConfig:
+        """Our own JSON form (``to_dict``); also accepts a Hugging Face config dict."""
+        if "model_type" in data or "num_local_experts" in data:
+            return cls.from_hf_dict(data, source=source)
+        try:
+            return cls(**_known(cls, data, source))
+        except TypeError as exc:  # a wrong value type, e.g. a string for an int
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], source: str = "config.json") -> MixtralConfig:
+        model_type = data.get("model_type")
+        if model_type not in ("mixtral", "mixtral_lite"):
+            raise ConfigError(f"{source}: model_type: expected 'mixtral' (or 'mixtral_lite'), got {model_type!r}")
+        rope_theta = data.get("rope_theta")
+        rope_parameters = data.get("rope_parameters")
+        if rope_theta is None and isinstance(rope_parameters, dict):
+            rope_type = rope_parameters.get("rope_type", "default")
+            if rope_type != "default":
+                raise ConfigError(f"{source}: rope_parameters.rope_type: expected 'default', got {rope_type!r}")
+            rope_theta = rope_parameters.get("rope_theta")
+        moe = dict(data.get("mixtral_lite_moe") or {})
+        moe.setdefault("num_experts", data.get("num_local_experts", 8))
+        moe.setdefault("num_experts_per_tok", data.get("num_experts_per_tok", 2))
+        eos = data.get("eos_token_id", 2)
+        if isinstance(eos, list):
+            eos = eos[0]
+        kwargs = {
+            "vocab_size": data.get("vocab_size", 32000),
+            "hidden_size": data.get("hidden_size", 4096),
+            "intermediate_size": data.get("intermediate_size", 14336),
+            "num_hidden_layers": data.get("num_hidden_layers", 32),
+            "num_attention_heads": data.get("num_attention_heads", 32),
+            "num_key_value_heads": data.get("num_key_value_heads") or data.get("num_attention_heads", 32),
+            "head_dim": data.get("head_dim"),
+            "rms_norm_eps": data.get("rms_norm_eps", 1e-5),
+            "rope_theta": 1e6 if rope_theta is None else rope_theta,
+            "max_position_embeddings": data.get("max_position_embeddings", 32768),
+            "sliding_window": data.get("sliding_window"),
+            "tie_word_embeddings": data.get("tie_word_embeddings", False),
+            "bos_token_id": data.get("bos_token_id", 1),
+            "eos_token_id": eos,
+            "moe": moe,
+        }
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_mistral_params(cls, data: dict[str, Any], source: str = "params.json") -> MixtralConfig:
+        missing = [k for k in ("dim", "n_layers", "hidden_dim", "n_heads", "vocab_size") if k not in data]
+        if missing:
+            raise ConfigError(f"{source}: missing field(s) {missing}")
+        moe = data.get("moe")
+        if not isinstance(moe, dict):
+            raise ConfigError(f"{source}: moe: expected an object with num_experts, got {moe!r}")
+        try:
+            return cls(
+                vocab_size=data["vocab_size"],
+                hidden_size=data["dim"],
+                intermediate_size=data["hidden_dim"],
+                num_hidden_layers=data["n_layers"],
+                num_attention_heads=data["n_heads"],
+                num_key_value_heads=data.get("n_kv_heads", data["n_heads"]),
+                head_dim=data.get("head_dim"),
+                rms_norm_eps=data.get("norm_eps", 1e-5),
+                rope_theta=data.get("rope_theta", 1e6),
+                max_position_embeddings=data.get("max_seq_len", 32768),
+                sliding_window=data.get("sliding_window"),
+                moe={
+                    "num_experts": moe.get("num_experts", 8),
+                    "num_experts_per_tok": moe.get("num_experts_per_tok", 2),
+                },
+            )
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    # ---- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A ``config.json`` that transformers' ``MixtralForCausalLM`` reads.
+
+        Variant routers (anything but plain Mixtral) are written under ``mixtral_lite_moe`` with
+        ``model_type: mixtral_lite``, so transformers refuses them instead of loading wrong weights.
+        """
+        plain = self.moe.is_plain_mixtral
+        data: dict[str, Any] = {
+            "architectures": ["MixtralForCausalLM"] if plain else ["MixtralLiteForCausalLM"],
+            "model_type": "mixtral" if plain else "mixtral_lite",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "sliding_window": self.sliding_window,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "num_local_experts": self.moe.num_experts,
+            "num_experts_per_tok": self.moe.num_experts_per_tok,
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.02,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+        }
+        if not plain:
+            data["mixtral_lite_moe"] = dataclasses.asdict(self.moe)
+        return data
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _known(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+    return dict(data)
+
+
+def _positive(obj: object, *names: str) -> None:
+    prefix = "moe." if isinstance(obj, MoEConfig) else ""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{prefix}{name}: must be a positive integer, got {value!r}")

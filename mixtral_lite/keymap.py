@@ -1,0 +1,94 @@
+"""The one table that maps checkpoint key names to this model's parameter names.
+
+Our names follow the original Mistral checkpoints; the experts are stacked per layer
+(``feed_forward.w1`` [E, I, D]), so a per-expert file key maps to one slice of a stacked parameter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+
+
+class Target(NamedTuple):
+    name: str  # our parameter name
+    expert: int | None  # index into a stacked expert parameter, or None for the whole tensor
+
+
+# (file key pattern, our name template); {L} layer, {E} expert.
+HF_TABLE: list[tuple[str, str]] = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.input_layernorm\.weight", "layers.{L}.attention_norm.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.post_attention_layernorm\.weight", "layers.{L}.ffn_norm.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.self_attn\.q_proj\.weight", "layers.{L}.attention.wq.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.self_attn\.k_proj\.weight", "layers.{L}.attention.wk.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.self_attn\.v_proj\.weight", "layers.{L}.attention.wv.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.self_attn\.o_proj\.weight", "layers.{L}.attention.wo.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.gate\.weight", "layers.{L}.feed_forward.gate.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\.w1\.weight", "layers.{L}.feed_forward.w1"),
+    (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\.w2\.weight", "layers.{L}.feed_forward.w2"),
+    (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\.w3\.weight", "layers.{L}.feed_forward.w3"),
+]
+
+MISTRAL_TABLE: list[tuple[str, str]] = [
+    (r"tok_embeddings\.weight", "tok_embeddings.weight"),
+    (r"norm\.weight", "norm.weight"),
+    (r"output\.weight", "output.weight"),
+    (r"layers\.(?P<L>\d+)\.attention_norm\.weight", "layers.{L}.attention_norm.weight"),
+    (r"layers\.(?P<L>\d+)\.ffn_norm\.weight", "layers.{L}.ffn_norm.weight"),
+    (r"layers\.(?P<L>\d+)\.attention\.(?P<P>w[qkvo])\.weight", "layers.{L}.attention.{P}.weight"),
+    (r"layers\.(?P<L>\d+)\.feed_forward\.gate\.weight", "layers.{L}.feed_forward.gate.weight"),
+    (r"layers\.(?P<L>\d+)\.feed_forward\.experts\.(?P<E>\d+)\.(?P<P>w[123])\.weight", "layers.{L}.feed_forward.{P}"),
+]
+
+_HF = [(re.compile(p + r"\Z"), t) for p, t in HF_TABLE]
+_MISTRAL = [(re.compile(p + r"\Z"), t) for p, t in MISTRAL_TABLE]
+
+
+def map_key(key: str, layout: str = "hf") -> Target | None:
+    """Our target for a file key, or None when the key is not part of a Mixtral checkpoint."""
+    for pattern, template in _HF if layout == "hf" else _MISTRAL:
+        m = pattern.match(key)
+        if m:
+            groups = m.groupdict()
+            expert = groups.pop("E", None)
+            return Target(template.format(**groups), None if expert is None else int(expert))
+    return None
+
+
+_STACKED = re.compile(r"layers\.(\d+)\.feed_forward\.(w[123])\Z")
+_INVERSE = {t: p for p, t in HF_TABLE}
+
+
+def hf_items(state_dict: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our state dict -> Hugging Face hub key names, stacked experts split back into one per expert."""
+    for name, tensor in state_dict.items():
+        m = _STACKED.match(name)
+        if m:
+            layer, proj = m.groups()
+            for e in range(tensor.shape[0]):
+                yield f"model.layers.{layer}.block_sparse_moe.experts.{e}.{proj}.weight", tensor[e]
+            continue
+        hf = _to_hf_name(name)
+        if hf is None:
+            raise KeyError(f"{name}: no Hugging Face key for this parameter")
+        yield hf, tensor
+
+
+def _to_hf_name(name: str) -> str | None:
+    m = re.match(r"layers\.(\d+)\.(.+)\Z", name)
+    if m is None:
+        for pattern, template in HF_TABLE:
+            if template == name:
+                return pattern.replace("\\.", ".")
+        return None
+    layer, rest = m.groups()
+    for pattern, template in HF_TABLE:
+        if template.startswith("layers.{L}.") and template[len("layers.{L}.") :] == rest:
+            return re.sub(r"\(\?P<L>\\d\+\)", layer, pattern).replace("\\.", ".")
+    return None

@@ -1,0 +1,285 @@
+"""The Mixtral decoder, top to bottom: norm, rotary embedding, attention, MoE feed-forward, block,
+model.
+
+Axis legend: B batch, T new tokens, S keys (cache slots), H query heads, KV key/value heads,
+hd head dim, D hidden, E experts, K experts per token, V vocabulary.
+
+Module names follow the original Mistral checkpoints (``wq wk wv wo``, ``w1 w2 w3``, ``gate``);
+``checkpoint.py`` holds the one table that maps file keys to them. The model is pure: no sampling,
+tokenizer or cache allocation lives here; a ``KVCache`` is created by generation and passed in.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import MixtralConfig
+from .moe import dispatch_experts, route_topk
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, hd] for ``positions`` [B, T], in the half-split (Hugging Face) layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through ``scaled_dot_product_attention``.
+
+    ``n_heads`` / ``n_kv_heads`` are the heads this module holds (all of them, or one rank's share
+    under tensor parallelism); ``reduce`` combines partial outputs across ranks (identity here).
+    """
+
+    def __init__(self, config: MixtralConfig, layer_idx: int) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = hd
+        self.wq = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.reduce = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, slots, k, v)  # [B, KV, S, hd]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        y = self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return y if self.reduce is None else self.reduce(y)
+
+
+class FeedForward(nn.Module):
+    """A dense SwiGLU feed-forward (used by dense layers of DeepSeekMoE-style models)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x)), None
+
+
+class SparseMoE(nn.Module):
+    """Router + stacked SwiGLU experts (w1, w3 [E, I, D]; w2 [E, D, I]).
+
+    ``dispatch`` selects the expert kernel (see ``moe.dispatch_experts``); ``reduce`` combines
+    partial outputs across ranks under tensor or expert parallelism (identity here).
+    """
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        e, d, i = config.num_experts, config.hidden_size, config.intermediate_size
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(d, e, bias=False)
+        self.w1 = nn.Parameter(torch.empty(e, i, d))
+        self.w2 = nn.Parameter(torch.empty(e, d, i))
+        self.w3 = nn.Parameter(torch.empty(e, i, d))
+        self.dispatch = "auto"
+        self.reduce = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> router logits [N, E], chosen experts [N, K], their weights [N, K] (float32)."""
+        logits = self.gate(x)
+        idx, weights = route_topk(logits, self.top_k)
+        return logits, idx, weights
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        logits, idx, weights = self.route(x)
+        y = dispatch_experts(x, self.w1, self.w2, self.w3, idx, weights, self.dispatch)
+        if self.reduce is not None:
+            y = self.reduce(y)
+        return y.view(shape), logits
+
+
+class Block(nn.Module):
+    def __init__(self, config: MixtralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward: nn.Module = SparseMoE(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        slots: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, slots)
+        y, router_logits = self.feed_forward(self.ffn_norm(x))
+        return x + y, router_logits
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor  # [B, T, V] (or [B, 1, V] with last_only)
+    router_logits: tuple[torch.Tensor, ...]  # per MoE layer, [B*T, E]
+
+
+class Mixtral(nn.Module):
+    """A Mixtral-style sparse MoE decoder.
+
+    ``model(input_ids)`` returns logits [B, T, V]. For incremental decoding pass a ``KVCache`` and
+    the cache ``slots`` [T] the new tokens occupy; ``positions`` [B, T] are their rotary positions
+    (default: the slots) and ``attention_mask`` [B, T] marks real tokens (0 for left padding).
+    """
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init: N(0, std) for matrices, ones for norms (a no-op on the meta device)."""
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        return_router_logits: bool = False,
+    ) -> torch.Tensor | Output:
+        b, t = input_ids.shape
+        dev = input_ids.device
+        if cache is not None and slots is None:
+            raise ValueError("slots: required with a cache (the cache positions of the new tokens)")
+        if slots is None:
+            slots = torch.arange(t, device=dev)
+        if positions is None:
+            positions = slots.expand(b, t) if attention_mask is None else _positions_from_mask(attention_mask)
+        valid = torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        window = self.config.sliding_window
+        if cache is not None:
+            cache.record(slots, positions, valid)
+            mask = build_mask(
+                slots, positions, torch.arange(cache.max_seq_len, device=dev), cache.pos, cache.valid, window
+            )
+        elif attention_mask is None and (window is None or window >= t):
+            mask = None  # plain causal
+        else:
+            mask = build_mask(slots, positions, slots, positions, valid, window)
+
+        h = self.tok_embeddings(input_ids)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
+        router_logits = []
+        for layer in self.layers:
+            layer_dev = layer.attention_norm.weight.device
+            if h.device != layer_dev:  # layers split across devices: move the activations along
+                h, cos, sin = h.to(layer_dev), cos.to(layer_dev), sin.to(layer_dev)
+                mask = None if mask is None else mask.to(layer_dev)
+                slots = slots.to(layer_dev)
+            h, r = layer(h, cos, sin, mask, cache, slots)
+            if r is not None:
+                router_logits.append(r)
+        if last_only:
+            h = h[:, -1:]
+        h = h.to(self.norm.weight.device)
+        logits = self.output(self.norm(h))
+        if return_router_logits:
+            return Output(logits, tuple(router_logits))
+        return logits
+
+
+def build_mask(
+    q_slots: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_slots: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, S]: causal in slot order, real keys only, within the window.
+
+    A query always sees its own slot, so padded rows never end up with no key at all.
+    """
+    causal = k_slots[None, None, :] <= q_slots[None, :, None]  # [1, T, S]
+    own = k_slots[None, None, :] == q_slots[None, :, None]
+    mask = causal & (k_valid[:, None, :] | own)  # [B, T, S]
+    if window is not None:
+        mask = mask & ((q_pos[:, :, None] - k_pos[:, None, :]) < window)
+    return mask[:, None]
+
+
+def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: each row's real tokens get positions 0, 1, ...; pads get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+__all__ = ["Mixtral", "Output", "RMSNorm", "Attention", "SparseMoE", "FeedForward", "Block", "build_mask"]

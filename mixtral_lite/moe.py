@@ -1,0 +1,159 @@
+"""Expert dispatch: run SwiGLU experts on the tokens the router chose for them.
+
+All functions take stacked expert weights and a routing decision and return the weighted sum of
+the chosen experts' outputs:
+
+    out[n] = sum_k weights[n, k] * w2[e] @ (silu(w1[e] @ x[n]) * (w3[e] @ x[n])),  e = idx[n, k]
+
+Axis legend: N tokens, K experts per token, E experts, D hidden, I expert intermediate size.
+Weights: w1, w3 [E, I, D]; w2 [E, D, I]. Routing: idx [N, K] (long), weights [N, K] (float32).
+
+``experts_reference`` is the plain per-expert loop that every faster path is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def experts_reference(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The plain loop: for each expert, find its (token, slot) pairs and run it on them."""
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        token, slot = torch.where(idx == e)
+        if token.numel() == 0:
+            continue
+        y = _swiglu(x[token], w1[e], w2[e], w3[e]) * weights[token, slot, None]
+        out.index_add_(0, token, y.to(x.dtype))
+    return out
+
+
+def experts_sorted(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    grouped_mm: bool | None = None,
+) -> torch.Tensor:
+    """Sort the N*K (token, expert) pairs by expert and run each expert once on its rows.
+
+    With ``torch._grouped_mm`` (default where the weights allow it) the segments run in one call
+    per projection and nothing waits on the host; otherwise a loop over the non-empty segments.
+    """
+    n, k = idx.shape
+    n_experts = w1.shape[0]
+    flat = idx.reshape(-1)  # [N*K]
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+    token = order // k  # [N*K] source token of each sorted pair
+    xs = x[token]  # [N*K, D]
+    ws = weights.reshape(-1)[order]  # [N*K]
+    counts = torch.bincount(flat, minlength=n_experts)  # [E]
+    if grouped_mm is None:
+        grouped_mm = _grouped_mm_ok(x, w1, w2)
+    if grouped_mm:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
+            xs, w3.transpose(1, 2), offs=offs
+        )
+        ys = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [N*K, D]
+    else:
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                ys[start : start + c] = _swiglu(xs[start : start + c], w1[e], w2[e], w3[e])
+            start += c
+    out = torch.zeros_like(x)
+    out.index_add_(0, token, (ys * ws[:, None]).to(x.dtype))
+    return out
+
+
+def experts_gather(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Few tokens (decode): index the K chosen experts' weights per token, no host sync.
+
+    Reads only the chosen experts; under ``torch.compile`` the gather fuses into the products.
+    """
+    x1 = torch.einsum("nd,nkid->nki", x, w1[idx])  # [N, K, I]
+    x3 = torch.einsum("nd,nkid->nki", x, w3[idx])
+    y = torch.einsum("nki,nkdi->nkd", F.silu(x1) * x3, w2[idx])  # [N, K, D]
+    return torch.einsum("nkd,nk->nd", y.float(), weights).to(x.dtype)
+
+
+def experts_per_token(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Few tokens on the CPU: loop over the chosen experts with views of their weights (no copy)."""
+    out = torch.empty_like(x)
+    for n, experts in enumerate(idx.tolist()):
+        acc = None
+        for k, e in enumerate(experts):
+            y = _swiglu(x[n : n + 1], w1[e], w2[e], w3[e]) * weights[n, k]
+            acc = y if acc is None else acc + y
+        out[n : n + 1] = acc
+    return out
+
+
+def _grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
+    """``_grouped_mm`` needs 16-byte aligned strides and a floating dtype it supports."""
+    if not HAS_GROUPED_MM or x.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if x.requires_grad or any(w.requires_grad for w in ws):
+        return False  # training goes through the loop, whose autograd is plain
+    return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in ws)
+
+
+def dispatch_experts(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Pick the dispatch: ``reference``, ``sorted``, ``gather``, ``per_token`` or ``auto``.
+
+    ``auto``: a few tokens on the CPU (eager) loop over the chosen experts; a few tokens elsewhere
+    or under compile gather the chosen weights; many tokens sort and group.
+    """
+    if impl == "auto":
+        few = idx.numel() <= w1.shape[0]
+        if few and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            impl = "per_token"
+        elif few:
+            impl = "gather"
+        else:
+            impl = "sorted"
+    if impl == "sorted":
+        return experts_sorted(x, w1, w2, w3, idx, weights)
+    if impl == "gather":
+        return experts_gather(x, w1, w2, w3, idx, weights)
+    if impl == "per_token":
+        return experts_per_token(x, w1, w2, w3, idx, weights)
+    if impl == "reference":
+        return experts_reference(x, w1, w2, w3, idx, weights)
+    raise ValueError(f"moe dispatch: expected auto, sorted, gather, per_token or reference, got {impl!r}")
+
+
+def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's router: softmax over all experts in float32, top-k, renormalise to sum 1.
+
+    Returns (idx [N, K] long, weights [N, K] float32).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, idx = torch.topk(probs, k, dim=-1)
+    return idx, weights / weights.sum(dim=-1, keepdim=True)

@@ -1,0 +1,83 @@
+"""Parameter counts from the config: total, active per token, and a breakdown.
+
+Active = every parameter a token's forward pass reads: all of attention, norms, router, shared
+experts and dense layers, the ``num_experts_per_tok`` routed experts it is sent to, and the
+embedding row table and lm_head counted in full (the usual convention; a token reads one
+embedding row but the whole lm_head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import MixtralConfig
+
+
+@dataclass
+class ParamCount:
+    total: int
+    active: int
+    breakdown: dict[str, int] = field(default_factory=dict)  # total per part
+    active_breakdown: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "total": self.total,
+            "active": self.active,
+            "breakdown": self.breakdown,
+            "active_breakdown": self.active_breakdown,
+            "active_means": ACTIVE_MEANS,
+        }
+
+
+ACTIVE_MEANS = (
+    "parameters read for one token: attention, norms, router, shared/dense FFNs, the top-k routed "
+    "experts of each layer, plus the full embedding table and lm_head"
+)
+
+
+def count_parameters(config_or_model: MixtralConfig | nn.Module) -> ParamCount:
+    """Count from the config; for a model, also check the count against its tensors' ``numel()``."""
+    if isinstance(config_or_model, MixtralConfig):
+        return _from_config(config_or_model)
+    model = config_or_model
+    config = getattr(model, "config", None)
+    if not isinstance(config, MixtralConfig):
+        raise TypeError(f"count_parameters: expected a MixtralConfig or Mixtral, got {type(model).__name__}")
+    counted = _from_config(config)
+    actual = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
+    quantized = sum(getattr(m, "num_weight_elements", 0) for m in model.modules())
+    if actual + quantized != counted.total:
+        raise ValueError(f"parameter count: config says {counted.total:,}, the model holds {actual + quantized:,}")
+    return counted
+
+
+def _from_config(c: MixtralConfig) -> ParamCount:
+    d, hd, i = c.hidden_size, c.head_dim, c.intermediate_size
+    moe = c.moe
+    n_layers = c.num_hidden_layers
+    n_dense = moe.first_k_dense
+    n_moe = n_layers - n_dense
+    attn = d * hd * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+    expert = 3 * d * i
+    dense_i = moe.dense_intermediate_size or i * moe.num_experts_per_tok
+    parts = {
+        "embeddings": c.vocab_size * d,
+        "attention": n_layers * attn,
+        "experts": n_moe * moe.num_experts * expert,
+        "shared_experts": n_moe * moe.n_shared_experts * expert,
+        "dense_ffn": n_dense * 3 * d * dense_i,
+        "router": n_moe * d * moe.num_experts,
+        "norms": (2 * n_layers + 1) * d,
+        "lm_head": 0 if c.tie_word_embeddings else c.vocab_size * d,
+    }
+    active_parts = dict(parts)
+    if moe.kind != "soft":  # soft routing runs every expert on every token
+        active_parts["experts"] = n_moe * moe.num_experts_per_tok * expert
+    parts = {
+        k: v for k, v in parts.items() if v or k in ("embeddings", "attention", "experts", "router", "norms", "lm_head")
+    }
+    active_parts = {k: active_parts[k] for k in parts}
+    return ParamCount(sum(parts.values()), sum(active_parts.values()), parts, active_parts)
