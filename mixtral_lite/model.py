@@ -197,6 +197,13 @@ class Mixtral(nn.Module):
             else:
                 p.normal_(0.0, std, generator=generator)
 
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs) -> Mixtral:
+        """Load a checkpoint folder; same arguments as ``mixtral_lite.load_model``."""
+        from .loading import load_model
+
+        return load_model(path, **kwargs)
+
     @property
     def device(self) -> torch.device:
         return self.tok_embeddings.weight.device
