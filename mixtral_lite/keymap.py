@@ -33,6 +33,19 @@ HF_TABLE: list[tuple[str, str]] = [
     (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\.w1\.weight", "layers.{L}.feed_forward.w1"),
     (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\.w2\.weight", "layers.{L}.feed_forward.w2"),
     (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\.w3\.weight", "layers.{L}.feed_forward.w3"),
+    # transformers 5.x in-memory names (router ``mlp.gate``, experts fused per layer); see FUSED_TABLE.
+    (r"model\.layers\.(?P<L>\d+)\.mlp\.gate\.weight", "layers.{L}.feed_forward.gate.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.mlp\.experts\.down_proj", "layers.{L}.feed_forward.w2"),  # [E, D, I]
+]
+
+# File keys holding several of our parameters, in equal chunks along ``dim`` of the file tensor:
+# transformers 5.x ``gate_up_proj`` [E, 2I, D] is w1 (gate) then w3 (up).
+FUSED_TABLE: list[tuple[str, int, tuple[str, ...]]] = [
+    (
+        r"model\.layers\.(?P<L>\d+)\.mlp\.experts\.gate_up_proj",
+        1,
+        ("layers.{L}.feed_forward.w1", "layers.{L}.feed_forward.w3"),
+    ),
 ]
 
 MISTRAL_TABLE: list[tuple[str, str]] = [
@@ -58,6 +71,31 @@ def map_key(key: str, layout: str = "hf") -> Target | None:
             groups = m.groupdict()
             expert = groups.pop("E", None)
             return Target(template.format(**groups), None if expert is None else int(expert))
+    return None
+
+
+class Chunk(NamedTuple):
+    target: Target
+    dim: int  # axis of the file tensor that is split
+    index: int  # which of ``count`` equal chunks goes to ``target``
+    count: int
+
+
+_FUSED = [(re.compile(p + r"\Z"), dim, ts) for p, dim, ts in FUSED_TABLE]
+
+
+def map_key_chunks(key: str, layout: str = "hf") -> list[Chunk] | None:
+    """Every (target, chunk) a file key feeds: one whole-tensor chunk, or several for a fused key."""
+    target = map_key(key, layout)
+    if target is not None:
+        return [Chunk(target, 0, 0, 1)]
+    if layout != "hf":
+        return None
+    for pattern, dim, templates in _FUSED:
+        m = pattern.match(key)
+        if m:
+            names = [t.format(**m.groupdict()) for t in templates]
+            return [Chunk(Target(name, None), dim, i, len(names)) for i, name in enumerate(names)]
     return None
 
 
