@@ -13,6 +13,8 @@ Weights: w1, w3 [E, I, D]; w2 [E, D, I]. Routing: idx [N, K] (long), weights [N,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -123,13 +125,16 @@ def dispatch_experts(
     w3: torch.Tensor,
     idx: torch.Tensor,
     weights: torch.Tensor,
-    impl: str = "auto",
+    impl: str | Callable[..., torch.Tensor] = "auto",
 ) -> torch.Tensor:
     """Pick the dispatch: ``reference``, ``sorted``, ``gather``, ``per_token`` or ``auto``.
 
     ``auto``: a few tokens on the CPU (eager) loop over the chosen experts; a few tokens elsewhere
-    or under compile gather the chosen weights; many tokens sort and group.
+    or under compile gather the chosen weights; many tokens sort and group. A callable with this
+    function's signature replaces the choice (expert parallelism runs only a rank's own experts).
     """
+    if callable(impl):
+        return impl(x, w1, w2, w3, idx, weights)
     if impl == "auto":
         few = idx.numel() <= w1.shape[0]
         if few and x.device.type == "cpu" and not torch.compiler.is_compiling():
