@@ -85,6 +85,20 @@ class MoEConfig:
                 raise ConfigError(f"moe.{name}: must be >= 0, got {getattr(self, name)}")
         if self.bias_balancing and self.kind != "topk":
             raise ConfigError(f"moe.bias_balancing: only for kind 'topk', got kind {self.kind!r}")
+        if self.kind != "topk" and (
+            self.score_func != "softmax" or self.n_group != 1 or self.routed_scaling_factor != 1
+        ):
+            raise ConfigError(
+                f"moe.kind: score_func, n_group and routed_scaling_factor are DeepSeek options of kind 'topk', "
+                f"got kind {self.kind!r}"
+            )
+        if self.topk_group * (self.num_experts // self.n_group) < self.num_experts_per_tok:
+            raise ConfigError(
+                f"moe.topk_group: {self.topk_group} group(s) of {self.num_experts // self.n_group} experts cannot "
+                f"supply num_experts_per_tok={self.num_experts_per_tok}"
+            )
+        if not self.routed_scaling_factor > 0:
+            raise ConfigError(f"moe.routed_scaling_factor: must be > 0, got {self.routed_scaling_factor}")
 
     @property
     def is_plain_mixtral(self) -> bool:

@@ -33,6 +33,16 @@ HF_TABLE: list[tuple[str, str]] = [
     (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\.w1\.weight", "layers.{L}.feed_forward.w1"),
     (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\.w2\.weight", "layers.{L}.feed_forward.w2"),
     (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.experts\.(?P<E>\d+)\.w3\.weight", "layers.{L}.feed_forward.w3"),
+    # Routing variants (model_type "mixtral_lite"): hierarchical top gate, DeepSeekMoE shared experts,
+    # selection bias, and the dense FFN of the first layers.
+    (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.group_gate\.weight", "layers.{L}.feed_forward.group_gate.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.expert_bias", "layers.{L}.feed_forward.expert_bias"),
+    (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.shared\.w1\.weight", "layers.{L}.feed_forward.shared.w1.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.shared\.w2\.weight", "layers.{L}.feed_forward.shared.w2.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.block_sparse_moe\.shared\.w3\.weight", "layers.{L}.feed_forward.shared.w3.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.dense_mlp\.w1\.weight", "layers.{L}.feed_forward.w1.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.dense_mlp\.w2\.weight", "layers.{L}.feed_forward.w2.weight"),
+    (r"model\.layers\.(?P<L>\d+)\.dense_mlp\.w3\.weight", "layers.{L}.feed_forward.w3.weight"),
     # transformers 5.x in-memory names (router ``mlp.gate``, experts fused per layer); see FUSED_TABLE.
     (r"model\.layers\.(?P<L>\d+)\.mlp\.gate\.weight", "layers.{L}.feed_forward.gate.weight"),
     (r"model\.layers\.(?P<L>\d+)\.mlp\.experts\.down_proj", "layers.{L}.feed_forward.w2"),  # [E, D, I]

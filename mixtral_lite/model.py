@@ -20,6 +20,15 @@ from torch import nn
 from .cache import KVCache
 from .config import MixtralConfig
 from .moe import dispatch_experts, route_topk
+from .routing import (
+    Routing,
+    experts_dense,
+    is_mixtral_routing,
+    route_hard,
+    route_hierarchical,
+    route_scores,
+    route_soft,
+)
 
 
 class RMSNorm(nn.Module):
@@ -111,6 +120,11 @@ class SparseMoE(nn.Module):
 
     ``dispatch`` selects the expert kernel (see ``moe.dispatch_experts``); ``reduce`` combines
     partial outputs across ranks under tensor or expert parallelism (identity here).
+
+    ``config.moe.kind`` picks the router (see ``routing``); Mixtral's own rule is the fast path.
+    Variants may add ``group_gate`` (hierarchical), ``shared`` (always-on shared experts, one SwiGLU
+    of n_shared * I) and the ``expert_bias`` buffer [E] (auxiliary-loss-free balancing).
+    With ``record_routing`` set (training), each forward keeps its ``Routing`` in ``last_routing``.
     """
 
     def __init__(self, config: MixtralConfig) -> None:
@@ -123,21 +137,76 @@ class SparseMoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(e, i, d))
         self.dispatch = "auto"
         self.reduce = None
+        moe = config.moe
+        self.moe_config = moe
+        self.plain = is_mixtral_routing(moe)
+        self.group_gate = nn.Linear(d, moe.num_groups, bias=False) if moe.kind == "hierarchical" else None
+        self.shared = FeedForward(d, moe.n_shared_experts * i) if moe.n_shared_experts else None
+        if moe.bias_balancing:
+            self.register_buffer("expert_bias", torch.zeros(e))
+        self.record_routing = False
+        self.last_routing: Routing | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> router logits [N, E], chosen experts [N, K], their weights [N, K] (float32)."""
+        if not self.plain:
+            r = self.routing(x)
+            return r.logits, r.idx, r.weights
         logits = self.gate(x)
         idx, weights = route_topk(logits, self.top_k)
         return logits, idx, weights
 
+    def routing(self, x: torch.Tensor) -> Routing:
+        """The full routing decision for x [N, D] (every kind; capacity applies in training mode)."""
+        moe = self.moe_config
+        logits = self.gate(x)
+        if moe.kind == "hard":
+            # Capacity depends on how many tokens share the batch, later ones included: dropping is
+            # a training-time device, inference keeps every token so decoding stays causal.
+            return route_hard(logits, moe.capacity_factor if self.training else None)
+        if moe.kind == "soft":
+            return route_soft(logits)
+        if moe.kind == "hierarchical":
+            return route_hierarchical(self.group_gate(x), logits, self.top_k, moe.top_k_groups)
+        if self.plain:
+            idx, weights = route_topk(logits, self.top_k)
+            return Routing(logits, idx, weights)
+        return route_scores(
+            logits,
+            self.top_k,
+            score_func=moe.score_func,
+            bias=self.expert_bias if moe.bias_balancing else None,
+            n_group=moe.n_group,
+            topk_group=moe.topk_group,
+            scaling=moe.routed_scaling_factor,
+        )
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        logits, idx, weights = self.route(x)
-        y = dispatch_experts(x, self.w1, self.w2, self.w3, idx, weights, self.dispatch)
+        if self.plain and not self.record_routing:
+            logits, idx, weights = self.route(x)
+            y = dispatch_experts(x, self.w1, self.w2, self.w3, idx, weights, self.dispatch)
+        else:
+            r = self.routing(x)
+            logits = r.logits
+            y = self._experts(x, r)
+            if self.record_routing:
+                self.last_routing = r
+        if self.shared is not None:
+            y = y + self.shared(x)[0]
         if self.reduce is not None:
             y = self.reduce(y)
         return y.view(shape), logits
+
+    def _experts(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        if self.moe_config.kind == "soft" and self.dispatch != "reference":
+            return experts_dense(x, self.w1, self.w2, self.w3, r.weights)
+        if r.kept is None:
+            return dispatch_experts(x, self.w1, self.w2, self.w3, r.idx, r.weights, self.dispatch)
+        rows = r.kept.nonzero()[:, 0]  # tokens within capacity; the others add nothing
+        y = dispatch_experts(x[rows], self.w1, self.w2, self.w3, r.idx[rows], r.weights[rows], self.dispatch)
+        return x.new_zeros(x.shape).index_copy(0, rows, y)
 
 
 class Block(nn.Module):
@@ -146,7 +215,12 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attention = Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.feed_forward: nn.Module = SparseMoE(config)
+        moe = config.moe
+        if layer_idx < moe.first_k_dense:  # DeepSeekMoE: the first layers keep a dense FFN
+            dense = moe.dense_intermediate_size or config.intermediate_size * moe.num_experts_per_tok
+            self.feed_forward: nn.Module = FeedForward(config.hidden_size, dense)
+        else:
+            self.feed_forward = SparseMoE(config)
 
     def forward(
         self,

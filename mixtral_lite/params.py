@@ -69,13 +69,14 @@ def _from_config(c: MixtralConfig) -> ParamCount:
         "experts": n_moe * moe.num_experts * expert,
         "shared_experts": n_moe * moe.n_shared_experts * expert,
         "dense_ffn": n_dense * 3 * d * dense_i,
-        "router": n_moe * d * moe.num_experts,
+        "router": n_moe * d * (moe.num_experts + (moe.num_groups if moe.kind == "hierarchical" else 0)),
         "norms": (2 * n_layers + 1) * d,
         "lm_head": 0 if c.tie_word_embeddings else c.vocab_size * d,
     }
     active_parts = dict(parts)
     if moe.kind != "soft":  # soft routing runs every expert on every token
-        active_parts["experts"] = n_moe * moe.num_experts_per_tok * expert
+        groups = moe.top_k_groups if moe.kind == "hierarchical" else 1  # top-k inside each chosen group
+        active_parts["experts"] = n_moe * groups * moe.num_experts_per_tok * expert
     parts = {
         k: v for k, v in parts.items() if v or k in ("embeddings", "attention", "experts", "router", "norms", "lm_head")
     }
