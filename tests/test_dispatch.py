@@ -14,15 +14,15 @@ from mixtral_lite.moe import (
     route_topk,
 )
 
-E, D, I = 8, 32, 48  # experts, hidden, intermediate
+E, D, H = 8, 32, 48  # experts, hidden, expert intermediate size
 
 
 def _weights(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return (
-        torch.randn(E, I, D, generator=g) * 0.2,
-        torch.randn(E, D, I, generator=g) * 0.2,
-        torch.randn(E, I, D, generator=g) * 0.2,
+        torch.randn(E, H, D, generator=g) * 0.2,
+        torch.randn(E, D, H, generator=g) * 0.2,
+        torch.randn(E, H, D, generator=g) * 0.2,
     )
 
 

@@ -99,6 +99,6 @@ def test_router_logits_match_transformers(pair):
         expected = hf(ids, output_router_logits=True).router_logits
         got = ours(ids, return_router_logits=True)
     assert len(got.router_logits) == len(expected) == hf.config.num_hidden_layers
-    for a, b in zip(got.router_logits, expected):
+    for a, b in zip(got.router_logits, expected, strict=True):
         assert a.shape == (18, hf.config.num_local_experts)
         assert (a - b.reshape(a.shape)).abs().max().item() <= 1e-5
