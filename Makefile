@@ -1,33 +1,40 @@
-# Two commands set everything up: `make run` and `make test`.
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+# torch is installed first and pinned (a plain `pip install torch` may pull a multi-GB CUDA build).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 
 .PHONY: run test test-all bench lint install clean
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	$(PIP) torch==$(TORCH_VERSION)
+	$(PIP) -e .
+	touch $@
 
-install: $(STAMP)
+$(TEST_STAMP): $(RUN_STAMP)
+	$(PIP) -e '.[test]'
+	touch $@
 
-run: $(STAMP)
+install: $(TEST_STAMP)
+
+run: $(RUN_STAMP)
 	$(VENV)/bin/mixtral-lite generate --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest
 
-test-all: $(STAMP)
+test-all: $(TEST_STAMP)
 	$(PY) -m pytest -m ''
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PY) scripts/bench.py
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check mixtral_lite tests scripts
 	$(VENV)/bin/ruff format --check mixtral_lite tests scripts
 
