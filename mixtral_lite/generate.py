@@ -1,0 +1,478 @@
+"""Text generation: prefill the prompt into a KV cache, then decode one token per step.
+
+Prompts of different lengths share a batch through LEFT padding: every row's next token then sits
+in the same cache slot, so a decode step writes one slot for the whole batch (``slots`` [1]) while
+``positions`` [B, 1] carry each row's own rotary position.
+
+The host reads each step's tokens (for EOS, stop strings and streaming) one step late: the next
+decode step is queued before the host waits for the previous tokens, so on a GPU the bookkeeping
+overlaps the model. ``decode_step`` is a plain function of tensors (no Python-side state), so it can
+be wrapped by ``torch.compile(fullgraph=True)`` and passed in as ``decode_fn``.
+
+Axis legend: B batch (prompts), T prompt length (padded), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .config import MixtralConfig
+from .detok import Detokenizer, continuation_text
+from .device_map import layer_devices
+from .errors import UserError
+from .sampling import SamplingParams, make_generator, sample
+from .tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+PAD_ID = 0  # left padding; masked out, so any valid id works
+
+
+@dataclass
+class GenerationStats:
+    """Timing of one ``generate`` call (all its prompts together)."""
+
+    prompt_tokens: int = 0  # real prompt tokens, all rows
+    generated_tokens: int = 0  # tokens generated, all rows (EOS not counted)
+    time_to_first_token: float = 0.0  # s, from the call to the first tokens on the host
+    prefill_time: float = 0.0  # s, the prompt forward pass and the first sampled tokens
+    decode_time: float = 0.0  # s, every later token
+    rows_with_tokens: int = 0  # rows that generated at least one token (their first is prefill's)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_time if self.prefill_time > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first of each row, per second of decoding."""
+        later = max(self.generated_tokens - self.rows_with_tokens, 0)
+        return later / self.decode_time if self.decode_time > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
+
+    def summary(self) -> str:
+        return (
+            f"time to first token {self.time_to_first_token:.3f} s | "
+            f"prefill {self.prefill_tokens_per_s:.1f} tok/s ({self.prompt_tokens} tokens) | "
+            f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated_tokens} tokens)"
+        )
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the text the tokens add to the prompt (cut before a stop string)
+    token_ids: list[int]  # generated tokens, without the final EOS
+    logprobs: list[float]  # log-probability of each token under the model (before penalty/temperature)
+    finish_reason: str  # "eos" | "stop" | "length"
+    prompt_tokens: int
+    stats: GenerationStats = field(repr=False, default_factory=GenerationStats)
+
+    def as_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "logprobs": self.logprobs,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+        }
+
+
+@torch.no_grad()
+def prefill(
+    model: torch.nn.Module, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Write the prompt [B, T] into cache slots 0..T-1; return the last position's logits [B, V]."""
+    slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return model(input_ids, cache=cache, slots=slots, attention_mask=attention_mask, last_only=True)[:, -1]
+
+
+@torch.no_grad()
+def decode_step(
+    model: torch.nn.Module, tokens: torch.Tensor, cache: KVCache, slot: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Feed tokens [B, 1] at cache ``slot`` [1] and rotary ``positions`` [B, 1]; return logits [B, V]."""
+    return model(tokens, cache=cache, slots=slot, positions=positions)[:, -1]
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompts: Prompt | Sequence[Prompt],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    continuation: bool = True,
+    decode_fn: Callable = decode_step,
+) -> GenerationResult | list[GenerationResult]:
+    """Continue one prompt (text, or token ids used as given) or a list of them.
+
+    Text prompts are encoded with BOS. Greedy when ``temperature`` is 0; sampling is reproducible
+    with ``seed``. ``continuation``: the text continues the prompt's text, keeping the first token's
+    leading space (" Paris" after "The capital of France is"); False gives ``decode(token_ids)``, as
+    for a chat answer after ``[/INST]``. Returns one ``GenerationResult`` per prompt (a list for a
+    list of prompts); each carries the call's ``stats``.
+    """
+    single = _is_single(prompts)
+    request = prepare(model.config, tokenizer, [prompts] if single else list(prompts), **_options(locals()))
+    events = _run(model, request, stream=False, decode_fn=decode_fn)
+    while True:
+        try:
+            next(events)
+        except StopIteration as done:
+            results = done.value
+            break
+    return results[0] if single else results
+
+
+class TextStream:
+    """Iterate to get text pieces as they are generated; ``result`` holds the full result after."""
+
+    def __init__(self, events: Iterator[tuple[int, str]]) -> None:
+        self._events = events
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            try:
+                _, piece = next(self._events)
+            except StopIteration as done:
+                self.result = done.value[0]
+                return
+            yield piece
+
+    def close(self) -> None:
+        """Stop generating (e.g. on Ctrl-C); frees the cache."""
+        self._events.close()
+
+
+def stream(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    continuation: bool = True,
+    decode_fn: Callable = decode_step,
+) -> TextStream:
+    """Like ``generate`` for one prompt, but yields text pieces as they come. Their concatenation is
+    exactly ``result.text``: a multi-byte character is held back until complete, and so is text that
+    may turn out to be the start of a stop string. Arguments are checked here, before iterating."""
+    if not _is_single(prompt):
+        raise UserError("stream: expected one prompt (a string or a list of token ids)")
+    request = prepare(model.config, tokenizer, [prompt], **_options(locals()))
+    return TextStream(_run(model, request, stream=True, decode_fn=decode_fn))
+
+
+def _options(scope: dict) -> dict:
+    names = (
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        "stop",
+        "continuation",
+    )
+    return {k: scope[k] for k in names}
+
+
+def _is_single(prompts) -> bool:
+    if isinstance(prompts, str):
+        return True
+    items = list(prompts) if isinstance(prompts, Sequence) else None
+    if items is None:
+        raise UserError(f"prompts: expected a string, a list of token ids or a list of those, got {type(prompts)}")
+    return bool(items) and all(isinstance(x, int) for x in items)
+
+
+@dataclass
+class Request:
+    tokenizer: Tokenizer
+    prompts: list[list[int]]
+    budgets: list[int]  # tokens each row may generate: max_new_tokens, less near the context limit
+    params: SamplingParams
+    seed: int | None
+    stops: list[str]
+    continuation: bool  # text continues the prompt (keeps a leading space), else decode(token_ids)
+
+
+def check_prompt_lengths(lengths: Sequence[int], context: int) -> None:
+    """Every prompt must leave room for at least one new token in the model's context."""
+    for n, length in enumerate(lengths, 1):
+        if length >= context:
+            which = "prompt" if len(lengths) == 1 else f"prompt {n}"
+            raise UserError(
+                f"{which}: {length} tokens, longer than the model's context allows "
+                f"(max_position_embeddings = {context}; at most {context - 1} prompt tokens)"
+            )
+
+
+def prepare(
+    config: MixtralConfig,
+    tokenizer: Tokenizer,
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+    continuation: bool = True,
+) -> Request:
+    """Check every argument (raising ``UserError`` naming it) and encode the prompts; needs only the
+    model's config, so a command line can check its input before loading any weights."""
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: expected an integer >= 1, got {max_new_tokens}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise UserError(f"--stop: expected non-empty strings, got {stops!r}")
+    if not prompts:
+        raise UserError("prompts: expected at least one prompt, got an empty list")
+    vocab = config.vocab_size
+    encoded = []
+    for n, p in enumerate(prompts, 1):
+        which = "prompt" if len(prompts) == 1 else f"prompt {n}"
+        if isinstance(p, str):
+            if not p:
+                raise UserError(f"{which}: empty; give some text to continue")
+            ids = tokenizer.encode(p, bos=True)
+        else:
+            ids = list(p)
+            if not ids:
+                raise UserError(f"{which}: empty list of token ids")
+            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
+            if bad:
+                raise UserError(f"{which}: token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        encoded.append(ids)
+    context = config.max_position_embeddings
+    check_prompt_lengths([len(ids) for ids in encoded], context)
+    budgets = [min(max_new_tokens, context - len(ids)) for ids in encoded]
+    return Request(tokenizer, encoded, budgets, params, seed, stops, continuation)
+
+
+class _RowText:
+    """One row's streamed text: detokenised, cut at the first stop string, and holding back any
+    tail that could still become a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, context: list[int], stops: list[str]) -> None:
+        self.detok = Detokenizer(tokenizer.decode, context, anchor=tokenizer.encode("a", bos=False))
+        self.stops = stops
+        self.text = ""
+        self.emitted = 0  # characters handed out
+        self.checked = 0  # characters searched for stop strings
+
+    def push(self, token: int) -> tuple[str, bool]:
+        self.text += self.detok.push(token)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        self.text += self.detok.flush()
+        return self._emit(final=True)[0]
+
+    def _emit(self, final: bool) -> tuple[str, bool]:
+        stopped = False
+        if self.stops:
+            start = max(0, self.checked - max(map(len, self.stops)) + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text, stopped, final = self.text[: min(hits)], True, True
+            self.checked = len(self.text)
+        end = len(self.text) if final else len(self.text) - self._partial_stop()
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece, stopped
+
+    def _partial_stop(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        held = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+
+def _to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """Start copying small tensors to the host without waiting for the device (CUDA); the event
+    says when they have arrived."""
+    if tensors[0].device.type != "cuda":
+        return [t.cpu() for t in tensors], None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors, strict=True):
+        h.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: Callable) -> Iterator[tuple[int, str]]:
+    """The prefill/decode loop. Yields (row, text piece) when streaming; returns the results."""
+    start = time.perf_counter()
+    tokenizer, params = request.tokenizer, request.params
+    lengths = [len(p) for p in request.prompts]
+    b, t = len(lengths), max(lengths)
+    steps = max(request.budgets)
+    device = model.device
+    input_ids = torch.tensor([[PAD_ID] * (t - len(p)) + p for p in request.prompts], device=device)  # [B, T]
+    mask = None
+    if min(lengths) != t:
+        mask = torch.tensor([[0] * (t - n) + [1] * n for n in lengths], device=device)  # [B, T]
+
+    layers = model.layers
+    cache = KVCache(
+        model.config,
+        b,
+        t + steps - 1,  # the last token is sampled, never fed back
+        device=layer_devices(model),
+        dtype=model.dtype,
+        num_kv_heads=layers[0].attention.n_kv_heads,
+    )
+    logits = prefill(model, input_ids, cache, mask)  # [B, V]
+    out_device = logits.device
+    vocab = min(tokenizer.vocab_size, logits.shape[-1])  # never sample ids the tokenizer cannot decode
+    generator = None if params.greedy else make_generator(request.seed, out_device)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(b, vocab, dtype=torch.bool, device=out_device)
+        for row, p in enumerate(request.prompts):
+            ids = torch.tensor([i for i in p if i < vocab], dtype=torch.long, device=out_device)
+            seen[row, ids] = True
+
+    def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, logprobs = sample(logits[:, :vocab], params, generator, seen)
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        return tokens, logprobs
+
+    tokens, logprobs = pick(logits)
+    first = _to_host(tokens, logprobs)
+
+    contexts = request.prompts if request.continuation else [[] for _ in request.prompts]
+    texts = [_RowText(tokenizer, c, request.stops) if stream or request.stops else None for c in contexts]
+    out_ids: list[list[int]] = [[] for _ in range(b)]
+    out_logprobs: list[list[float]] = [[] for _ in range(b)]
+    finish: list[str | None] = [None] * b
+    stats = GenerationStats(prompt_tokens=sum(lengths))
+    eos = tokenizer.eos_id
+
+    def accept(host: list[torch.Tensor]) -> Iterator[tuple[int, str]]:
+        """Host bookkeeping for one step's tokens: EOS, budget, stop strings, streamed text."""
+        for row, (tok, lp) in enumerate(zip(host[0].tolist(), host[1].tolist(), strict=True)):
+            if finish[row] is not None:
+                continue
+            if tok == eos:
+                finish[row] = "eos"
+            else:
+                out_ids[row].append(tok)
+                out_logprobs[row].append(lp)
+                if texts[row] is not None:
+                    piece, stopped = texts[row].push(tok)
+                    if stopped:
+                        finish[row] = "stop"
+                    if piece:
+                        yield row, piece
+                if finish[row] is None and len(out_ids[row]) >= request.budgets[row]:
+                    finish[row] = "length"
+            if finish[row] is not None and texts[row] is not None:
+                piece = texts[row].finish()
+                if piece:
+                    yield row, piece
+
+    def wait(pending) -> list[torch.Tensor]:
+        host, event = pending
+        if event is not None:
+            event.synchronize()
+        return host
+
+    host = wait(first)
+    stats.time_to_first_token = stats.prefill_time = time.perf_counter() - start
+    first_done = time.perf_counter()
+    yield from accept(host)
+
+    slot = torch.tensor([t], device=device)  # cache slot of the token fed next, same for all rows
+    positions = torch.tensor(lengths, device=device)[:, None]  # [B, 1] each row's next position
+    pending = None
+    for _ in range(steps - 1):
+        if all(f is not None for f in finish):
+            break
+        logits = decode_fn(model, tokens[:, None].to(device), cache, slot, positions)
+        slot += 1
+        positions += 1
+        tokens, logprobs = pick(logits)
+        if pending is not None:  # the previous step's tokens, read while this step runs
+            yield from accept(wait(pending))
+        pending = _to_host(tokens, logprobs)
+    if pending is not None:
+        yield from accept(wait(pending))
+    _sync(out_device)
+    stats.decode_time = time.perf_counter() - first_done
+    stats.generated_tokens = sum(len(ids) for ids in out_ids)
+    stats.rows_with_tokens = sum(1 for ids in out_ids if ids)
+
+    results = []
+    for row in range(b):
+        if texts[row] is not None:
+            text = texts[row].text
+        else:
+            text = continuation_text(tokenizer.decode, contexts[row], out_ids[row])
+        results.append(
+            GenerationResult(
+                text=text,
+                token_ids=out_ids[row],
+                logprobs=out_logprobs[row],
+                finish_reason=finish[row] or "length",
+                prompt_tokens=lengths[row],
+                stats=stats,
+            )
+        )
+    return results
+
+
+__all__ = [
+    "GenerationResult",
+    "GenerationStats",
+    "Request",
+    "TextStream",
+    "check_prompt_lengths",
+    "decode_step",
+    "generate",
+    "prefill",
+    "prepare",
+    "stream",
+]

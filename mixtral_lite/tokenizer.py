@@ -1,0 +1,210 @@
+"""Tokenizers: a SentencePiece ``tokenizer.model`` (Mistral's own format) or a Hugging Face
+``tokenizer.json``, behind one small interface, plus the Mistral Instruct chat format.
+
+The chat format follows mistral-common, the reference the Instruct models were trained with
+(tests compare token ids):
+
+- v1 (Mixtral-8x7B-Instruct): ``<s>[INST] {user} [/INST]{answer}</s>[INST] {user} [/INST]``, where
+  ``[INST]`` is plain text and every message is encoded on its own (so each gets SentencePiece's
+  leading space). System prompts are joined by blank lines and put before the FIRST user message.
+- v2/v3 (vocabularies with ``[INST]`` / ``[/INST]`` control tokens, e.g. Mixtral-8x22B-Instruct):
+  ``<s>[INST]{user}[/INST]{answer}</s>``, the markers are single token ids, the system prompt goes
+  before the LAST user message, and trailing spaces of answers are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .errors import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+class Tokenizer:
+    """``encode(text, bos=True) -> ids``, ``decode(ids) -> text``, ``encode_chat(messages) -> ids``."""
+
+    path: Path
+    bos_id: int | None
+    eos_id: int | None
+    vocab_size: int
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self._encode(text)
+        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; special tokens (bos, eos, control) decode to nothing."""
+        raise NotImplementedError
+
+    def _encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def control_id(self, piece: str) -> int | None:
+        """The id of a control token such as ``[INST]``, or None when the vocabulary has none."""
+        raise NotImplementedError
+
+    @property
+    def chat_format(self) -> str:
+        """ "v1" (text markers) or "v3" ([INST] / [/INST] control tokens)."""
+        return "v3" if self.control_id("[INST]") is not None and self.control_id("[/INST]") is not None else "v1"
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a conversation that ends with a user message, ready for the answer.
+
+        ``messages``: ``{"role": "system" | "user" | "assistant", "content": str}`` dicts; system
+        messages first, then user and assistant turns alternating, starting and ending with user.
+        """
+        system, turns = split_conversation(messages)
+        if self.bos_id is None or self.eos_id is None:
+            raise UserError(f"{self.path}: the chat format needs bos and eos tokens; this tokenizer lacks them")
+        ids = [self.bos_id]
+        users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+        if self.chat_format == "v1":
+            for i, m in enumerate(turns):
+                if m["role"] == "user":
+                    content = f"{system}\n\n{m['content']}" if system and i == users[0] else m["content"]
+                    ids += self._encode(f"[INST] {content} [/INST]")
+                else:
+                    ids += [*self._encode(m["content"]), self.eos_id]
+            return ids
+        begin, end = self.control_id("[INST]"), self.control_id("[/INST]")
+        for i, m in enumerate(turns):
+            if m["role"] == "user":
+                content = f"{system}\n\n{m['content']}" if system and i == users[-1] else m["content"]
+                ids += [begin, *self._encode(content), end]
+            else:
+                ids += [*self._encode(m["content"].rstrip(" ")), self.eos_id]
+        return ids
+
+
+def split_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[str | None, list[Mapping[str, str]]]:
+    """Check a conversation's shape; return (system prompt or None, the user/assistant turns)."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise UserError("chat messages: expected a non-empty list of {'role': ..., 'content': ...} dicts")
+    system: list[str] = []
+    turns: list[Mapping[str, str]] = []
+    for n, m in enumerate(messages, 1):
+        if not isinstance(m, Mapping) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise UserError(
+                f"chat message {n}: expected {{'role': one of {', '.join(ROLES)}, 'content': str}}, got {m!r}"
+            )
+        role = m["role"]
+        if role == "system":
+            if turns:
+                raise UserError(f"chat message {n}: a system message must come before all user/assistant messages")
+            if m["content"]:
+                system.append(m["content"])
+            continue
+        expected = "user" if not turns or turns[-1]["role"] == "assistant" else "assistant"
+        if role != expected:
+            after = f"after a {turns[-1]['role']} message" if turns else "first (after any system messages)"
+            raise UserError(f"chat message {n}: expected role '{expected}' {after}, got '{role}'")
+        if role == "assistant" and not m["content"]:
+            raise UserError(f"chat message {n}: an assistant message needs non-empty content")
+        turns.append(m)
+    if not turns or turns[-1]["role"] != "user":
+        raise UserError("chat messages: the conversation must end with a user message (the one to answer)")
+    return ("\n\n".join(system) or None), turns
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: Path) -> None:
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as exc:
+            raise UserError(f"{path}: not a readable SentencePiece model ({exc})") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+
+    def _encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def control_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if i != self.sp.unk_id() and self.sp.is_control(i) else None
+
+
+class HFTokenizer(Tokenizer):
+    """A ``tokenizer.json``; bos/eos come from ``tokenizer_config.json`` beside it (else <s> / </s>)."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self.path = Path(path)
+        try:
+            self.tok = _Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises plain Exception subclasses
+            raise UserError(f"{path}: not a readable tokenizer.json ({exc})") from None
+        self.tok.encode_special_tokens = True  # user text "</s>" is text, as in SentencePiece
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        names = _special_token_names(self.path.parent / "tokenizer_config.json")
+        self.bos_id = self.tok.token_to_id(names.get("bos_token") or "<s>")
+        self.eos_id = self.tok.token_to_id(names.get("eos_token") or "</s>")
+        self._special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def control_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece) if piece in self._special else None
+
+
+def _special_token_names(config_path: Path) -> dict[str, str]:
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{config_path}: not readable JSON ({exc})") from None
+    names = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if isinstance(value, Mapping):  # {"content": "<s>", ...}
+            value = value.get("content")
+        if isinstance(value, str):
+            names[key] = value
+    return names
+
+
+def find_tokenizer(folder: str | Path) -> Path | None:
+    """The tokenizer file of a model folder: tokenizer.model, tokenizer.model.v*, then tokenizer.json."""
+    folder = Path(folder)
+    for candidate in [
+        folder / "tokenizer.model",
+        *sorted(folder.glob("tokenizer.model.v*")),
+        folder / "tokenizer.json",
+    ]:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer from a model folder or a tokenizer file (SentencePiece model or tokenizer.json)."""
+    path = Path(path)
+    if path.is_dir():
+        found = find_tokenizer(path)
+        if found is None:
+            raise UserError(f"{path}: no tokenizer found (expected tokenizer.model (SentencePiece) or tokenizer.json)")
+        path = found
+    elif not path.is_file():
+        raise UserError(f"{path}: no such tokenizer file or model folder")
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
+
+
+__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "find_tokenizer", "load_tokenizer"]
