@@ -252,7 +252,10 @@ class Mixtral(nn.Module):
     def __init__(self, config: MixtralConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # ``_weight`` skips nn.Embedding's own init (reset_parameters below initialises every weight;
+        # normal_ on the meta device would import torch._dynamo, ~80 MB and seconds, on every load).
+        embedding = torch.empty(config.vocab_size, config.hidden_size)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
