@@ -2,8 +2,10 @@
 
 from .cache import KVCache
 from .config import ConfigError, MixtralConfig, MoEConfig
+from .loading import load_model
 from .model import Mixtral
 from .params import ParamCount, count_parameters
+from .saving import save_pretrained
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,6 @@ __all__ = [
     "MoEConfig",
     "ParamCount",
     "count_parameters",
+    "load_model",
+    "save_pretrained",
 ]

@@ -1,0 +1,139 @@
+"""Describe a checkpoint folder without loading the weights.
+
+Reads the config and the tensor headers only, then reports the layout found, the weight files,
+their dtypes and total bytes, the model shape, parameter counts, and every problem a load would
+stop at (missing or unexpected keys, wrong shapes or dtypes, truncated files, a bad index).
+Exits 0 when the folder would load, 1 when problems were found, 2 when it is not a checkpoint.
+
+Examples:
+  mixtral-lite info --model /data/Mixtral-8x7B-v0.1
+  mixtral-lite info --model ./my-checkpoint --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import INDEX_FILE, match_tensors, open_checkpoint
+from ..loading import model_tensors
+from ..model import Mixtral
+from ..params import count_parameters
+
+HELP = "describe a checkpoint folder without loading the weights"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a checkpoint folder (Hugging Face or original Mistral layout)")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = describe(args.model)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 1 if report["problems"] else 0
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Everything ``info`` prints, as a dict; weights are never read."""
+    with open_checkpoint(path, strict=False) as ckpt:
+        config = ckpt.config
+        with torch.device("meta"):
+            model = Mixtral(config)
+        expected, aliases = model_tensors(model)
+        plan = match_tensors(ckpt, expected, aliases)
+        if ckpt.layout == "mistral":
+            layout = f"original Mistral ({ckpt.files[0].name} + params.json)"
+        elif ckpt.index_file is not None:
+            layout = f"Hugging Face, sharded ({INDEX_FILE}, {len(ckpt.files)} shards)"
+        else:
+            layout = "Hugging Face, single file"
+        counts = count_parameters(config)
+        return {
+            "folder": str(ckpt.folder),
+            "layout": layout,
+            "key_names": plan.naming,
+            "config_file": ckpt.config_file.name,
+            "model_type": ckpt.model_type,
+            "files": [{"name": f.name, "bytes": f.stat().st_size if f.is_file() else None} for f in ckpt.files],
+            "tensors": len(ckpt.tensors),
+            "dtypes": dict(Counter(t.dtype for t in ckpt.tensors.values()).most_common()),
+            "config_dtype": ckpt.config_dtype,
+            "total_bytes": ckpt.total_bytes,
+            "config": {
+                "layers": config.num_hidden_layers,
+                "hidden_size": config.hidden_size,
+                "intermediate_size": config.intermediate_size,
+                "heads": config.num_attention_heads,
+                "kv_heads": config.num_key_value_heads,
+                "head_dim": config.head_dim,
+                "experts": config.num_experts,
+                "experts_per_token": config.num_experts_per_tok,
+                "router": config.moe.kind,
+                "vocab_size": config.vocab_size,
+                "rope_theta": config.rope_theta,
+                "max_position_embeddings": config.max_position_embeddings,
+                "sliding_window": config.sliding_window,
+                "tie_word_embeddings": config.tie_word_embeddings,
+            },
+            "parameters": {
+                "total": counts.total,
+                "active_per_token": counts.active,
+                "in_files": sum(_numel(t.shape) for t in ckpt.tensors.values()),
+            },
+            "problems": ckpt.problems + plan.problems,
+        }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    c, p = r["config"], r["parameters"]
+    lines = [
+        f"folder:      {r['folder']}",
+        f"layout:      {r['layout']}",
+        f"key names:   {', '.join(r['key_names']) or '-'}",
+        f"config:      {r['config_file']} (model_type {r['model_type']}, dtype {r['config_dtype'] or '-'})",
+        f"files:       {len(r['files'])}",
+    ]
+    for f in r["files"]:
+        size = "MISSING" if f["bytes"] is None else _size(f["bytes"])
+        lines.append(f"  {f['name']:<40} {size:>10}")
+    dtypes = ", ".join(f"{k} ({v})" for k, v in r["dtypes"].items()) or "-"
+    lines += [
+        f"tensors:     {r['tensors']:,}, dtypes: {dtypes}",
+        f"total bytes: {r['total_bytes']:,} ({_size(r['total_bytes'])})",
+        f"model:       {c['layers']} layers, hidden {c['hidden_size']}, {c['heads']} heads / {c['kv_heads']} kv heads "
+        f"(head_dim {c['head_dim']}), {c['experts']} experts of {c['intermediate_size']}, top-{c['experts_per_token']} "
+        f"({c['router']} routing), vocab {c['vocab_size']}",
+        f"             rope_theta {c['rope_theta']:g}, max positions {c['max_position_embeddings']}, "
+        f"sliding window {c['sliding_window']}, tied embeddings {c['tie_word_embeddings']}",
+        f"parameters:  {p['total']:,} total ({p['total'] / 1e9:.2f}B), {p['active_per_token']:,} active per token "
+        f"({p['active_per_token'] / 1e9:.2f}B); {p['in_files']:,} in the files",
+    ]
+    if r["problems"]:
+        lines.append(f"problems:    {len(r['problems'])}")
+        lines += [f"  - {msg}" for msg in r["problems"]]
+    else:
+        lines.append("problems:    none (the folder loads)")
+    return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+__all__ = ["add_arguments", "run", "describe", "format_report"]

@@ -1,0 +1,204 @@
+"""``load_model``: a checkpoint folder -> a ``Mixtral`` ready for inference.
+
+The model is built on the meta device (no memory), every file key is matched and every shape
+checked before a byte of weight data is read, then each tensor streams from its memory-mapped file
+straight into storage allocated once, in the final dtype, on its final device. Nothing else is
+held: peak host memory is the model in the target dtype (when it lives on the CPU) plus one tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from itertools import groupby
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, Copy, match_tensors, open_checkpoint
+from .device_map import check_device, resolve_device_map
+from .errors import UserError
+from .model import Mixtral
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    device_map: str | list | dict | None = None,
+    quantize: str | None = None,
+    progress: bool | None = None,
+) -> Mixtral:
+    """Load a checkpoint folder (Hugging Face or original Mistral layout) into a ``Mixtral``.
+
+    ``dtype``: default bfloat16 when any weight goes to a GPU, float32 on the CPU; weights are cast
+    one tensor at a time. ``device``: "cpu", "cuda" or "cuda:N". ``device_map``: "auto" or an
+    explicit map (see ``mixtral_lite.device_map``); excludes ``device``. ``quantize`` is passed to
+    ``mixtral_lite.quant.quantize_model``. ``progress``: None shows a bar on a terminal for loads
+    longer than a moment, True always, False never. Raises ``UserError`` before returning anything
+    when a file, key, shape or dtype is wrong.
+    """
+    if quantize is not None and importlib.util.find_spec("mixtral_lite.quant") is None:
+        raise UserError(f"quantize={quantize!r}: quantization is not available in this installation")
+    with open_checkpoint(path) as ckpt:
+        config = ckpt.config
+        if device_map is not None:
+            if torch.device(device) != torch.device("cpu"):
+                raise UserError(f"device={device!r} and device_map: pass one of them")
+            plan_dtype = resolve_dtype(dtype, [torch.device("cuda")] if device_map == "auto" else [])
+            devices = resolve_device_map(device_map, config, plan_dtype)
+        else:
+            devices = [check_device(device)] * config.num_hidden_layers
+        dtype = resolve_dtype(dtype, devices)
+        with torch.device("meta"):
+            model = Mixtral(config)
+        expected, aliases = model_tensors(model)
+        plan = match_tensors(ckpt, expected, aliases)
+        if plan.problems:
+            raise UserError(_summary(ckpt.folder, plan.problems))
+        placement = {name: _device_of(name, devices) for name in expected}
+        tensors = _stream(ckpt, plan.copies, expected, placement, dtype, progress)
+    _assign(model, tensors, aliases)
+    model.eval()
+    if quantize is not None:
+        quant = importlib.import_module("mixtral_lite.quant")
+        result = quant.quantize_model(model, quantize)
+        model = model if result is None else result
+    return model
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, devices: list[torch.device]) -> torch.dtype:
+    """The weights' dtype: as asked, else bfloat16 when a GPU is involved and float32 on the CPU."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if any(d.type == "cuda" for d in devices) else torch.float32
+    if isinstance(dtype, str):
+        if dtype.lower().removeprefix("torch.") not in DTYPES:
+            raise UserError(f"dtype: expected one of {sorted(set(DTYPES))}, got {dtype!r}")
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    if dtype not in DTYPES.values():
+        raise UserError(f"dtype: expected float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors a checkpoint must fill: {name: tensor} (parameters and persistent buffers, each
+    once) and {alias: name} for tied names (``output.weight`` sharing ``tok_embeddings.weight``)."""
+    expected: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+            expected[name] = t
+    return expected, aliases
+
+
+def _device_of(name: str, devices: list[torch.device]) -> torch.device:
+    """Layer tensors go to their layer's device, the embedding with layer 0, the rest with the last."""
+    m = re.match(r"layers\.(\d+)\.", name)
+    if m:
+        return devices[int(m[1])]
+    return devices[0] if name.startswith("tok_embeddings.") else devices[-1]
+
+
+@torch.no_grad()
+def _stream(
+    ckpt: Checkpoint,
+    copies: list[Copy],
+    expected: dict[str, torch.Tensor],
+    placement: dict[str, torch.device],
+    dtype: torch.dtype,
+    progress: bool | None,
+) -> dict[str, torch.Tensor]:
+    """Copy every file tensor into its final storage, allocated on first touch; one source at a time."""
+    out: dict[str, torch.Tensor] = {}
+    total = sum(ckpt.tensors[k].nbytes for k in dict.fromkeys(c.key for c in copies))
+    bar = _progress_bar(total, f"Loading {ckpt.folder.name}", progress)
+    try:
+        for key, group in groupby(copies, key=lambda c: c.key):
+            src = ckpt.read(key)
+            for c in group:
+                dest = out.get(c.name)
+                if dest is None:
+                    meta = expected[c.name]
+                    # Floating parameters take ``dtype``; buffers keep the dtype the model declares.
+                    want = dtype if isinstance(meta, nn.Parameter) and meta.is_floating_point() else meta.dtype
+                    dest = out[c.name] = torch.empty(meta.shape, dtype=want, device=placement[c.name])
+                part = src if c.count == 1 else src.chunk(c.count, c.dim)[c.index]
+                target = dest if c.expert is None else dest[c.expert]
+                if c.rope_heads is None:
+                    target.copy_(part)
+                else:
+                    _copy_interleaved_to_half(target, part, c.rope_heads)
+            del src, part, target
+            ckpt.release(key)
+            if bar is not None:
+                bar.update(ckpt.tensors[key].nbytes)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _copy_interleaved_to_half(dest: torch.Tensor, src: torch.Tensor, heads: int) -> None:
+    """dest[h, j*hd/2 + i] = src[h, 2i + j]: ``checkpoint.interleaved_to_half`` without a temporary."""
+    rows, dim = src.shape
+    half = rows // heads // 2
+    dest.view(heads, 2, half, dim).copy_(src.view(heads, half, 2, dim).transpose(1, 2))
+
+
+def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """Put the loaded storage in place of the meta tensors (assign semantics) and re-tie aliases."""
+    for name, t in tensors.items():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf in module._parameters:
+            old = module._parameters[leaf]
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad and t.is_floating_point())
+        else:
+            module._buffers[leaf] = t
+    for alias, name in aliases.items():
+        module_name, _, leaf = alias.rpartition(".")
+        source_module, _, source_leaf = name.rpartition(".")
+        setattr(model.get_submodule(module_name), leaf, getattr(model.get_submodule(source_module), source_leaf))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"load_model: tensors left on the meta device (not in the state dict?): {left[:5]}")
+
+
+def _progress_bar(total: int, desc: str, progress: bool | None):
+    """tqdm on stderr: forced on/off by ``progress``; by default only on a terminal, after 1 s."""
+    if progress is False or (progress is None and not sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, delay=0 if progress else 1.0, leave=False
+    )
+
+
+def _summary(folder: Path, problems: list[str]) -> str:
+    more = (
+        f" (and {len(problems) - 3} more; `mixtral-lite info --model {folder}` lists them)" if len(problems) > 3 else ""
+    )
+    return f"{folder}: " + "; ".join(problems[:3]) + more
+
+
+__all__ = ["load_model", "resolve_dtype", "model_tensors"]

@@ -1,0 +1,128 @@
+"""``save_pretrained``: write a model in the Hugging Face layout that transformers loads.
+
+Weights are written with the hub's key names (experts split back one per file key), routing
+variants too where the key table has rows for their extra tensors; a variant tensor without a hub
+name makes the whole file keep our own parameter names, which the loader maps to themselves for
+``model_type: mixtral_lite`` checkpoints. Shards are streamed tensor by tensor, so saving needs no copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
+from .errors import UserError
+from .keymap import hf_items
+from .loading import model_tensors
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_OLD_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\Z")
+
+
+def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB") -> list[Path]:
+    """Write ``config.json`` and the weights (one ``model.safetensors``, or ``model-0000N-of-0000M``
+    shards of at most ``max_shard_size`` plus ``model.safetensors.index.json``); returns the files.
+
+    Earlier weight files of this naming in ``path`` are removed so no stale shard is left beside
+    the new index.
+    """
+    config = model.config
+    if any(hasattr(m, "num_weight_elements") for m in model.modules()):
+        raise UserError("save_pretrained: the model is quantized; save it before quantizing")
+    limit = parse_size(max_shard_size)
+    tensors, _ = model_tensors(model)  # tied aliases (output.weight) are written once, under the other name
+    try:
+        items = list(hf_items(tensors))
+    except KeyError:  # a variant parameter without a hub name: keep our own names (model_type mixtral_lite)
+        if config.moe.is_plain_mixtral:
+            raise
+        items = list(tensors.items())
+    items = [(k, t.detach()) for k, t in items]
+    shards = _split(items, limit)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if _OLD_FILES.match(old.name):
+            old.unlink()
+    written = []
+    if len(shards) == 1:
+        written.append(write_safetensors(folder / SINGLE_FILE, shards[0]))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            written.append(write_safetensors(folder / name, shard))
+            weight_map.update({k: name for k, _ in shard})
+        total = sum(t.numel() * t.element_size() for _, t in items)
+        index = {"metadata": {"total_size": total, "total_parameters": sum(t.numel() for _, t in items)}}
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(folder / INDEX_FILE)
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    data = {**config.to_hf_dict(), "torch_dtype": dtype, "dtype": dtype}
+    (folder / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+    written.append(folder / "config.json")
+    return written
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB" (decimal units as transformers)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+        if m is None:
+            raise UserError(f"max_shard_size: expected bytes or a size like '5GB', got {size!r}")
+        n = int(float(m[1]) * _UNITS[m[2] or ""])
+    if n <= 0:
+        raise UserError(f"max_shard_size: must be > 0, got {size!r}")
+    return n
+
+
+def _split(items: list[tuple[str, torch.Tensor]], limit: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Greedy shards in order; a tensor larger than ``limit`` gets a shard of its own."""
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for key, t in items:
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, t))
+        size += n
+    return shards
+
+
+def write_safetensors(path: Path, items: Iterable[tuple[str, torch.Tensor]], metadata: dict | None = None) -> Path:
+    """Write a safetensors file one tensor at a time (each copied to the CPU on its own).
+
+    Format: 8-byte little-endian header length, a JSON header {key: {dtype, shape, data_offsets}}
+    padded with spaces to a multiple of 8, then the tensors' bytes back to back.
+    """
+    items = list(items)
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for key, t in items:
+        if t.dtype not in DTYPE_NAMES:
+            raise UserError(f"{path}: {key}: dtype {t.dtype} cannot be stored in safetensors")
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for _, t in items:
+            if t.numel():
+                f.write(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return path
+
+
+__all__ = ["save_pretrained", "write_safetensors", "parse_size"]
