@@ -1,0 +1,321 @@
+"""Tensor and expert parallelism equal the single-process model.
+
+In-process: each rank's partial outputs sum to the full layer (float32, <= 1e-5), per-rank loading
+reads exactly the slices ``shard_model`` cuts (bit-equal), and bad sizes fail with clear errors.
+Across processes (torchrun, gloo, 2 ranks): ``--tp 2`` and ``--ep 2`` logits, prefill and
+KV-cache decode, equal the single-process model (float32, <= 1e-4), and launch errors make every
+rank exit non-zero within seconds.
+
+Run as a script under torchrun this file is the worker of the multi-process tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixtral_lite import KVCache, Mixtral, MixtralConfig
+from mixtral_lite.moe import dispatch_experts, experts_reference, route_topk
+from mixtral_lite.parallel import (
+    LocalExperts,
+    ParallelError,
+    ParallelState,
+    check_parallel,
+    check_world,
+    load_parallel,
+    local_kv_heads,
+    shard_model,
+)
+from mixtral_lite.parallel.expert import expert_range
+
+PY = sys.executable
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+MODES = {"tp2": (2, 1), "ep2": (1, 2)}
+# kv=2 splits the kv heads; kv=1 replicates the one kv head on both tensor-parallel ranks.
+CHECKPOINTS = {"kv2": dict(num_key_value_heads=2), "kv1": dict(num_key_value_heads=1, num_local_experts=8)}
+
+
+def _forward_both_ways(model: Mixtral, kv_heads: int) -> dict[str, torch.Tensor]:
+    """Logits [2, 12, V] for a whole prompt, and for 8 prefilled + 4 decoded tokens through a cache."""
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, 2, 16, num_kv_heads=kv_heads)
+        steps = [model(ids[:, :8], cache=cache, slots=torch.arange(8))]
+        for t in range(8, 12):
+            steps.append(model(ids[:, t : t + 1], cache=cache, slots=torch.tensor([t])))
+    return {"full": full, "cached": torch.cat(steps, dim=1)}
+
+
+def _load_single(path: Path) -> Mixtral:
+    return load_parallel(path, ParallelState(), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    from helpers import make_hf_model
+
+    out = {}
+    for name, overrides in CHECKPOINTS.items():
+        path = tmp_path_factory.mktemp(name)
+        make_hf_model(seed=3, **overrides).save_pretrained(path)
+        out[name] = path
+    return out
+
+
+# ---- in process: the split is exact -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", "sorted", "per_token", "gather"])
+def test_local_experts_sum_to_reference(impl):
+    """Two ranks' LocalExperts outputs (experts 0-3 and 4-7) sum to the reference over all 8 (<= 1e-5)."""
+    g = torch.Generator().manual_seed(0)
+    e, d, i, n = 8, 16, 24, 11
+    w1, w2, w3 = (torch.randn(*s, generator=g) * 0.3 for s in ((e, i, d), (e, d, i), (e, i, d)))
+    x = torch.randn(n, d, generator=g)
+    idx, weights = route_topk(torch.randn(n, e, generator=g), 2)
+    expected = experts_reference(x, w1, w2, w3, idx, weights)
+    got = sum(
+        dispatch_experts(x, w1[lo:hi], w2[lo:hi], w3[lo:hi], idx, weights, LocalExperts(lo, impl))
+        for lo, hi in ((0, 4), (4, 8))
+    )
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(("tp", "ep", "kv"), [(2, 1, 2), (4, 1, 2), (4, 1, 1), (1, 2, 2), (1, 4, 2), (2, 2, 2)])
+def test_rank_partials_sum_to_full_layer(tp, ep, kv):
+    """Sum over ranks of each rank's attention and MoE output (reduce hooks off) = the full layer (<= 1e-5)."""
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=kv, moe={"num_experts": 4, "num_experts_per_tok": 2},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    full = Mixtral(config).eval()
+    full.reset_parameters(std=0.3)
+    x = torch.randn(2, 5, 32)
+    pos = torch.arange(5).expand(2, 5)
+    from mixtral_lite.model import rotary_cos_sin
+
+    cos, sin = rotary_cos_sin(pos, config.head_dim, config.rope_theta, x.dtype)
+    with torch.no_grad():
+        want_attn = full.layers[0].attention(x, cos, sin, None)
+        want_moe = full.layers[0].feed_forward(x)[0]
+        got_attn, got_moe = torch.zeros_like(x), torch.zeros_like(x)
+        for rank in range(tp * ep):
+            shard = shard_model(_copy(full), ParallelState(tp=tp, ep=ep, rank=rank))
+            layer = shard.layers[0]
+            layer.attention.reduce = layer.feed_forward.reduce = None  # sum here instead of all-reduce
+            got_moe += layer.feed_forward(x)[0]  # each rank: its experts x its slice of I
+            if rank < tp:  # attention is replicated across expert-parallel groups: count one group
+                got_attn += layer.attention(x, cos, sin, None)
+            assert local_kv_heads(shard) == max(kv // tp, 1)
+    assert (got_attn - want_attn).abs().max().item() <= 1e-5
+    assert (got_moe - want_moe).abs().max().item() <= 1e-5
+
+
+def _copy(model: Mixtral) -> Mixtral:
+    clone = Mixtral(model.config).eval().requires_grad_(False)
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+@pytest.mark.parametrize("mode", ["tp2", "ep2", "tp2ep2"])
+def test_slice_loading_reads_what_shard_model_cuts(checkpoints, mode):
+    """Every rank's parameters read from the files are bit-equal to the slices of the full model."""
+    tp, ep = {"tp2": (2, 1), "ep2": (1, 2), "tp2ep2": (2, 2)}[mode]
+    path = checkpoints["kv2"]
+    full = _load_single(path)
+    for rank in range(tp * ep):
+        state = ParallelState(tp=tp, ep=ep, rank=rank)
+        loaded = load_parallel(path, state, dtype=torch.float32)
+        cut = shard_model(_copy(full), state)
+        got, want = dict(loaded.named_parameters()), dict(cut.named_parameters())
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+        for part, share in ((".feed_forward.w", tp * ep), (".attention.w", tp)):  # 1/N of the split weights
+            local = sum(p.numel() for n, p in got.items() if part in n)
+            assert local * share == sum(p.numel() for n, p in full.named_parameters() if part in n), part
+
+
+def test_mistral_layout_slices_match_hf(checkpoints, tmp_path):
+    """An original-layout checkpoint (interleaved rotary rows) loads to the same tensor-parallel slices."""
+    src = checkpoints["kv2"]
+    config = MixtralConfig.from_pretrained(src)
+    hd = config.head_dim
+    tensors = {}
+    for key, t in load_file(str(src / "model.safetensors")).items():
+        key = (
+            key.replace("model.embed_tokens", "tok_embeddings").replace("model.norm", "norm")
+            .replace("lm_head", "output").replace("model.layers", "layers").replace("input_layernorm", "attention_norm")
+            .replace("post_attention_layernorm", "ffn_norm").replace("block_sparse_moe", "feed_forward")
+            .replace("self_attn.q_proj", "attention.wq").replace("self_attn.k_proj", "attention.wk")
+            .replace("self_attn.v_proj", "attention.wv").replace("self_attn.o_proj", "attention.wo")
+        )  # fmt: skip
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")):  # half-split -> interleaved rows
+            t = t.view(-1, 2, hd // 2, t.shape[-1]).transpose(1, 2).reshape(t.shape)
+        tensors[key] = t.contiguous()
+    save_file(tensors, str(tmp_path / "consolidated.safetensors"))
+    params = {
+        "dim": config.hidden_size, "n_layers": config.num_hidden_layers, "head_dim": hd,
+        "hidden_dim": config.intermediate_size, "n_heads": config.num_attention_heads,
+        "n_kv_heads": config.num_key_value_heads, "norm_eps": config.rms_norm_eps, "vocab_size": config.vocab_size,
+        "rope_theta": config.rope_theta, "moe": {"num_experts": config.num_experts, "num_experts_per_tok": 2},
+    }  # fmt: skip
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    for rank in range(2):
+        state = ParallelState(tp=2, rank=rank)
+        a = dict(load_parallel(src, state).named_parameters())
+        b = dict(load_parallel(tmp_path, state).named_parameters())
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+
+
+def test_size_errors_name_the_flag():
+    config = MixtralConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=30, num_hidden_layers=1, num_attention_heads=6,
+        num_key_value_heads=2, moe={"num_experts": 6, "num_experts_per_tok": 2},
+    )  # fmt: skip
+    with pytest.raises(ParallelError, match=r"--tp 4: must divide num_attention_heads \(6\)"):
+        check_parallel(config, 4, 1)
+    with pytest.raises(ParallelError, match=r"--tp 3: above num_key_value_heads \(2\) it must be a multiple"):
+        check_parallel(config, 3, 1)
+    with pytest.raises(ParallelError, match=r"--ep 4: must divide the number of experts \(6\)"):
+        check_parallel(config, 1, 4)
+    with pytest.raises(ParallelError, match=r"--tp 4 x --ep 1 = 4: must equal the number of processes"):
+        check_world(4, 1, {"WORLD_SIZE": "2", "RANK": "0"})
+    with pytest.raises(ParallelError, match=r"WORLD_SIZE is not set"):
+        check_world(2, 1, {})
+    assert check_world(1, 1, {}) == (0, 0)
+    assert expert_range(config, 3, 2) == slice(4, 6)
+
+
+# ---- across processes: torchrun + gloo ----------------------------------------------------------
+
+
+def _can_spawn() -> str | None:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return "torch.distributed is not available"
+    if not dist.is_available() or not dist.is_gloo_available():
+        return "torch.distributed with gloo is not available"
+    return None
+
+
+needs_processes = pytest.mark.skipif(_can_spawn() is not None, reason=str(_can_spawn()))
+
+
+def _run(cmd: list[str], timeout: float) -> tuple[int, str]:
+    """Run torchrun; on timeout stop it with SIGTERM, which it forwards to its workers (no strays)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).parent
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out}")
+    return proc.returncode, out
+
+
+@needs_processes
+def test_torchrun_tp2_and_ep2_logits_equal_single_process(checkpoints, tmp_path):
+    """2 ranks, gloo: --tp 2 and --ep 2 logits (whole prompt and cached decode) = single process, <= 1e-4."""
+    out = tmp_path / "logits.pt"
+    args = [str(out)] + [f"{name}={path}" for name, path in checkpoints.items()]
+    rc, log = _run([*TORCHRUN, __file__, *args], timeout=120)
+    assert rc == 0, log
+    got = torch.load(out)
+    for name, path in checkpoints.items():
+        single = _load_single(path)
+        want = _forward_both_ways(single, single.config.num_key_value_heads)["full"]
+        for mode in MODES:
+            for how in ("full", "cached"):
+                diff = (got[f"{mode}/{name}/{how}"] - want).abs().max().item()
+                assert diff <= 1e-4, (mode, name, how, diff)
+            assert got[f"{mode}/{name}/expert-fraction"] == [0.5, 0.5]  # each rank holds half the expert weights
+
+
+@needs_processes
+def test_bad_world_size_exits_nonzero_on_every_rank_quickly(checkpoints):
+    """--tp 2 --ep 2 with 2 processes: both ranks print the reason and exit 2 before joining, in seconds."""
+    cmd = [PY, __file__, "--check-only", "2", "2", str(checkpoints["kv2"])]
+    start = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent,
+            env={**os.environ, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert time.monotonic() - start < 30
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 2, err
+        assert "--tp 2 x --ep 2 = 4: must equal the number of processes, got WORLD_SIZE=2" in err
+
+
+# ---- the worker (run by torchrun) ---------------------------------------------------------------
+
+
+def _worker(argv: list[str]) -> int:
+    """torchrun ... test_parallel.py OUT NAME=DIR...: rank 0 saves every mode's logits to OUT."""
+    import torch.distributed as dist
+
+    from mixtral_lite.parallel import init_parallel, shutdown
+
+    out, ckpts = Path(argv[0]), dict(a.split("=", 1) for a in argv[1:])
+    torch.set_num_threads(1)
+    results: dict[str, object] = {}
+    state = None
+    for mode, (tp, ep) in MODES.items():
+        state = init_parallel(tp, ep, "cpu", timeout_s=60)
+        for name, path in ckpts.items():
+            model = load_parallel(path, state, dtype=torch.float32)
+            for how, logits in _forward_both_ways(model, local_kv_heads(model)).items():
+                results[f"{mode}/{name}/{how}"] = logits
+            c = model.config
+            experts = sum(p.numel() for n, p in model.named_parameters() if ".feed_forward.w" in n)
+            experts_all = c.num_hidden_layers * 3 * c.num_experts * c.hidden_size * c.intermediate_size
+            fractions: list[float] = [0.0] * state.world_size
+            dist.all_gather_object(fractions, experts / experts_all)
+            results[f"{mode}/{name}/expert-fraction"] = fractions
+    if state.is_main:
+        torch.save(results, out)
+    shutdown(state)
+    return 0
+
+
+def _check_only(argv: list[str]) -> int:
+    """--check-only TP EP DIR: the launch checks of the CLI, printed as the CLI prints them."""
+    from mixtral_lite.parallel import init_parallel
+
+    try:
+        tp, ep = int(argv[0]), int(argv[1])
+        state = init_parallel(tp, ep, "cpu", timeout_s=10)
+        load_parallel(argv[2], state)
+    except ParallelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--check-only":
+        sys.exit(_check_only(sys.argv[2:]))
+    sys.exit(_worker(sys.argv[1:]))
