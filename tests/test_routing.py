@@ -43,6 +43,15 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def variant_config(name: str, **overrides) -> MixtralConfig:
     data = MixtralConfig.from_preset("tiny").to_dict()
     data["vocab_size"] = 96

@@ -1,0 +1,347 @@
+"""The training loop: AdamW, linear warmup then cosine decay, gradient clipping, balance losses,
+auxiliary-loss-free bias updates, periodic validation with load metrics, and exact resuming.
+
+A run is defined by its model config, its ``TrainConfig`` and its data; every random draw comes
+from two explicit generators (initialisation, data windows), so a run resumed from a saved state
+reproduces the uninterrupted run step for step. A saved folder holds the model in the Hugging Face
+layout (``saving.save_pretrained``), ``tokenizer.model`` when there is one, ``training_state.pt``
+(step, optimizer, data generator, history) and ``train_log.json`` (the history, readable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import MixtralConfig
+from .data import TokenData
+from .errors import UserError
+from .losses import balance_loss, layer_stats, summarize, z_loss
+from .model import Mixtral, SparseMoE
+from .routing import Routing, expert_load, update_bias
+
+STATE_FILE = "training_state.pt"
+LOG_FILE = "train_log.json"
+BALANCE_CHOICES = ("auto", "switch", "deepseek", "importance", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (the ``train`` section of a training config file)."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    bf16: bool = False  # bfloat16 autocast (weights and optimizer stay float32)
+    balance_loss: str = "auto"  # auto: importance for soft, none with bias balancing, else switch
+    aux_coef: float = 0.02  # weight of the balance loss (Mixtral's router_aux_loss_coef)
+    z_coef: float = 0.0  # weight of the router z-loss (ST-MoE uses 1e-3)
+    eval_interval: int = 200  # validate every this many steps (and at the end)
+    eval_batches: int = 8
+    val_fraction: float = 0.1
+    init_std: float = 0.02
+    seed: int = 0
+    save_interval: int = 0  # also save every this many steps (0: only at the end)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"train.{name}: must be a positive integer, got {value!r}")
+        for name in ("warmup", "save_interval"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"train.min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.balance_loss not in BALANCE_CHOICES:
+            raise UserError(f"train.balance_loss: expected one of {BALANCE_CHOICES}, got {self.balance_loss!r}")
+        for name in ("weight_decay", "grad_clip", "aux_coef", "z_coef", "init_std"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "train") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+        return cls(**data)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from ``lr`` down to ``min_lr`` at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def resolve_balance(cfg: TrainConfig, model_config: MixtralConfig) -> str:
+    """The balance loss ``auto`` stands for, given the router."""
+    if cfg.balance_loss != "auto":
+        return cfg.balance_loss
+    moe = model_config.moe
+    if moe.bias_balancing:
+        return "none"
+    return "importance" if moe.kind == "soft" else "switch"
+
+
+def moe_layers(model: Mixtral) -> list[SparseMoE]:
+    return [m for m in model.modules() if isinstance(m, SparseMoE)]
+
+
+def take_routings(layers: list[SparseMoE]) -> list[Routing]:
+    """The routing of the last forward of each layer, cleared so no graph outlives its step."""
+    routings = [m.last_routing for m in layers]
+    for m in layers:
+        m.last_routing = None
+    return [r for r in routings if r is not None]
+
+
+def make_optimizer(model: Mixtral, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, norm gains do not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+@dataclass
+class TrainResult:
+    model: Mixtral
+    losses: list[float]  # training cross-entropy per step, from step 0 (resumed runs include the past)
+    val: list[dict[str, Any]] = field(default_factory=list)  # {"step", "val_loss", "load_cv", "max_vio", ...}
+    tokens_per_s: float = 0.0  # training throughput of this invocation (evaluation excluded)
+    step: int = 0  # steps done
+
+    @property
+    def final_val(self) -> dict[str, Any]:
+        return self.val[-1] if self.val else {}
+
+
+@torch.no_grad()
+def evaluate(model: Mixtral, batches: list[tuple[torch.Tensor, torch.Tensor]], bf16: bool = False) -> dict[str, Any]:
+    """Mean validation cross-entropy and the routers' load metrics (eval mode: no capacity drops)."""
+    was_training = model.training
+    model.eval()
+    layers = moe_layers(model)
+    flags = [m.record_routing for m in layers]
+    for m in layers:
+        m.record_routing = True
+    total, per_layer = 0.0, [[] for _ in layers]
+    try:
+        for x, y in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+            for i, r in enumerate(take_routings(layers)):
+                per_layer[i].append(r)
+    finally:
+        for m, flag in zip(layers, flags, strict=True):
+            m.record_routing = flag
+        model.train(was_training)
+    result: dict[str, Any] = {"val_loss": total / len(batches)}
+    if layers:
+        merged = [_concat(rs) for rs in per_layer]
+        stats = layer_stats(merged)
+        result.update(summarize(stats))
+        result["share"] = [[round(v, 4) for v in s.share] for s in stats]
+    return result
+
+
+def _concat(routings: list[Routing]) -> Routing:
+    first = routings[0]
+    return Routing(
+        torch.cat([r.logits for r in routings]),
+        torch.cat([r.idx for r in routings]),
+        torch.cat([r.weights for r in routings]),
+        None if first.probs is None else torch.cat([r.probs for r in routings]),
+    )
+
+
+def train(
+    model_config: MixtralConfig,
+    cfg: TrainConfig,
+    data: TokenData,
+    out_dir: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    stop_at: int | None = None,
+    tokenizer_file: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train (or continue training) and save to ``out_dir`` (None: do not save).
+
+    ``resume``: a folder saved by this function; the model, optimizer, data position and history
+    continue from it (``model_config`` and ``cfg`` should be the ones it was saved with, except
+    ``steps``). ``stop_at``: stop after this step although the schedule spans ``cfg.steps`` (an
+    interrupted run, to be resumed).
+    """
+    from tqdm.auto import tqdm
+
+    data.check(cfg.seq_len, model_config.vocab_size)
+    signature = data.signature()
+    model = Mixtral(model_config)
+    model.reset_parameters(std=cfg.init_std, generator=torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses: list[float] = []
+    val_history: list[dict[str, Any]] = []
+    start = 0
+    if resume is not None:
+        start, losses, val_history = _restore(Path(resume), model, optimizer, data_gen, signature)
+    layers = moe_layers(model)
+    for m in layers:
+        m.record_routing = True
+    balance = resolve_balance(cfg, model_config)
+    bos = model_config.bos_token_id
+    val_batches = data.val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches, bos)
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    say = log or (lambda s: tqdm.write(s))
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    train_time = 0.0
+    bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = data.sample(cfg.batch_size, cfg.seq_len, data_gen, bos)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = model(x)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            routings = take_routings(layers)
+            loss = ce
+            if routings and balance != "none" and cfg.aux_coef > 0:
+                loss = loss + cfg.aux_coef * balance_loss(balance, routings)
+            if routings and cfg.z_coef > 0:
+                loss = loss + cfg.z_coef * z_loss(routings)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            for m, r in zip(layers, routings, strict=True):
+                if m.moe_config.bias_balancing:
+                    update_bias(m.expert_bias, expert_load(r.idx, m.w1.shape[0]), m.moe_config.bias_update_speed)
+            del routings, loss, logits
+            losses.append(ce.item())
+            dt = time.perf_counter() - t0
+            train_time += dt
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            done = step + 1
+            if done % cfg.eval_interval == 0 or done == cfg.steps:
+                metrics = {"step": done, "train_loss": losses[-1], **evaluate(model, val_batches, cfg.bf16)}
+                val_history.append(metrics)
+                say(_format_eval(metrics))
+            if out_dir is not None and cfg.save_interval and done % cfg.save_interval == 0 and done != end:
+                state = TrainState(done, losses, val_history, signature)
+                save_training(out_dir, model, optimizer, data_gen, cfg, state, tokenizer_file)
+    finally:
+        bar.close()
+    done = max(start, end)
+    if out_dir is not None:
+        save_training(
+            out_dir, model, optimizer, data_gen, cfg, TrainState(done, losses, val_history, signature), tokenizer_file
+        )
+    tps = tokens_per_step * (end - start) / train_time if train_time else 0.0
+    return TrainResult(model, losses, val_history, tps, done)
+
+
+def _format_eval(m: dict[str, Any]) -> str:
+    line = f"step {m['step']}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}"
+    if "load_cv" in m:
+        line += f", load CV {m['load_cv']:.3f}, MaxVio {m['max_vio']:.3f} (worst layer {m['max_vio_worst']:.3f})"
+    return line
+
+
+@dataclass
+class TrainState:
+    step: int
+    losses: list[float]
+    val: list[dict[str, Any]]
+    data_signature: list[int]  # token counts and id sums of both splits: resuming on other data is an error
+
+
+def save_training(
+    out_dir: str | Path,
+    model: Mixtral,
+    optimizer: torch.optim.Optimizer,
+    data_gen: torch.Generator,
+    cfg: TrainConfig,
+    state: TrainState,
+    tokenizer_file: str | Path | None,
+) -> Path:
+    """Model (HF layout), tokenizer, resumable state and a readable log into ``out_dir``."""
+    from .saving import save_pretrained
+
+    out = Path(out_dir)
+    save_pretrained(model, out)
+    if tokenizer_file is not None and Path(tokenizer_file).resolve() != (out / "tokenizer.model").resolve():
+        shutil.copyfile(tokenizer_file, out / "tokenizer.model")
+    log = {"train_config": dataclasses.asdict(cfg), **dataclasses.asdict(state)}
+    torch.save({**log, "optimizer": optimizer.state_dict(), "data_rng": data_gen.get_state()}, out / STATE_FILE)
+    (out / LOG_FILE).write_text(json.dumps(log, indent=1) + "\n")
+    return out
+
+
+def read_state(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"--resume: {folder}: no {STATE_FILE} (not a folder saved by mixtral-lite train)")
+    return torch.load(path, weights_only=True)
+
+
+def _restore(
+    folder: Path, model: Mixtral, optimizer: torch.optim.Optimizer, data_gen: torch.Generator, signature: list[int]
+) -> tuple[int, list[float], list[dict[str, Any]]]:
+    from .loading import load_model
+
+    state = read_state(folder)
+    if list(state["data_signature"]) != signature:
+        raise UserError(f"--resume: {folder}: was trained on other data (or another tokenizer) than --data gives")
+    saved = load_model(folder)
+    if saved.config != model.config:
+        raise UserError(f"--resume: {folder}: its config.json differs from the model config of this run")
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    data_gen.set_state(state["data_rng"])
+    return state["step"], list(state["losses"]), list(state["val"])
+
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "evaluate",
+    "lr_at",
+    "make_optimizer",
+    "moe_layers",
+    "take_routings",
+    "read_state",
+    "save_training",
+    "TrainState",
+    "resolve_balance",
+]
