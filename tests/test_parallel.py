@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixtral_lite import KVCache, Mixtral, MixtralConfig
+from mixtral_lite.checkpoint import half_to_interleaved
+from mixtral_lite.loading import load_model
 from mixtral_lite.moe import dispatch_experts, experts_reference, route_topk
 from mixtral_lite.parallel import (
     LocalExperts,
@@ -56,7 +58,7 @@ def _forward_both_ways(model: Mixtral, kv_heads: int) -> dict[str, torch.Tensor]
 
 
 def _load_single(path: Path) -> Mixtral:
-    return load_parallel(path, ParallelState(), dtype=torch.float32)
+    return load_model(path, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +163,7 @@ def test_mistral_layout_slices_match_hf(checkpoints, tmp_path):
             .replace("self_attn.v_proj", "attention.wv").replace("self_attn.o_proj", "attention.wo")
         )  # fmt: skip
         if key.endswith(("attention.wq.weight", "attention.wk.weight")):  # half-split -> interleaved rows
-            t = t.view(-1, 2, hd // 2, t.shape[-1]).transpose(1, 2).reshape(t.shape)
+            t = half_to_interleaved(t, t.shape[0] // hd)
         tensors[key] = t.contiguous()
     save_file(tensors, str(tmp_path / "consolidated.safetensors"))
     params = {
