@@ -17,6 +17,7 @@ from .dist import (
     shutdown,
 )
 from .expert import LocalExperts
+from .launch import ParallelRun, start_parallel
 from .load import load_parallel
 from .shard import check_parallel, configure, local_kv_heads, param_slices, shard_model
 
@@ -25,6 +26,7 @@ __all__ = [
     "AllReduce",
     "LocalExperts",
     "ParallelError",
+    "ParallelRun",
     "ParallelState",
     "backend_for",
     "broadcast_tokens",
@@ -37,4 +39,5 @@ __all__ = [
     "param_slices",
     "shard_model",
     "shutdown",
+    "start_parallel",
 ]

@@ -1,0 +1,90 @@
+"""What a command needs to run under torchrun: join, load this rank's shard, keep ranks in step.
+
+Every rank runs the whole generation loop on the same prompt: the collectives inside the model
+need every rank to take part in every forward. To keep them in step:
+
+- the sampling seed is rank 0's (drawn there when none is given), so the ranks sample alike;
+- before each decode step the tokens fed to the model are broadcast from rank 0, so every rank's
+  cache and activations follow rank 0's text even if two ranks were ever to sample differently;
+- only rank 0 writes to stdout (the others' stdout goes to /dev/null); errors still reach stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import MixtralConfig
+from ..model import Mixtral
+from .dist import (
+    DEFAULT_TIMEOUT_S,
+    ParallelError,
+    ParallelState,
+    broadcast_tokens,
+    check_world,
+    init_parallel,
+    shutdown,
+)
+from .load import load_parallel
+from .shard import check_parallel
+
+
+@dataclass
+class ParallelRun:
+    state: ParallelState
+
+    def load(self, folder: str | Path, dtype: torch.dtype | str | None = None) -> Mixtral:
+        return load_parallel(folder, self.state, dtype=dtype)
+
+    def seed(self, seed: int | None) -> int:
+        """Rank 0's seed (a fresh one when ``seed`` is None), the same on every rank."""
+        value = torch.tensor([random.SystemRandom().randrange(2**62) if seed is None else seed], dtype=torch.long)
+        return int(broadcast_tokens(value, self.state).item())
+
+    def decode_fn(self, inner: Callable) -> Callable:
+        """Wrap a ``decode_fn(model, tokens [B, 1], cache, slot, positions)``: feed rank 0's tokens."""
+
+        def decode(model, tokens, cache, slot, positions):
+            return inner(model, broadcast_tokens(tokens, self.state), cache, slot, positions)
+
+        return decode
+
+    def close(self) -> None:
+        if self.state.distributed and dist.is_initialized():
+            dist.barrier()  # no rank leaves while another still needs it for a collective
+        shutdown(self.state)
+
+
+def start_parallel(
+    tp: int = 1,
+    ep: int = 1,
+    device: str | None = None,
+    *,
+    config: MixtralConfig | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> ParallelRun | None:
+    """Join torchrun's group for ``--tp`` / ``--ep``; None for a plain single-process run.
+
+    Checks the flags against the launch (and ``config``'s sizes) first, so a wrong combination
+    fails on every rank with the same message before anything waits on another rank.
+    """
+    if tp * ep == 1 and os.environ.get("WORLD_SIZE", "1") == "1":
+        return None
+    check_world(tp, ep)
+    if config is not None:
+        check_parallel(config, tp, ep)
+    if device is not None and torch.device(device).index is not None:
+        raise ParallelError(f"--device {device}: with --tp/--ep each rank uses its own GPU, pass --device cuda")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    state = init_parallel(tp, ep, device, timeout_s=timeout_s)
+    if not state.is_main:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # lives as long as the process
+    return ParallelRun(state)
