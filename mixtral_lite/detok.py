@@ -3,7 +3,10 @@
 Decoding token by token is wrong in two ways: a character can span several byte-fallback tokens
 (``<0xF0><0x9F><0xA6><0x99>`` is one emoji), and SentencePiece drops the leading space of the first
 piece it decodes. So we decode a short window of recent tokens and emit only the new characters,
-holding them back while the text ends in an incomplete character (U+FFFD).
+holding them back while the tokens end in byte tokens or the text in an incomplete character
+(U+FFFD). Byte tokens are held as a whole run because the ``tokenizers`` library decodes a run that
+is not valid UTF-8 as one U+FFFD per byte, valid bytes included: a later byte can change the text
+of earlier ones until a normal token ends the run.
 
 The window cannot simply be cut anywhere: its first token would lose its leading space. When the
 window grows, we restart it at a recent token behind an *anchor* (the tokens of "a", whose text is
@@ -14,7 +17,7 @@ which is ``decode(ids)`` without context.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 CONTEXT_TOKENS = 8  # prompt tokens kept as context: enough to place the first piece's leading space
 MAX_WINDOW = 24  # re-anchor the window when it holds more tokens than this
@@ -30,11 +33,14 @@ class Detokenizer:
         decode: Callable[[Sequence[int]], str],
         context: Sequence[int] = (),
         anchor: Sequence[int] = (),
+        byte_ids: Collection[int] = frozenset(),
     ) -> None:
         """``context``: the tokens before the first pushed one (the prompt), so the first piece keeps
         its leading space; ``anchor``: tokens whose decoded text never changes what follows it
-        (``tokenizer.encode("a", bos=False)``); without one the window never restarts."""
+        (``tokenizer.encode("a", bos=False)``), without one the window never restarts; ``byte_ids``:
+        the byte-fallback tokens (``tokenizer.byte_ids``)."""
         self._decode = decode
+        self._byte_ids = byte_ids
         self._anchor = list(anchor)
         self._anchor_text = decode(self._anchor) if self._anchor else ""
         self._ids = list(context)[-CONTEXT_TOKENS:]  # the window (after the anchor, once anchored)
@@ -46,9 +52,11 @@ class Detokenizer:
 
     def push(self, token: int) -> str:
         self._ids.append(token)
+        if token in self._byte_ids:
+            return ""  # wait for the end of the run of bytes
         text = self._text()
         if text.endswith(INCOMPLETE):
-            return ""  # wait for the rest of the character's bytes
+            return ""  # wait for the rest of the character
         piece = text[self._done :]
         self._done = max(self._done, len(text))
         if len(self._ids) > MAX_WINDOW and self._anchor_text:

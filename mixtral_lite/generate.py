@@ -284,7 +284,8 @@ class _RowText:
     tail that could still become a stop string."""
 
     def __init__(self, tokenizer: Tokenizer, context: list[int], stops: list[str]) -> None:
-        self.detok = Detokenizer(tokenizer.decode, context, anchor=tokenizer.encode("a", bos=False))
+        anchor = tokenizer.encode("a", bos=False)
+        self.detok = Detokenizer(tokenizer.decode, context, anchor=anchor, byte_ids=tokenizer.byte_ids)
         self.stops = stops
         self.text = ""
         self.emitted = 0  # characters handed out

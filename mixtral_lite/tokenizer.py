@@ -14,6 +14,7 @@ The chat format follows mistral-common, the reference the Instruct models were t
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,6 +45,15 @@ class Tokenizer:
 
     def control_id(self, piece: str) -> int | None:
         """The id of a control token such as ``[INST]``, or None when the vocabulary has none."""
+        raise NotImplementedError
+
+    @functools.cached_property
+    def byte_ids(self) -> frozenset[int]:
+        """Ids of the byte-fallback tokens ``<0x00>`` .. ``<0xFF>`` (empty without byte fallback)."""
+        ids = (self._piece_id(f"<0x{b:02X}>") for b in range(256))
+        return frozenset(i for i in ids if i is not None)
+
+    def _piece_id(self, piece: str) -> int | None:
         raise NotImplementedError
 
     @property
@@ -133,6 +143,10 @@ class SentencePieceTokenizer(Tokenizer):
         i = self.sp.piece_to_id(piece)
         return i if i != self.sp.unk_id() and self.sp.is_control(i) else None
 
+    def _piece_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.is_byte(i) else None
+
 
 class HFTokenizer(Tokenizer):
     """A ``tokenizer.json``; bos/eos come from ``tokenizer_config.json`` beside it (else <s> / </s>)."""
@@ -160,6 +174,9 @@ class HFTokenizer(Tokenizer):
 
     def control_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece) if piece in self._special else None
+
+    def _piece_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
 
 
 def _special_token_names(config_path: Path) -> dict[str, str]:
