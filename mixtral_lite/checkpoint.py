@@ -337,10 +337,14 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
             raise UserError(f"{path}: {key}: unsupported dtype {dtype!r} (expected one of {', '.join(WEIGHT_DTYPES)})")
         if end - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize or begin < 0:
             raise UserError(f"{path}: {key}: corrupt header: {end - begin} bytes for {dtype} {list(shape)}")
-        if base + end > size:
-            raise UserError(f"{path}: truncated: {key} ends at byte {base + end:,} but the file has {size:,} bytes")
         infos.append(TensorInfo(key, path, dtype, shape, base + begin, end - begin))
     infos.sort(key=lambda t: t.offset)
+    if infos and infos[-1].offset + infos[-1].nbytes > size:
+        last = infos[-1]
+        raise UserError(
+            f"{path}: truncated: the last tensor ({last.key}) ends at byte {last.offset + last.nbytes:,} "
+            f"but the file has {size:,} bytes"
+        )
     return infos
 
 
@@ -405,37 +409,20 @@ def match_tensors(ckpt: Checkpoint, expected: dict[str, torch.Tensor], aliases: 
             if target is None:
                 unexpected.append(key)
                 break
-            where = f"{info.file.name}: {key}"
-            want = list(target.shape)
-            if expert is not None:
-                if not 0 <= expert < want[0]:
-                    problems.append(f"{where}: expert {expert} out of range (the model has {want[0]} experts)")
-                    continue
-                want = want[1:]
-            if count > 1 and dim < len(want):
-                want[dim] *= count
-            if list(info.shape) != want:
-                problems.append(f"{where}: shape expected {want} (for {name}), got {list(info.shape)}")
-                continue
-            if target.is_floating_point():
-                if info.dtype not in WEIGHT_DTYPES:
-                    problems.append(
-                        f"{where}: unsupported dtype {info.dtype} (expected one of {', '.join(WEIGHT_DTYPES)})"
-                    )
-                    continue
-            elif SAFETENSORS_DTYPES.get(info.dtype) != target.dtype:
-                problems.append(f"{where}: dtype expected {DTYPE_NAMES.get(target.dtype)}, got {info.dtype}")
-                continue
+            error = _check(info, target, expert, dim, count, name)
+            if error is not None:
+                problems.append(f"{info.file.name}: {key}: {error}")
             if alias is not None:
                 continue  # tied to ``alias``: its own key fills it
-            slots = filled.setdefault(name, {})
+            slots = filled.setdefault(name, {})  # filled even when wrong, so it is not also reported missing
             clash = next(iter(slots.values()), None) if expert is None else slots.get(expert) or slots.get(None)
             if clash is not None:
-                problems.append(f"{where}: {name} is already filled by {clash}")
+                problems.append(f"{info.file.name}: {key}: {name} is already filled by {clash}")
                 continue
             slots[expert] = key
-            heads = rope.get(name.split(".", 2)[-1]) if layout == "mistral" and name.startswith("layers.") else None
-            copies.append(Copy(key, name, expert, dim, index, count, heads))
+            if error is None:
+                heads = rope.get(name.split(".", 2)[-1]) if layout == "mistral" and name.startswith("layers.") else None
+                copies.append(Copy(key, name, expert, dim, index, count, heads))
     if unexpected:
         problems.append(f"unexpected keys (not part of this model): {_some(unexpected)}")
     missing = []
@@ -452,6 +439,25 @@ def match_tensors(ckpt: Checkpoint, expected: dict[str, torch.Tensor], aliases: 
     order = {key: (str(info.file), info.offset, i) for i, (key, info) in enumerate(ckpt.tensors.items())}
     copies.sort(key=lambda c: order[c.key])
     return Plan(copies, problems, list(naming))
+
+
+def _check(info: TensorInfo, target: torch.Tensor, expert: int | None, dim: int, count: int, name: str) -> str | None:
+    """What is wrong with feeding file tensor ``info`` (or one chunk of it) into ``target``, if anything."""
+    want = list(target.shape)
+    if expert is not None:
+        if not 0 <= expert < want[0]:
+            return f"expert {expert} out of range (the model has {want[0]} experts)"
+        want = want[1:]
+    if count > 1 and dim < len(want):
+        want[dim] *= count
+    if list(info.shape) != want:
+        return f"shape expected {want} (for {name}), got {list(info.shape)}"
+    if target.is_floating_point():
+        if info.dtype not in WEIGHT_DTYPES:
+            return f"unsupported dtype {info.dtype} (expected one of {', '.join(WEIGHT_DTYPES)})"
+    elif SAFETENSORS_DTYPES.get(info.dtype) != target.dtype:
+        return f"dtype expected {DTYPE_NAMES.get(target.dtype)}, got {info.dtype}"
+    return None
 
 
 def _file_keys(name: str, t: torch.Tensor, experts: list[int] | None) -> list[str]:
