@@ -220,6 +220,7 @@ def train(
     say = log or (lambda s: tqdm.write(s))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     train_time = 0.0
+    dropped: list[float] = []  # capacity drops (hard routing) per step since the last evaluation
     bar = tqdm(total=end, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         for step in range(start, end):
@@ -242,6 +243,8 @@ def train(
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
+            if routings and routings[0].kept is not None:
+                dropped.append(sum(r.dropped / r.idx.shape[0] for r in routings) / len(routings))
             for m, r in zip(layers, routings, strict=True):
                 if m.moe_config.bias_balancing:
                     update_bias(m.expert_bias, expert_load(r.idx, m.w1.shape[0]), m.moe_config.bias_update_speed)
@@ -254,6 +257,9 @@ def train(
             done = step + 1
             if done % cfg.eval_interval == 0 or done == cfg.steps:
                 metrics = {"step": done, "train_loss": losses[-1], **evaluate(model, val_batches, cfg.bf16)}
+                if dropped:
+                    metrics["train_dropped"] = sum(dropped) / len(dropped)
+                    dropped = []
                 val_history.append(metrics)
                 say(_format_eval(metrics))
             if out_dir is not None and cfg.save_interval and done % cfg.save_interval == 0 and done != end:
@@ -274,6 +280,8 @@ def _format_eval(m: dict[str, Any]) -> str:
     line = f"step {m['step']}: train loss {m['train_loss']:.4f}, val loss {m['val_loss']:.4f}"
     if "load_cv" in m:
         line += f", load CV {m['load_cv']:.3f}, MaxVio {m['max_vio']:.3f} (worst layer {m['max_vio_worst']:.3f})"
+    if "train_dropped" in m:
+        line += f", dropped in training {100 * m['train_dropped']:.1f}%"
     return line
 
 

@@ -153,3 +153,21 @@ def _write(folder: Path, text: str, name: str = "a.txt") -> Path:
     path = folder / name
     path.write_text(text)
     return path
+
+
+def test_compare_script_writes_table(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "compare_moe.py"
+    spec = importlib.util.spec_from_file_location("compare_moe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "cmp.md"
+    out.write_text("# Title\n\nkept text\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\nkept too\n")
+    data = _write(tmp_path, TEXT)
+    args = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--variants", "dense,hard"]
+    assert module.main([str(data), *args, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# Title\n\nkept text") and text.endswith("kept too\n") and "old" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| dense") or line.startswith("| hard")]
+    assert len(rows) == 3  # dense, hard without and with the aux loss
