@@ -216,29 +216,30 @@ def _can_spawn() -> str | None:
 needs_processes = pytest.mark.skipif(_can_spawn() is not None, reason=str(_can_spawn()))
 
 
-def _run(cmd: list[str], timeout: float) -> tuple[int, str]:
-    """Run torchrun; on timeout stop it with SIGTERM, which it forwards to its workers (no strays)."""
+def _run(cmd: list[str], timeout: float) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr); on timeout stop it with SIGTERM, which torchrun forwards to its
+    workers (no strays)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=Path(__file__).parent
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent
     )
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out}")
-    return proc.returncode, out
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\n{out}\n{err}")
+    return proc.returncode, out, err
 
 
 @needs_processes
 def test_torchrun_tp2_and_ep2_logits_equal_single_process(checkpoints, tmp_path):
     """2 ranks, gloo: --tp 2 and --ep 2 logits (whole prompt and cached decode) = single process, <= 1e-4."""
-    out = tmp_path / "logits.pt"
-    args = [str(out)] + [f"{name}={path}" for name, path in checkpoints.items()]
-    rc, log = _run([*TORCHRUN, __file__, *args], timeout=120)
-    assert rc == 0, log
-    got = torch.load(out)
+    results = tmp_path / "logits.pt"
+    args = [str(results)] + [f"{name}={path}" for name, path in checkpoints.items()]
+    rc, out, err = _run([*TORCHRUN, __file__, *args], timeout=120)
+    assert rc == 0, out + err
+    got = torch.load(results)
     for name, path in checkpoints.items():
         single = _load_single(path)
         want = _forward_both_ways(single, single.config.num_key_value_heads)["full"]
@@ -249,10 +250,36 @@ def test_torchrun_tp2_and_ep2_logits_equal_single_process(checkpoints, tmp_path)
             assert got[f"{mode}/{name}/expert-fraction"] == [0.5, 0.5]  # each rank holds half the expert weights
 
 
+@pytest.fixture(scope="module")
+def gen_folder(tmp_path_factory) -> Path:
+    """A tiny model with a real tokenizer, for the command line."""
+    from gen_fixtures import make_model_folder
+
+    path = tmp_path_factory.mktemp("gen")
+    make_model_folder(path, seed=5, num_key_value_heads=2)
+    return path
+
+
+def _generate_args(folder: Path) -> list[str]:
+    return ["-m", "mixtral_lite", "generate", "--model", str(folder), "--prompt", "The capital of France is",
+            "--max-new-tokens", "12", "--device", "cpu", "--quiet-stats"]  # fmt: skip
+
+
 @needs_processes
-def test_bad_world_size_exits_nonzero_on_every_rank_quickly(checkpoints):
+def test_torchrun_generate_tp2_prints_the_single_process_text(gen_folder):
+    """`torchrun --nproc-per-node 2 -m mixtral_lite generate --tp 2`, greedy: the same stdout, printed once."""
+    rc, single, err = _run([PY, *_generate_args(gen_folder)], timeout=60)
+    assert rc == 0, err
+    assert len(single.strip()) > 0
+    rc, out, err = _run([*TORCHRUN, *_generate_args(gen_folder), "--tp", "2"], timeout=120)
+    assert rc == 0, err
+    assert out == single
+
+
+@needs_processes
+def test_bad_world_size_exits_nonzero_on_every_rank_quickly(gen_folder):
     """--tp 2 --ep 2 with 2 processes: both ranks print the reason and exit 2 before joining, in seconds."""
-    cmd = [PY, __file__, "--check-only", "2", "2", str(checkpoints["kv2"])]
+    cmd = [PY, *_generate_args(gen_folder), "--tp", "2", "--ep", "2"]
     start = time.monotonic()
     procs = [
         subprocess.Popen(
@@ -270,6 +297,19 @@ def test_bad_world_size_exits_nonzero_on_every_rank_quickly(checkpoints):
     for p, (_, err) in zip(procs, results, strict=True):
         assert p.returncode == 2, err
         assert "--tp 2 x --ep 2 = 4: must equal the number of processes, got WORLD_SIZE=2" in err
+        assert "Traceback" not in err
+
+
+def test_sizes_are_checked_before_joining(monkeypatch, checkpoints):
+    """--tp 3 on a model with 4 heads fails on every rank before any rank waits for another."""
+    from mixtral_lite.parallel import start_parallel
+
+    for key, value in {"WORLD_SIZE": "3", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # joining would fail differently: it is never tried
+    config = MixtralConfig.from_pretrained(checkpoints["kv2"])
+    with pytest.raises(ParallelError, match=r"--tp 3: must divide num_attention_heads \(4\)"):
+        start_parallel(3, 1, "cpu", config=config)
 
 
 # ---- the worker (run by torchrun) ---------------------------------------------------------------
@@ -303,21 +343,5 @@ def _worker(argv: list[str]) -> int:
     return 0
 
 
-def _check_only(argv: list[str]) -> int:
-    """--check-only TP EP DIR: the launch checks of the CLI, printed as the CLI prints them."""
-    from mixtral_lite.parallel import init_parallel
-
-    try:
-        tp, ep = int(argv[0]), int(argv[1])
-        state = init_parallel(tp, ep, "cpu", timeout_s=10)
-        load_parallel(argv[2], state)
-    except ParallelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    if sys.argv[1] == "--check-only":
-        sys.exit(_check_only(sys.argv[2:]))
     sys.exit(_worker(sys.argv[1:]))
