@@ -1,0 +1,153 @@
+"""Generate text from a prompt and stream it to stdout; timing goes to stderr.
+
+The prompt comes from --prompt, --prompt-file or stdin (one trailing newline of a file or stdin is
+dropped). With --chat it is wrapped as one user turn of the Instruct chat format (with --system as
+the system prompt). Greedy unless --temperature > 0. Without --model the bundled demo model is used.
+
+Examples:
+  mixtral-lite generate --model /data/Mixtral-8x7B-v0.1 --prompt "The capital of France is" --max-new-tokens 20
+  echo "Write a haiku about experts" | mixtral-lite generate --model DIR --chat --temperature 0.7 --seed 1
+  mixtral-lite generate --model DIR --prompt-file prompt.txt --stop "\\n\\n" --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+HELP = "generate text from a prompt (streams to stdout)"
+BUNDLED = Path(__file__).resolve().parent.parent / "bundled"
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model folder (config + safetensors + tokenizer); default: the bundled demo model")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device-map", help="split layers across devices: 'auto' or '0-15=cuda:0,16-31=cuda:1'")
+    p.add_argument("--quantize", help="quantize the weights after loading (e.g. int8)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set with probability >= p, in (0, 1]")
+    p.add_argument("--min-p", type=float, help="keep tokens with probability >= min_p * the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from this file (UTF-8)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat format")
+    p.add_argument("--system", help="system prompt (with --chat)")
+    add_sampling_arguments(p, max_new_tokens=128, temperature=0.0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
+    p.add_argument("--quiet-stats", action="store_true", help="do not print timing to stderr")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+
+
+def model_folder(args: argparse.Namespace) -> Path:
+    if args.model is None:
+        if not (BUNDLED / "config.json").is_file():
+            raise UserError(f"no --model given and the bundled model is missing ({BUNDLED}); pass --model DIR")
+        return BUNDLED
+    folder = Path(args.model)
+    if not folder.is_dir():
+        raise UserError(f"--model {args.model}: no such folder")
+    return folder
+
+
+def load(args: argparse.Namespace, folder: Path):
+    """The model, on the device the flags ask for (imports torch and the loader only now)."""
+    import torch
+
+    from ..loading import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() and not args.device_map else "cpu")
+    return load_model(folder, dtype=args.dtype, device=device, device_map=args.device_map, quantize=args.quantize)
+
+
+def read_prompt(args: argparse.Namespace) -> tuple[str, str]:
+    """The prompt text and where it came from (for error messages)."""
+    if args.prompt is not None:
+        return args.prompt, "--prompt"
+    if args.prompt_file is not None:
+        source = f"--prompt-file {args.prompt_file}"
+        try:
+            text = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise UserError(f"--prompt-file {args.prompt_file}: cannot read it ({reason})") from None
+    elif sys.stdin is None or sys.stdin.isatty():
+        raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE or pipe the text on stdin")
+    else:
+        text, source = sys.stdin.read(), "stdin"
+    return text.removesuffix("\n").removesuffix("\r"), source
+
+
+def ensure_utf8(stream) -> None:
+    """Printing model output must not crash on a terminal that cannot show every character."""
+    if (getattr(stream, "encoding", None) or "").lower().replace("-", "") != "utf8":
+        stream.reconfigure(errors="replace")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import MixtralConfig
+    from ..generate import generate, prepare, stream
+    from ..tokenizer import load_tokenizer
+
+    options = sampling_options(args)
+    if args.system is not None and not args.chat:
+        raise UserError("--system: only used with --chat")
+    prompt, source = read_prompt(args)
+    if not prompt:
+        raise UserError(f"{source}: the prompt is empty; give some text to continue")
+    folder = model_folder(args)
+    tokenizer = load_tokenizer(folder)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        prompt_ids = tokenizer.encode_chat(messages)
+    else:
+        prompt_ids = tokenizer.encode(prompt)
+    continuation = not args.chat
+    prepare(MixtralConfig.from_pretrained(folder), tokenizer, [prompt_ids], **options, continuation=continuation)
+
+    model = load(args, folder)
+    ensure_utf8(sys.stdout)
+    if args.json:
+        result = generate(model, tokenizer, prompt_ids, **options, continuation=continuation)
+        print(json.dumps({**result.as_dict(), "stats": result.stats.as_dict()}, ensure_ascii=False))
+    else:
+        pieces = stream(model, tokenizer, prompt_ids, **options, continuation=continuation)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        result = pieces.result
+    if not args.quiet_stats:
+        print(f"{result.stats.summary()} | finish: {result.finish_reason}", file=sys.stderr)
+    return 0
