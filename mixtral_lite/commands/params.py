@@ -57,10 +57,17 @@ def format_table(counts) -> str:
         if j == 0 or j == len(rows) - 2:
             lines.append("-" * (sum(widths) + 4))
     lines.append("")
-    lines.append(f"total parameters:  {counts.total:,} ({counts.total / 1e9:.1f}B)")
-    lines.append(f"active per token:  {counts.active:,} ({counts.active / 1e9:.1f}B)")
+    lines.append(f"total parameters:  {counts.total:,} ({_short(counts.total)})")
+    lines.append(f"active per token:  {counts.active:,} ({_short(counts.active)})")
     lines.append(f"active means: {ACTIVE_MEANS}")
     return "\n".join(lines)
+
+
+def _short(n: int) -> str:
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
+    return str(n)
 
 
 __all__ = ["add_arguments", "run", "ConfigError"]
