@@ -243,3 +243,35 @@ def test_peak_memory_is_model_plus_one_tensor(tmp_path):
     assert 150e6 < fp32_bytes < 170e6
     print(f"fp32 {fp32_bytes / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, peak RSS grew {grown / 1e6:.1f} MB")
     assert grown <= fp32_bytes / 2 + largest + 40e6
+
+
+def _variant_config():
+    from mixtral_lite import MixtralConfig
+
+    data = MixtralConfig.from_preset("tiny").to_dict()
+    data["moe"].update(n_shared_experts=1, bias_balancing=True)
+    return MixtralConfig.from_dict(data)
+
+
+def test_own_names_for_mixtral_lite_checkpoints(tmp_path):
+    """A variant checkpoint (model_type mixtral_lite) may use our own parameter names: each maps to itself."""
+    from mixtral_lite.saving import write_safetensors
+
+    model = Mixtral(_variant_config()).eval()
+    write_safetensors(tmp_path / "model.safetensors", model.state_dict().items())
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    again = load_model(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_own_names_refused_for_plain_mixtral(tmp_path):
+    """model_type mixtral means hub names: our own names there are unexpected keys."""
+    from mixtral_lite import MixtralConfig
+    from mixtral_lite.saving import write_safetensors
+
+    model = Mixtral(MixtralConfig.from_preset("tiny"))
+    write_safetensors(tmp_path / "model.safetensors", model.state_dict().items())
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    with pytest.raises(UserError, match=r"unexpected keys \(not part of this model\): tok_embeddings.weight"):
+        load_model(tmp_path)
