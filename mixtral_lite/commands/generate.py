@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p, max_new_tokens=128, temperature=0.0)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
     p.add_argument("--quiet-stats", action="store_true", help="do not print timing to stderr")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (launch with torchrun)")
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -88,6 +91,17 @@ def load(args: argparse.Namespace, folder: Path):
     return load_model(folder, dtype=args.dtype, device=device, device_map=args.device_map, quantize=args.quantize)
 
 
+def start_parallel(args: argparse.Namespace, config):
+    """Join torchrun's process group for --tp / --ep; None for a plain single-process run."""
+    if args.tp * args.ep == 1 and os.environ.get("WORLD_SIZE", "1") == "1":
+        return None
+    if args.device_map or args.quantize:
+        raise UserError("--tp/--ep: cannot be combined with --device-map or --quantize")
+    from ..parallel.launch import start_parallel as start
+
+    return start(args.tp, args.ep, args.device, config=config)
+
+
 def read_prompt(args: argparse.Namespace) -> tuple[str, str]:
     """The prompt text and where it came from (for error messages)."""
     if args.prompt is not None:
@@ -114,7 +128,7 @@ def ensure_utf8(stream) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import MixtralConfig
-    from ..generate import generate, prepare, stream
+    from ..generate import decode_step, generate, prepare, stream
     from ..tokenizer import load_tokenizer
 
     options = sampling_options(args)
@@ -133,21 +147,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tokenizer.encode(prompt)
     continuation = not args.chat
-    prepare(MixtralConfig.from_pretrained(folder), tokenizer, [prompt_ids], **options, continuation=continuation)
+    config = MixtralConfig.from_pretrained(folder)
+    prepare(config, tokenizer, [prompt_ids], **options, continuation=continuation)
 
-    model = load(args, folder)
+    parallel = start_parallel(args, config)
+    if parallel is None:
+        model, decode_fn = load(args, folder), decode_step
+    else:  # every rank runs the same loop on its shard, fed rank 0's seed and tokens
+        model, decode_fn = parallel.load(folder, dtype=args.dtype), parallel.decode_fn(decode_step)
+        options["seed"] = parallel.seed(args.seed)
     ensure_utf8(sys.stdout)
+    kwargs = dict(**options, continuation=continuation, decode_fn=decode_fn)
     if args.json:
-        result = generate(model, tokenizer, prompt_ids, **options, continuation=continuation)
+        result = generate(model, tokenizer, prompt_ids, **kwargs)
         print(json.dumps({**result.as_dict(), "stats": result.stats.as_dict()}, ensure_ascii=False))
     else:
-        pieces = stream(model, tokenizer, prompt_ids, **options, continuation=continuation)
+        pieces = stream(model, tokenizer, prompt_ids, **kwargs)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
         result = pieces.result
-    if not args.quiet_stats:
+    if not args.quiet_stats and (parallel is None or parallel.state.is_main):
         print(f"{result.stats.summary()} | finish: {result.finish_reason}", file=sys.stderr)
+    if parallel is not None:
+        parallel.close()  # on success only: after an error torchrun stops the other ranks
     return 0
