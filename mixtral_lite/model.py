@@ -23,6 +23,7 @@ from .moe import dispatch_experts, route_topk
 from .routing import (
     Routing,
     experts_dense,
+    experts_padded,
     is_mixtral_routing,
     route_hard,
     route_hierarchical,
@@ -202,10 +203,15 @@ class SparseMoE(nn.Module):
     def _experts(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         if self.moe_config.kind == "soft" and self.dispatch != "reference":
             return experts_dense(x, self.w1, self.w2, self.w3, r.weights)
+        dispatch = self.dispatch
+        if dispatch == "auto" and torch.is_grad_enabled() and self.w1.requires_grad and len(self.w1) >= 16:
+            # Training with many small experts: batched products beat a per-expert loop, whose
+            # backward touches a full-size buffer per expert (measured: 31 experts 1.6x, 8 experts 0.9x).
+            dispatch = experts_padded
         if r.kept is None:
-            return dispatch_experts(x, self.w1, self.w2, self.w3, r.idx, r.weights, self.dispatch)
+            return dispatch_experts(x, self.w1, self.w2, self.w3, r.idx, r.weights, dispatch)
         rows = r.kept.nonzero()[:, 0]  # tokens within capacity; the others add nothing
-        y = dispatch_experts(x[rows], self.w1, self.w2, self.w3, r.idx[rows], r.weights[rows], self.dispatch)
+        y = dispatch_experts(x[rows], self.w1, self.w2, self.w3, r.idx[rows], r.weights[rows], dispatch)
         return x.new_zeros(x.shape).index_copy(0, rows, y)
 
 

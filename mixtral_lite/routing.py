@@ -176,6 +176,32 @@ def experts_dense(
     return torch.einsum("end,ne->nd", y.float(), weights.float()).to(x.dtype)
 
 
+def experts_padded(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Dispatch shaped for autograd (training): each expert's tokens are scattered into a padded
+    [E, C, D] block (C = the busiest expert's count) and all experts run as three batched products.
+
+    A loop over experts costs one backward op per expert, each touching a full-size gradient
+    buffer; here backward is a handful of large ops, which matters with many small experts
+    (fine-grained routing). Padding costs FLOPs when the load is uneven. ``moe.experts_reference``
+    is the reference.
+    """
+    n, k = idx.shape
+    e, d = w1.shape[0], x.shape[-1]
+    flat = idx.reshape(-1)  # [N*K]
+    order = torch.argsort(flat, stable=True)
+    expert = flat[order]  # [N*K] pairs grouped by expert
+    token = order // k  # source token of each sorted pair
+    counts = torch.bincount(flat, minlength=e)  # [E]
+    slot = torch.arange(n * k, device=x.device) - (torch.cumsum(counts, 0) - counts)[expert]  # place in its expert
+    capacity = int(counts.max()) if n else 0
+    xp = x.new_zeros(e, capacity, d).index_put((expert, slot), x[token])  # [E, C, D]
+    h = F.silu(torch.bmm(xp, w1.transpose(1, 2))) * torch.bmm(xp, w3.transpose(1, 2))  # [E, C, I]
+    ys = torch.bmm(h, w2.transpose(1, 2))[expert, slot]  # [N*K, D]
+    return torch.zeros_like(x).index_add(0, token, (ys * weights.reshape(-1)[order, None]).to(x.dtype))
+
+
 def expert_load(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Tokens routed to each expert, [E] float32 (from idx [N, K])."""
     return torch.bincount(idx.reshape(-1), minlength=n_experts).float()
@@ -221,6 +247,7 @@ __all__ = [
     "expert_capacity",
     "hard_kept_reference",
     "experts_dense",
+    "experts_padded",
     "expert_load",
     "update_bias",
     "fine_grained",

@@ -15,6 +15,7 @@ from mixtral_lite.routing import (
     expert_capacity,
     expert_load,
     experts_dense,
+    experts_padded,
     fine_grained,
     hard_kept_reference,
     route_hard,
@@ -251,3 +252,25 @@ def test_variant_save_load_identical_logits(name, tmp_path):
         assert torch.equal(loaded(ids), model(ids))
     if name == "deepseek":
         assert torch.equal(loaded.layers[1].feed_forward.expert_bias, model.layers[1].feed_forward.expert_bias)
+
+
+def test_experts_padded_matches_reference_values_and_gradients():
+    g = torch.Generator().manual_seed(6)
+    e, d, i, n, k = 6, 8, 12, 20, 3
+    params = [torch.randn(s, generator=g, requires_grad=True) for s in ((e, i, d), (e, d, i), (e, i, d))]
+    x = torch.randn(n, d, generator=g, requires_grad=True)
+    idx = torch.rand(n, e, generator=g).topk(k, -1).indices
+    idx[idx == 5] = 4  # expert 5 gets no token
+    weights = torch.rand(n, k, generator=g)
+    outs, grads = [], []
+    for fn in (experts_padded, experts_reference):
+        y = fn(x, *params, idx, weights)
+        (y * torch.linspace(-1, 1, d)).sum().backward()
+        outs.append(y.detach())
+        grads.append([t.grad.clone() for t in (x, *params)])
+        for t in (x, *params):
+            t.grad = None
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+    for a, b in zip(*grads, strict=True):
+        assert (a - b).abs().max().item() < 1e-4
+    assert grads[0][1][5].abs().max().item() == 0.0
