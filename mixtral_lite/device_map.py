@@ -1,7 +1,8 @@
 """Which device each decoder layer lives on.
 
 A device map is one device per layer. The token embedding lives with layer 0 and the final norm +
-lm_head with the last layer; ``Mixtral.forward`` moves activations between layer devices.
+lm_head with the last layer (with layer 0 when the lm_head is tied to the embedding);
+``Mixtral.forward`` moves activations between layer devices.
 
 Accepted forms (``resolve_device_map``):
 
@@ -58,7 +59,7 @@ def module_bytes(config: MixtralConfig, dtype: torch.dtype) -> list[int]:
     layer_names = {id(p) for p in model.layers.parameters()}
     rest = {n: p for n, p in model.named_parameters() if id(p) not in layer_names}
     for name, p in rest.items():
-        sizes[0 if name.startswith("tok_embeddings") else -1] += p.numel() * item
+        sizes[0 if name.startswith("tok_embeddings") or config.tie_word_embeddings else -1] += p.numel() * item
     return sizes
 
 
@@ -152,6 +153,16 @@ def resolve_device_map(device_map: str | list | dict, config: MixtralConfig, dty
     return [check_device(n) for n in names]
 
 
+def device_of(name: str, devices: list[torch.device], tied: bool) -> torch.device:
+    """Where tensor ``name`` lives given one device per layer: layer tensors on their layer's device,
+    the embedding with layer 0, the final norm and lm_head with the last layer (with layer 0 when
+    the lm_head is the embedding: tied weights)."""
+    m = re.match(r"layers\.(\d+)\.", name)
+    if m:
+        return devices[int(m[1])]
+    return devices[0] if tied or name.startswith("tok_embeddings.") else devices[-1]
+
+
 def layer_devices(model: nn.Module) -> list[torch.device]:
     """The device of every decoder layer (e.g. to build a ``KVCache`` for a split model)."""
     return [next(layer.parameters()).device for layer in model.layers]
@@ -163,6 +174,7 @@ def _gb(n: float) -> str:
 
 __all__ = [
     "check_device",
+    "device_of",
     "layer_devices",
     "module_bytes",
     "parse_device_map",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import re
 import sys
 from itertools import groupby
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import Checkpoint, Copy, match_tensors, open_checkpoint
-from .device_map import check_device, resolve_device_map
+from .device_map import check_device, device_of, resolve_device_map
 from .errors import UserError
 from .model import Mixtral
 
@@ -71,7 +70,7 @@ def load_model(
         plan = match_tensors(ckpt, expected, aliases)
         if plan.problems:
             raise UserError(_summary(ckpt.folder, plan.problems))
-        placement = {name: _device_of(name, devices) for name in expected}
+        placement = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
         tensors = _stream(ckpt, plan.copies, expected, placement, dtype, progress)
     _assign(model, tensors, aliases)
     model.eval()
@@ -108,14 +107,6 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             first[id(t)] = name
             expected[name] = t
     return expected, aliases
-
-
-def _device_of(name: str, devices: list[torch.device]) -> torch.device:
-    """Layer tensors go to their layer's device, the embedding with layer 0, the rest with the last."""
-    m = re.match(r"layers\.(\d+)\.", name)
-    if m:
-        return devices[int(m[1])]
-    return devices[0] if name.startswith("tok_embeddings.") else devices[-1]
 
 
 @torch.no_grad()

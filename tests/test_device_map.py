@@ -8,6 +8,7 @@ import torch
 from mixtral_lite import Mixtral, MixtralConfig, count_parameters
 from mixtral_lite.device_map import (
     check_device,
+    device_of,
     layer_devices,
     module_bytes,
     parse_device_map,
@@ -124,3 +125,13 @@ def test_resolve_and_layer_devices():
     tiny = MixtralConfig.from_preset("tiny")
     assert resolve_device_map({"0-1": "cpu"}, tiny, torch.float32) == [torch.device("cpu")] * 2
     assert layer_devices(Mixtral(tiny)) == [torch.device("cpu")] * 2
+
+
+def test_device_of():
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert device_of("layers.1.feed_forward.w1", devices, tied=False) == devices[1]
+    assert device_of("layers.0.attention.wq.weight", devices, tied=False) == devices[0]
+    assert device_of("tok_embeddings.weight", devices, tied=False) == devices[0]
+    assert device_of("norm.weight", devices, tied=False) == devices[1]
+    assert device_of("output.weight", devices, tied=False) == devices[1]
+    assert device_of("norm.weight", devices, tied=True) == devices[0]  # the lm_head is the embedding
