@@ -57,7 +57,7 @@ def load_model(
     with open_checkpoint(path) as ckpt:
         config = ckpt.config
         if device_map is not None:
-            if torch.device(device) != torch.device("cpu"):
+            if str(device) != "cpu":  # the default; a map names every device itself
                 raise UserError(f"device={device!r} and device_map: pass one of them")
             plan_dtype = resolve_dtype(dtype, [torch.device("cuda")] if device_map == "auto" else [])
             devices = resolve_device_map(device_map, config, plan_dtype)
