@@ -57,8 +57,11 @@ class ParallelRun:
         return decode
 
     def close(self) -> None:
-        if self.state.distributed and dist.is_initialized():
-            dist.barrier()  # no rank leaves while another still needs it for a collective
+        """Leave the group. After success, wait for every rank first (rank 0 also hosts the store the
+        others read); while an error propagates, leave at once: the other ranks may be inside a
+        collective this rank will never join, and torchrun stops them when this rank exits."""
+        if self.state.distributed and dist.is_initialized() and sys.exc_info()[0] is None:
+            dist.barrier()
         shutdown(self.state)
 
 
