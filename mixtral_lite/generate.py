@@ -290,12 +290,18 @@ class _RowText:
         self.text = ""
         self.emitted = 0  # characters handed out
         self.checked = 0  # characters searched for stop strings
+        self.stopped = False
 
     def push(self, token: int) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
         self.text += self.detok.push(token)
         return self._emit(final=False)
 
     def finish(self) -> str:
+        """The rest of the text once the row ends (nothing after a stop string)."""
+        if self.stopped:
+            return ""
         self.text += self.detok.flush()
         return self._emit(final=True)[0]
 
@@ -306,6 +312,7 @@ class _RowText:
             hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
             if hits:
                 self.text, stopped, final = self.text[: min(hits)], True, True
+                self.stopped = True
             self.checked = len(self.text)
         end = len(self.text) if final else len(self.text) - self._partial_stop()
         piece = self.text[self.emitted : end]

@@ -259,3 +259,25 @@ def test_bad_arguments_raise_user_error(tiny, kwargs, message):
     if isinstance(kwargs.get("temperature"), float):
         with pytest.raises(UserError, match=message):
             stream(model, tok, "Hello", **kwargs)  # checked when the stream is made, not when read
+
+
+def test_stop_string_in_held_text(tiny):
+    """Text that could start a stop string is held back; once the stop string completes, nothing
+    after it comes out, even what the detokeniser still held."""
+    from mixtral_lite.generate import _RowText
+
+    _, _, tok = tiny
+    ids = tok.encode("one two three 🦙 four", bos=False)
+    row = _RowText(tok, [], ["thr", "🦙 f"])
+    pieces = []
+    for i in ids:
+        piece, stopped = row.push(i)
+        pieces.append(piece)
+        if stopped:
+            break
+    pieces.append(row.finish())
+    assert "".join(pieces) == row.text == "one two "
+    assert row.finish() == ""
+    row = _RowText(tok, [], ["🦙 f"])
+    pieces = [row.push(i)[0] for i in ids + ids] + [row.finish()]  # pushing on after the stop adds nothing
+    assert "".join(pieces) == row.text == "one two three "
