@@ -40,7 +40,7 @@ from mixtral_lite.parallel.expert import expert_range
 
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-MODES = {"tp2": (2, 1), "ep2": (1, 2)}
+MODES = {"tp2": (2, 1), "ep2": (1, 2), "tp2ep2": (2, 2)}  # name -> (tp, ep)
 # kv=2 splits the kv heads; kv=1 replicates the one kv head on both tensor-parallel ranks.
 CHECKPOINTS = {"kv2": dict(num_key_value_heads=2), "kv1": dict(num_key_value_heads=1, num_local_experts=8)}
 
@@ -232,22 +232,53 @@ def _run(cmd: list[str], timeout: float) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-@needs_processes
-def test_torchrun_tp2_and_ep2_logits_equal_single_process(checkpoints, tmp_path):
-    """2 ranks, gloo: --tp 2 and --ep 2 logits (whole prompt and cached decode) = single process, <= 1e-4."""
+def _check_torchrun_logits(checkpoints: dict[str, Path], tmp_path: Path, modes: list[str], ranks: int) -> None:
     results = tmp_path / "logits.pt"
-    args = [str(results)] + [f"{name}={path}" for name, path in checkpoints.items()]
-    rc, out, err = _run([*TORCHRUN, __file__, *args], timeout=120)
+    args = [str(results), ",".join(modes)] + [f"{name}={path}" for name, path in checkpoints.items()]
+    torchrun = [*TORCHRUN[:-1], str(ranks)]
+    rc, out, err = _run([*torchrun, __file__, *args], timeout=120 * ranks // 2)
     assert rc == 0, out + err
     got = torch.load(results)
     for name, path in checkpoints.items():
         single = _load_single(path)
         want = _forward_both_ways(single, single.config.num_key_value_heads)["full"]
-        for mode in MODES:
+        for mode in modes:
             for how in ("full", "cached"):
                 diff = (got[f"{mode}/{name}/{how}"] - want).abs().max().item()
                 assert diff <= 1e-4, (mode, name, how, diff)
-            assert got[f"{mode}/{name}/expert-fraction"] == [0.5, 0.5]  # each rank holds half the expert weights
+            # each rank holds exactly 1/ranks of the expert weights
+            assert got[f"{mode}/{name}/expert-fraction"] == [1 / ranks] * ranks
+
+
+@needs_processes
+def test_torchrun_tp2_and_ep2_logits_equal_single_process(checkpoints, tmp_path):
+    """2 ranks, gloo: --tp 2 and --ep 2 logits (whole prompt and cached decode) = single process, <= 1e-4."""
+    _check_torchrun_logits(checkpoints, tmp_path, ["tp2", "ep2"], 2)
+
+
+@pytest.mark.slow
+@needs_processes
+def test_torchrun_tp2_ep2_on_four_ranks_equal_single_process(checkpoints, tmp_path):
+    """4 ranks, gloo: --tp 2 --ep 2 logits = single process, <= 1e-4."""
+    _check_torchrun_logits(checkpoints, tmp_path, ["tp2ep2"], 4)
+
+
+def test_a_rank_that_never_starts_is_a_timeout_error(monkeypatch):
+    """Rank 0 of 2 whose peer never comes: a ParallelError naming the timeout after ~3 s, no hang."""
+    import socket
+
+    from mixtral_lite.parallel import init_parallel
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    start = time.monotonic()
+    with pytest.raises(ParallelError, match=r"rank 0: could not join the 2 processes within 3 s"):
+        init_parallel(2, 1, "cpu", timeout_s=3)
+    assert time.monotonic() - start < 15
 
 
 @pytest.fixture(scope="module")
@@ -318,17 +349,17 @@ def test_sizes_are_checked_before_joining(monkeypatch, checkpoints):
 
 
 def _worker(argv: list[str]) -> int:
-    """torchrun ... test_parallel.py OUT NAME=DIR...: rank 0 saves every mode's logits to OUT."""
+    """torchrun ... test_parallel.py OUT MODE,MODE NAME=DIR...: rank 0 saves every mode's logits to OUT."""
     import torch.distributed as dist
 
     from mixtral_lite.parallel import init_parallel, shutdown
 
-    out, ckpts = Path(argv[0]), dict(a.split("=", 1) for a in argv[1:])
+    out, modes, ckpts = Path(argv[0]), argv[1].split(","), dict(a.split("=", 1) for a in argv[2:])
     torch.set_num_threads(1)
     results: dict[str, object] = {}
     state = None
-    for mode, (tp, ep) in MODES.items():
-        state = init_parallel(tp, ep, "cpu", timeout_s=60)
+    for mode in modes:
+        state = init_parallel(*MODES[mode], "cpu", timeout_s=60)
         for name, path in ckpts.items():
             model = load_parallel(path, state, dtype=torch.float32)
             for how, logits in _forward_both_ways(model, local_kv_heads(model)).items():

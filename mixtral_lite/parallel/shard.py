@@ -77,7 +77,8 @@ def configure(model: Mixtral, state: ParallelState) -> Mixtral:
         attn.n_kv_heads = heads.kv.stop - heads.kv.start
         attn.reduce = AllReduce(state.tp_group) if state.tp > 1 else None
         if state.ep > 1:
-            moe.dispatch = LocalExperts(first, moe.dispatch)
+            impl = moe.dispatch.impl if isinstance(moe.dispatch, LocalExperts) else moe.dispatch
+            moe.dispatch = LocalExperts(first, impl)
         moe.reduce = AllReduce(state.group)  # partial sums over I (tp) and over experts (ep)
     return model
 
