@@ -10,4 +10,4 @@ MIXTRAL_LITE=${MIXTRAL_LITE:-.venv/bin/mixtral-lite}
 "$MIXTRAL_LITE" train-tokenizer --data "$DATA" --vocab-size 2048 --out "$OUT/tokenizer"
 "$MIXTRAL_LITE" train --config shakespeare-tiny --data "$DATA" --tokenizer "$OUT/tokenizer" --out "$OUT" \
     --steps 600 --batch-size 8 --seq-len 256 --lr 2e-3 --warmup 50 --min-lr 2e-4 --eval-interval 100 \
-    --eval-batches 16 --save-interval 100 --seed 0 --threads 2 --no-progress
+    --eval-batches 16 --save-interval 100 --seed 0 --threads 1 --no-progress
