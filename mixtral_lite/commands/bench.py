@@ -1,0 +1,30 @@
+"""Benchmark mixtral_lite against transformers' MixtralForCausalLM on the same random weights.
+
+Writes one random checkpoint with transformers (preset ``bench`` by default), loads it into both
+models in the same dtype and thread count, checks that both pick the same greedy tokens, then
+measures prefill and decode tokens/s, time to first token, peak memory and load time (medians),
+our int8 weights, and the batch-1 decode roofline. Prints a table and writes JSON.
+
+Examples:
+  mixtral-lite bench
+  mixtral-lite bench --quick
+  mixtral-lite bench --dtype bfloat16 --threads 2 --out bench_out/bf16.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..bench import add_arguments as _add_arguments
+from ..bench import options_from_args, run_benchmark
+
+HELP = "benchmark against transformers on the same weights"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    _add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_benchmark(options_from_args(args))
+    return 0 if result["same_tokens_ok"] else 1
