@@ -19,7 +19,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import MixtralConfig
-from .moe import dispatch_experts, route_topk
+from .moe import dispatch_experts, linear, route_topk
 from .routing import (
     Routing,
     experts_dense,
@@ -30,6 +30,17 @@ from .routing import (
     route_scores,
     route_soft,
 )
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (no bias) through ``moe.linear``: on a CPU without native bfloat16 products,
+    several rows (prefill, batched decode) multiply in float32."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -74,10 +85,10 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = hd
-        self.wq = nn.Linear(d, self.n_heads * hd, bias=False)
-        self.wk = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(d, self.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.wq = Linear(d, self.n_heads * hd)
+        self.wk = Linear(d, self.n_kv_heads * hd)
+        self.wv = Linear(d, self.n_kv_heads * hd)
+        self.wo = Linear(self.n_heads * hd, d)
         self.reduce = None
 
     def forward(
@@ -108,9 +119,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w1 = Linear(dim, hidden)
+        self.w2 = Linear(hidden, dim)
+        self.w3 = Linear(dim, hidden)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.w2(F.silu(self.w1(x)) * self.w3(x)), None
@@ -264,7 +275,7 @@ class Mixtral(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.reset_parameters()

@@ -21,8 +21,36 @@ import torch.nn.functional as F
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
+def _native_cpu_matmul(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices natively (oneDNN on AVX-512 BF16 / AMX / FP16)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+# Reduced-precision dtypes whose CPU matrix products of several rows should run in float32: without
+# native units (e.g. AVX2 only) a bfloat16 product of 512 rows runs ~10x slower than in float32,
+# while a single row (decode) has a fast bfloat16 matrix-vector kernel.
+UPCAST_ON_CPU = tuple(d for d in (torch.bfloat16, torch.float16) if not _native_cpu_matmul(d))
+UPCAST_MIN_ROWS = 3
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)``, except that on a CPU without native bfloat16/float16 products, x with
+    ``UPCAST_MIN_ROWS`` rows or more multiplies in float32 (fp32 accumulation either way)."""
+    if x.dtype in UPCAST_ON_CPU and x.device.type == "cpu" and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+        return F.linear(x.float(), w.float()).to(x.dtype)
+    return F.linear(x, w)
+
+
 def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def _swiglu_fast(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 
 def experts_reference(
@@ -51,8 +79,9 @@ def experts_sorted(
 ) -> torch.Tensor:
     """Sort the N*K (token, expert) pairs by expert and run each expert once on its rows.
 
-    With ``torch._grouped_mm`` (default where the weights allow it) the segments run in one call
-    per projection and nothing waits on the host; otherwise a loop over the non-empty segments.
+    With ``torch._grouped_mm`` (default off the CPU, where the weights allow it) the segments run
+    in one call per projection and nothing waits on the host; otherwise a loop over the non-empty
+    segments (on the CPU as fast as grouped_mm, and it can run bfloat16 segments in float32).
     """
     n, k = idx.shape
     n_experts = w1.shape[0]
@@ -61,9 +90,10 @@ def experts_sorted(
     token = order // k  # [N*K] source token of each sorted pair
     xs = x[token]  # [N*K, D]
     ws = weights.reshape(-1)[order]  # [N*K]
-    counts = torch.bincount(flat, minlength=n_experts)  # [E]
+    # [E] tokens per expert; a static shape (bincount's depends on the data: a host sync)
+    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
     if grouped_mm is None:
-        grouped_mm = _grouped_mm_ok(x, w1, w2)
+        grouped_mm = x.device.type != "cpu" and _grouped_mm_ok(x, w1, w2)
     if grouped_mm:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
@@ -75,7 +105,7 @@ def experts_sorted(
         start = 0
         for e, c in enumerate(counts.tolist()):
             if c:
-                ys[start : start + c] = _swiglu(xs[start : start + c], w1[e], w2[e], w3[e])
+                ys[start : start + c] = _swiglu_fast(xs[start : start + c], w1[e], w2[e], w3[e])
             start += c
     out = torch.zeros_like(x)
     out.index_add_(0, token, (ys * ws[:, None]).to(x.dtype))
@@ -103,7 +133,7 @@ def experts_per_token(
     for n, experts in enumerate(idx.tolist()):
         acc = None
         for k, e in enumerate(experts):
-            y = _swiglu(x[n : n + 1], w1[e], w2[e], w3[e]) * weights[n, k]
+            y = _swiglu_fast(x[n : n + 1], w1[e], w2[e], w3[e]) * weights[n, k]
             acc = y if acc is None else acc + y
         out[n : n + 1] = acc
     return out
@@ -113,7 +143,7 @@ def _grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
     """``_grouped_mm`` needs 16-byte aligned strides and a floating dtype it supports."""
     if not HAS_GROUPED_MM or x.dtype not in (torch.bfloat16, torch.float32):
         return False
-    if x.requires_grad or any(w.requires_grad for w in ws):
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)):
         return False  # training goes through the loop, whose autograd is plain
     return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in ws)
 
@@ -129,20 +159,22 @@ def dispatch_experts(
 ) -> torch.Tensor:
     """Pick the dispatch: ``reference``, ``sorted``, ``gather``, ``per_token`` or ``auto``.
 
-    ``auto``: a few tokens on the CPU (eager) loop over the chosen experts; a few tokens elsewhere
-    or under compile gather the chosen weights; many tokens sort and group. A callable with this
-    function's signature replaces the choice (expert parallelism runs only a rank's own experts).
+    ``auto``: on the CPU, a few tokens loop over the chosen experts (eager) or gather their weights
+    (under compile), many tokens sort and group. On a GPU with ``_grouped_mm`` for the dtype, every
+    batch sorts and groups: one product per projection reads only the chosen experts and never
+    waits on the host (CUDA graphs); otherwise a few tokens gather, many sort. A callable with
+    this function's signature replaces the choice (expert parallelism runs a rank's own experts).
     """
     if callable(impl):
         return impl(x, w1, w2, w3, idx, weights)
     if impl == "auto":
         few = idx.numel() <= w1.shape[0]
-        if few and x.device.type == "cpu" and not torch.compiler.is_compiling():
-            impl = "per_token"
-        elif few:
-            impl = "gather"
-        else:
+        if x.device.type == "cpu":
+            impl = ("gather" if torch.compiler.is_compiling() else "per_token") if few else "sorted"
+        elif x.dtype == torch.bfloat16 and _grouped_mm_ok(x, w1, w2):
             impl = "sorted"
+        else:
+            impl = "gather" if few else "sorted"
     if impl == "sorted":
         return experts_sorted(x, w1, w2, w3, idx, weights)
     if impl == "gather":
