@@ -229,27 +229,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = data.sample(cfg.batch_size, cfg.seq_len, data_gen, bos)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(x)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            routings = take_routings(layers)
-            loss = ce
-            if routings and balance != "none" and cfg.aux_coef > 0:
-                loss = loss + cfg.aux_coef * balance_loss(balance, routings)
-            if routings and cfg.z_coef > 0:
-                loss = loss + cfg.z_coef * z_loss(routings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            ce, routings = train_step(model, optimizer, layers, x, y, cfg, balance)
             if routings and routings[0].kept is not None:
                 dropped.append(sum(r.dropped / r.idx.shape[0] for r in routings) / len(routings))
-            for m, r in zip(layers, routings, strict=True):
-                if m.moe_config.bias_balancing:
-                    update_bias(m.expert_bias, expert_load(r.idx, m.w1.shape[0]), m.moe_config.bias_update_speed)
-            del routings, loss, logits
-            losses.append(ce.item())
+            del routings
+            losses.append(ce)
             dt = time.perf_counter() - t0
             train_time += dt
             bar.update(1)
@@ -274,6 +258,38 @@ def train(
         )
     tps = tokens_per_step * (end - start) / train_time if train_time else 0.0
     return TrainResult(model, losses, val_history, tps, done)
+
+
+def train_step(
+    model: Mixtral,
+    optimizer: torch.optim.Optimizer,
+    layers: list[SparseMoE],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    balance: str,
+) -> tuple[float, list[Routing]]:
+    """One optimizer step on inputs x and targets y [B, T]; returns the cross-entropy and the
+    layers' routing (for metrics). Bias-balanced layers update
+    their bias from this step's load after the optimizer step."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        logits = model(x)
+    ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+    routings = take_routings(layers)
+    loss = ce
+    if routings and balance != "none" and cfg.aux_coef > 0:
+        loss = loss + cfg.aux_coef * balance_loss(balance, routings)
+    if routings and cfg.z_coef > 0:
+        loss = loss + cfg.z_coef * z_loss(routings)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    for m, r in zip(layers, routings, strict=True):
+        if m.moe_config.bias_balancing:
+            update_bias(m.expert_bias, expert_load(r.idx, m.w1.shape[0]), m.moe_config.bias_update_speed)
+    return ce.item(), routings
 
 
 def _format_eval(m: dict[str, Any]) -> str:
@@ -343,6 +359,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "train",
+    "train_step",
     "evaluate",
     "lr_at",
     "make_optimizer",

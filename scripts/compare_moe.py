@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
-from mixtral_lite import MixtralConfig
+from mixtral_lite import Mixtral, MixtralConfig
 from mixtral_lite.data import ByteTokenizer, TokenData
 from mixtral_lite.params import count_parameters
 from mixtral_lite.routing import fine_grained
-from mixtral_lite.train import TrainConfig, train
+from mixtral_lite.train import TrainConfig, make_optimizer, moe_layers, train, train_step
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 I_EXPERT, K = 128, 2
@@ -158,6 +158,35 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def measure_speed(rows: list[dict], args: argparse.Namespace, rounds: int = 3, steps: int = 3) -> None:
+    """Training-step throughput per row, measured round-robin over the variants (best of
+    ``rounds``), so load from other processes on the machine hits every variant alike."""
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(3, 259, (args.batch_size, args.seq_len + 1), generator=g)
+    x, y = batch[:, :-1], batch[:, 1:]
+    table = variants(args.layers)
+    setups = []
+    for r in rows:
+        config, balancings = table[r["variant"]]
+        cfg = TrainConfig(lr=args.lr, balance_loss=dict(balancings)[r["balancing"]])
+        model = Mixtral(config)
+        model.reset_parameters(generator=torch.Generator().manual_seed(0))
+        layers = moe_layers(model)
+        for m in layers:
+            m.record_routing = True
+        setups.append((model, make_optimizer(model, cfg), layers, cfg))
+    best = [float("inf")] * len(setups)
+    for _ in range(rounds):
+        for i, (model, opt, layers, cfg) in enumerate(setups):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(model, opt, layers, x, y, cfg, cfg.balance_loss)
+            best[i] = min(best[i], (time.perf_counter() - t0) / steps)
+    for r, seconds in zip(rows, best, strict=True):
+        r["step_tokens_per_s"] = args.batch_size * args.seq_len / seconds
+
+
 def fmt(values: list[float | None], digits: int) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -174,22 +203,28 @@ def markdown(rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
         "",
         f"Data: `{Path(args.data).name}`, UTF-8 bytes, last 10% held out. Each run: {args.steps} steps x "
         f"{args.batch_size} x {args.seq_len} tokens = {tokens:,} training tokens; {args.layers} layers, hidden 64, "
-        f"4 heads (2 kv); AdamW lr {args.lr} (warmup {max(1, args.steps // 10)}, cosine to {args.lr / 10}), "
+        f"4 heads (2 kv); AdamW lr {args.lr} (warmup {max(1, args.steps // 10)}, cosine to {args.lr / 10:g}), "
         f"clip 1.0; float32 on {args.threads} CPU thread(s). Val loss: mean cross-entropy (nats/byte) on "
         f"{args.eval_batches} x {args.batch_size} fixed validation windows; load CV and MaxVio: on those "
         "windows, mean over layers (eval mode, so hard routing drops nothing there); dropped: % of tokens over "
-        "capacity during training (mean over steps and layers). Values: mean ± std over "
+        "capacity during training (mean over steps and layers). tokens/s: training steps (forward, backward, "
+        "AdamW) of freshly initialised models timed round-robin over the variants after the runs, best of 3 "
+        "rounds of 3 steps; tokens/s in "
+        "run: the same during the runs, which other processes on the machine slowed unevenly. "
+        "Values: mean ± std over "
         f"seeds {list(range(args.seeds))}. Total run time {seconds / 60:.1f} min on {platform.machine()}.",
         "",
-        "| variant | experts | balancing | params total / active | val loss | tokens/s | load CV | MaxVio | dropped |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | experts | balancing | params total / active | val loss | tokens/s | tokens/s in run "
+        "| load CV | MaxVio | dropped % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         runs = r["runs"]
         lines.append(
             f"| {r['variant']} | {r['experts']} | {r['balancing']} | "
             f"{r['total_params'] / 1e3:.0f}k / {r['active_params'] / 1e3:.0f}k | "
-            f"{fmt([x['val_loss'] for x in runs], 4)} | {fmt([x['tokens_per_s'] for x in runs], 0)} | "
+            f"{fmt([x['val_loss'] for x in runs], 4)} | {fmt([r.get('step_tokens_per_s')], 0)} | "
+            f"{fmt([x['tokens_per_s'] for x in runs], 0)} | "
             f"{fmt([x['load_cv'] for x in runs], 3)} | {fmt([x['max_vio'] for x in runs], 3)} | "
             f"{fmt([None if x['train_dropped'] is None else 100 * x['train_dropped'] for x in runs], 1)} |"
         )
@@ -209,24 +244,35 @@ def write(out: Path, block: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="a text file, e.g. ../shared/data/tinyshakespeare.txt")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", help="comma-separated subset (default: all)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "moe_comparison.md"))
     p.add_argument("--json", help="also write the raw results here")
+    p.add_argument("--from-json", help="skip training: take the rows from a --json file of an earlier run")
+    p.add_argument("--no-speed", action="store_true", help="skip the interleaved throughput measurement")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    rows = run(args)
-    block = markdown(rows, args, time.perf_counter() - t0)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        if isinstance(saved, list):  # rows only: the run time is the sum of the runs'
+            saved = {"rows": saved, "seconds": sum(x["seconds"] for r in saved for x in r["runs"])}
+        rows, seconds = saved["rows"], saved["seconds"]
+    else:
+        rows = run(args)
+        seconds = time.perf_counter() - t0
+    if not args.no_speed:
+        measure_speed(rows, args)
+    block = markdown(rows, args, seconds)
     write(Path(args.out), block)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1) + "\n")
     print(block)
     return 0
 
