@@ -104,6 +104,13 @@ def resolve_balance(cfg: TrainConfig, model_config: MixtralConfig) -> str:
     return "importance" if moe.kind == "soft" else "switch"
 
 
+def check_run(model_config: MixtralConfig, cfg: TrainConfig) -> None:
+    """Raise a ``UserError`` when the training settings do not fit the model."""
+    if cfg.seq_len > model_config.max_position_embeddings:
+        limit = model_config.max_position_embeddings
+        raise UserError(f"seq_len: {cfg.seq_len} exceeds the model's max_position_embeddings ({limit})")
+
+
 def moe_layers(model: Mixtral) -> list[SparseMoE]:
     return [m for m in model.modules() if isinstance(m, SparseMoE)]
 
@@ -198,6 +205,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    check_run(model_config, cfg)
     data.check(cfg.seq_len, model_config.vocab_size)
     signature = data.signature()
     model = Mixtral(model_config)
@@ -360,6 +368,7 @@ __all__ = [
     "TrainResult",
     "train",
     "train_step",
+    "check_run",
     "evaluate",
     "lr_at",
     "make_optimizer",

@@ -27,6 +27,7 @@ from mixtral_lite.routing import (
 
 VARIANTS = {
     "mixtral": {},
+    "dense": {"first_k_dense": 2, "dense_intermediate_size": 96},
     "hard": {"kind": "hard", "num_experts_per_tok": 1, "capacity_factor": 1.0},
     "soft": {"kind": "soft"},
     "hierarchical": {"kind": "hierarchical", "num_groups": 2, "top_k_groups": 1, "num_experts_per_tok": 2},

@@ -35,7 +35,7 @@ import torch
 from ..config import MixtralConfig, available_presets
 from ..data import ByteTokenizer, TokenData, load_text_tokenizer, train_sentencepiece
 from ..errors import UserError
-from ..train import BALANCE_CHOICES, TrainConfig, read_state, train
+from ..train import BALANCE_CHOICES, TrainConfig, check_run, read_state, train
 
 HELP = "train a model (any MoE variant) on a text file"
 
@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         model_config, section = read_config_file(args.config)
         out = Path(args.out)
     cfg = TrainConfig.from_dict({**section, **overrides}, source="train")
+    check_run(model_config, cfg)
 
     tokenizer_file = None
     spec = args.tokenizer
