@@ -69,10 +69,10 @@ def load_model(
         expected, aliases = model_tensors(model)
         plan = match_tensors(ckpt, expected, aliases)
         if plan.problems:
-            raise UserError(_summary(ckpt.folder, plan.problems))
+            raise UserError(problems_summary(ckpt.folder, plan.problems))
         placement = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
         tensors = _stream(ckpt, plan.copies, expected, placement, dtype, progress)
-    _assign(model, tensors, aliases)
+    assign_tensors(model, tensors, aliases)
     model.eval()
     if quantize is not None:
         quant = importlib.import_module("mixtral_lite.quant")
@@ -155,7 +155,7 @@ def _copy_interleaved_to_half(dest: torch.Tensor, src: torch.Tensor, heads: int)
     dest.view(heads, 2, half, dim).copy_(src.view(heads, half, 2, dim).transpose(1, 2))
 
 
-def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
     """Put the loaded storage in place of the meta tensors (assign semantics) and re-tie aliases."""
     for name, t in tensors.items():
         module_name, _, leaf = name.rpartition(".")
@@ -185,7 +185,7 @@ def _progress_bar(total: int, desc: str, progress: bool | None):
     )
 
 
-def _summary(folder: Path, problems: list[str]) -> str:
+def problems_summary(folder: Path, problems: list[str]) -> str:
     more = (
         f" (and {len(problems) - 3} more; `mixtral-lite info --model {folder}` lists them)" if len(problems) > 3 else ""
     )

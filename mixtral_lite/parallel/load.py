@@ -19,7 +19,7 @@ from torch import nn
 
 from ..checkpoint import Copy, interleaved_to_half, match_tensors, open_checkpoint
 from ..errors import UserError
-from ..loading import _assign, _summary, model_tensors, resolve_dtype
+from ..loading import assign_tensors, model_tensors, problems_summary, resolve_dtype
 from ..model import Mixtral
 from .dist import ParallelState
 from .shard import check_parallel, configure, local_shape, param_slices
@@ -47,14 +47,14 @@ def load_parallel(
         expected, aliases = model_tensors(model)
         plan = match_tensors(ckpt, expected, aliases)
         if plan.problems:
-            raise UserError(_summary(ckpt.folder, plan.problems))
+            raise UserError(problems_summary(ckpt.folder, plan.problems))
         params = {name for name, _ in model.named_parameters()}
         slices = {
             name: param_slices(name, tuple(t.shape), config, state) if name in params else _whole(t)
             for name, t in expected.items()
         }
         tensors = _stream_slices(ckpt, plan.copies, expected, slices, dtype, device)
-    _assign(model, tensors, aliases)
+    assign_tensors(model, tensors, aliases)
     return configure(model, state).eval()
 
 
