@@ -64,7 +64,7 @@ class Options:
     checkpoint: str | None = None  # folder for the random checkpoint (default: under out's folder)
     out: str = "bench_out/bench.json"
     seed: int = 0
-    std: float = 0.1  # weight scale: large enough that greedy tokens are far from ties
+    std: float = 0.02  # weight scale (embeddings: 50x; see make_checkpoint)
     layers: int | None = None  # override the preset's layer count (quick runs)
 
 
@@ -80,15 +80,20 @@ def bench_config(opts: Options) -> MixtralConfig:
 
 
 def make_checkpoint(folder: Path, config: MixtralConfig, *, seed: int, std: float) -> Path:
-    """Write a random transformers checkpoint (reused when one with the same recipe exists).
+    """Write a random transformers checkpoint with peaked logits (reused when one with the same
+    recipe exists).
 
-    Matrices are N(0, std), norms ones: with std well above the usual 0.02 the router and the
-    output head are decisive, so both implementations pick the same greedy tokens in bfloat16.
+    Matrices are N(0, std) and norms ones, except that the embeddings are N(0, 50 * std), larger
+    than what the layers add to the residual stream, and the output head is a scaled copy of the
+    embedding table with its rows permuted: every token then has one successor whose logit leads
+    by many standard deviations, while every layer still runs at full cost. Greedy tokens are thus
+    far from ties, so implementations that round differently (bfloat16, int8) can be held to the
+    same answer.
     """
     from transformers import MixtralConfig as HFConfig
     from transformers import MixtralForCausalLM
 
-    recipe = {"config": config.to_hf_dict(), "seed": seed, "std": std}
+    recipe = {"config": config.to_hf_dict(), "seed": seed, "std": std, "kind": "peaked-successor"}
     meta = folder / "bench_recipe.json"
     if meta.exists() and json.loads(meta.read_text()) == recipe:
         return folder
@@ -103,6 +108,13 @@ def make_checkpoint(folder: Path, config: MixtralConfig, *, seed: int, std: floa
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std, generator=gen)
+        emb = hf.model.embed_tokens.weight
+        emb.mul_(50.0)
+        if not config.tie_word_embeddings:
+            successor = torch.randperm(config.vocab_size, generator=gen)  # token v is followed by successor[v]
+            head = torch.empty_like(emb)
+            head[successor] = emb * (std / emb.std())  # row successor[v] points at v's embedding
+            hf.lm_head.weight.copy_(head)
     hf.save_pretrained(folder)
     meta.write_text(json.dumps(recipe))
     return folder
@@ -262,7 +274,7 @@ class Ours(Engine):
         self.load_s = time.perf_counter() - t0
         self.decode_fn = decode_step
         if compile:
-            from .compile import compile_decode_step
+            from .generate import compile_decode_step
 
             self.decode_fn = compile_decode_step(device)
         self.eos = self.model.config.eos_token_id
@@ -398,31 +410,42 @@ class Measured:
     detail: dict = field(default_factory=dict)
 
 
-def _measure(engine: Engine, opts: Options, prompts: dict[str, torch.Tensor], device: torch.device) -> Measured:
-    """Run every measurement ``repeats`` times (after one short warm-up) and keep the medians."""
+METRICS = ("prefill", "decode_b1", "decode_bn")
+
+
+def _measure(
+    engine: Engine,
+    opts: Options,
+    prompts: dict[str, torch.Tensor],
+    device: torch.device,
+    metrics: tuple[str, ...] = METRICS,
+) -> Measured:
+    """Run the ``metrics`` ``repeats`` times each (after one short warm-up); keep the medians.
+    "prefill" also times the first token; peak memory is the largest of the timed runs."""
     m = Measured(engine.name, load_s=engine.load_s, weights_mb=weight_bytes(engine.model) / 2**20)
     engine.greedy(prompts["b1"][:, :8], 4)  # warm-up: allocator, lazy initialisation
     peak = 0
-    pre, ttft, d1, dn = [], [], [], []
+    runs: dict[str, list[float]] = {}
     tokens = {}
     for _ in range(opts.repeats):
-        pre.append(opts.prompt_len / engine.prefill_s(prompts["long"]))
-        with PeakMemory(device) as mem:
-            run = engine.greedy(prompts["long"], 1)
-        ttft.append(run.ttft)
-        peak = max(peak, mem.peak)
-        run = engine.greedy(prompts["b1"], opts.new_tokens)
-        d1.append(run.decode_tokens_per_s)
-        tokens["b1"] = run.tokens
-        with PeakMemory(device) as mem:
-            run = engine.greedy(prompts["bn"], opts.new_tokens)
-        peak = max(peak, mem.peak)
-        dn.append(run.decode_tokens_per_s)
-        tokens["bn"] = run.tokens
-    m.prefill_tok_s, m.ttft_s = _median(pre), _median(ttft)
-    m.decode_b1_tok_s, m.decode_bn_tok_s = _median(d1), _median(dn)
+        if "prefill" in metrics:
+            runs.setdefault("prefill", []).append(opts.prompt_len / engine.prefill_s(prompts["long"]))
+            with PeakMemory(device) as mem:
+                run = engine.greedy(prompts["long"], 1)
+            runs.setdefault("ttft", []).append(run.ttft)
+            peak = max(peak, mem.peak)
+        for key, batch in (("decode_b1", "b1"), ("decode_bn", "bn")):
+            if key in metrics:
+                with PeakMemory(device) as mem:
+                    run = engine.greedy(prompts[batch], opts.new_tokens)
+                runs.setdefault(key, []).append(run.decode_tokens_per_s)
+                tokens[batch] = run.tokens
+                peak = max(peak, mem.peak)
+    med = {k: _median(v) for k, v in runs.items()}
+    m.prefill_tok_s, m.ttft_s = med.get("prefill"), med.get("ttft")
+    m.decode_b1_tok_s, m.decode_bn_tok_s = med.get("decode_b1"), med.get("decode_bn")
     m.peak_mem_mb = m.weights_mb + peak / 2**20
-    m.detail = {"tokens": tokens, "runs": {"prefill": pre, "ttft": ttft, "decode_b1": d1, "decode_bn": dn}}
+    m.detail = {"tokens": tokens, "runs": runs}
     return m
 
 
@@ -457,28 +480,30 @@ def _pick_theirs(theirs: Theirs, opts: Options, prompts: dict[str, torch.Tensor]
     best_b1 = max(probe, key=lambda k: probe[k]["decode_b1"])
     best_bn = max(probe, key=lambda k: probe[k]["decode_bn"])
     best_pre = min((k for k in probe if probe[k]["prefill_128_s"] is not None), key=lambda k: probe[k]["prefill_128_s"])
-    return {"probe": probe, "decode_b1": best_b1, "decode_bn": best_bn, "prefill": best_pre}
+    return {"probe": probe, "prefill": best_pre, "decode_b1": best_b1, "decode_bn": best_bn}
 
 
 def _measure_theirs(theirs: Theirs, opts: Options, prompts: dict[str, torch.Tensor], device: torch.device) -> Measured:
-    """Full measurements with each configuration that won a metric in the probe; best per metric."""
+    """Each metric measured in full with the configuration that won it in the probe."""
     choice = _pick_theirs(theirs, opts, prompts)
-    configs = sorted({choice["decode_b1"], choice["decode_bn"], choice["prefill"]})
-    results = {}
-    for key in configs:
-        theirs.set(*key.split("/"))
-        results[key] = _measure(theirs, opts, prompts, device)
+    by_config: dict[str, tuple[str, ...]] = {}
+    for metric in METRICS:
+        by_config[choice[metric]] = (*by_config.get(choice[metric], ()), metric)
     best = Measured("transformers", load_s=theirs.load_s, weights_mb=weight_bytes(theirs.model) / 2**20)
-    best.prefill_tok_s = max(r.prefill_tok_s for r in results.values())
-    best.ttft_s = min(r.ttft_s for r in results.values())
-    best.decode_b1_tok_s = max(r.decode_b1_tok_s for r in results.values())
-    best.decode_bn_tok_s = max(r.decode_bn_tok_s for r in results.values())
-    best.peak_mem_mb = min(r.peak_mem_mb for r in results.values())
+    best.peak_mem_mb = 0.0
+    configs = {}
+    for key, metrics in by_config.items():
+        theirs.set(*key.split("/"))
+        r = _measure(theirs, opts, prompts, device, metrics)
+        configs[key] = {**asdict(r), "detail": r.detail["runs"]}
+        for field_name in ("prefill_tok_s", "ttft_s", "decode_b1_tok_s", "decode_bn_tok_s"):
+            if getattr(r, field_name) is not None:
+                setattr(best, field_name, getattr(r, field_name))
+        best.peak_mem_mb = max(best.peak_mem_mb, r.peak_mem_mb)
     best.detail = {
         "choice": {k: v for k, v in choice.items() if k != "probe"},
         "probe": choice["probe"],
-        "configs": {k: {**asdict(r), "detail": r.detail["runs"]} for k, r in results.items()},
-        "tokens": results[choice["decode_b1"]].detail["tokens"],
+        "configs": configs,
     }
     return best
 
@@ -540,54 +565,81 @@ def run_benchmark(opts: Options, log: Callable[[str], None] = print) -> dict:
         "dtypes": {},
     }
     log(f"memory bandwidth: {bandwidth / 1e9:.1f} GB/s; threads: {torch.get_num_threads()}")
-    ok = True
-    for dname in opts.dtypes:
-        dtype = DTYPES[dname]
-        entry: dict = {}
-        log(f"[{dname}] loading mixtral_lite")
-        with PeakMemory(device):
-            ours = Ours(folder, dtype, device)
-        entry["bytes_per_token"] = active_weight_bytes(ours.model)
-        theirs = None
-        if opts.compare:
-            log(f"[{dname}] loading transformers")
-            theirs = Theirs(folder, dtype, device, opts.hf_impls[0], opts.hf_caches[0])
-            check = _check_same_tokens(ours, theirs, prompts, opts.new_tokens)
-            entry["same_tokens"] = check
-            log(f"[{dname}] greedy tokens vs transformers: {_fmt_check(check)}")
-            ok = ok and all(c["identical"] for c in check.values())
-        log(f"[{dname}] measuring mixtral_lite")
-        entry["ours"] = _measure(ours, opts, prompts, device)
-        if opts.compile:
-            log(f"[{dname}] compiling and measuring mixtral_lite --compile")
-            compiled = Ours(folder, dtype, device, compile=True)
-            entry["ours_compiled"] = _measure(compiled, opts, prompts, device)
-            del compiled
-        if theirs is not None:
-            log(f"[{dname}] measuring transformers ({', '.join(opts.hf_impls)} x {', '.join(opts.hf_caches)} caches)")
-            entry["theirs"] = _measure_theirs(theirs, opts, prompts, device)
-            del theirs
-            _release_memory()
-        if opts.quantize and dtype == torch.bfloat16:
-            log(f"[{dname}] int8 weights")
-            q = Ours(folder, dtype, device, quantize="int8")
-            entry["int8"] = _measure(q, opts, prompts, device)
-            entry["int8_bytes_per_token"] = active_weight_bytes(q.model)
-            entry["int8_quality"] = _quality(q, ours, prompts, opts.new_tokens)
-            del q
-        del ours
-        _release_memory()
-        entry["roofline_tok_s"] = bandwidth / entry["bytes_per_token"]
-        if "int8_bytes_per_token" in entry:
-            entry["int8_roofline_tok_s"] = bandwidth / entry["int8_bytes_per_token"]
-        result["dtypes"][dname] = _jsonable(entry)
-    result["same_tokens_ok"] = ok
     out.parent.mkdir(parents=True, exist_ok=True)
+    for dname in opts.dtypes:
+        result["dtypes"][dname] = _bench_dtype(dname, folder, opts, prompts, device, bandwidth, log)
+        out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted run
+    result["same_tokens_ok"] = all(
+        c["identical"] for entry in result["dtypes"].values() for c in entry.get("same_tokens", {}).values()
+    )
     out.write_text(json.dumps(result, indent=2))
     log("")
     log(format_table(result))
     log(f"\nJSON: {out}")
     return result
+
+
+def _bench_dtype(
+    dname: str,
+    folder: Path,
+    opts: Options,
+    prompts: dict[str, torch.Tensor],
+    device: torch.device,
+    bandwidth: float,
+    log: Callable[[str], None],
+) -> dict:
+    """Every measurement at one dtype: ours, transformers, ours compiled, ours int8."""
+    dtype = DTYPES[dname]
+    entry: dict = {}
+
+    def done(key: str, m: Measured) -> None:
+        entry[key] = m
+        log(f"[{dname}] {m.name}: {_fmt_measured(m, opts)}")
+
+    log(f"[{dname}] loading mixtral_lite")
+    ours = Ours(folder, dtype, device)
+    entry["bytes_per_token"] = active_weight_bytes(ours.model)
+    entry["roofline_tok_s"] = bandwidth / entry["bytes_per_token"]
+    theirs = None
+    if opts.compare:
+        log(f"[{dname}] loading transformers")
+        theirs = Theirs(folder, dtype, device, opts.hf_impls[0], opts.hf_caches[0])
+        entry["same_tokens"] = _check_same_tokens(ours, theirs, prompts, opts.new_tokens)
+        log(f"[{dname}] greedy tokens vs transformers: {_fmt_check(entry['same_tokens'])}")
+    done("ours", _measure(ours, opts, prompts, device))
+    if theirs is not None:
+        log(f"[{dname}] transformers: trying {', '.join(opts.hf_impls)} x {', '.join(opts.hf_caches)} caches")
+        done("theirs", _measure_theirs(theirs, opts, prompts, device))
+        del theirs
+        _release_memory()
+    if opts.compile:
+        log(f"[{dname}] compiling the decode step")
+        compiled = Ours(folder, dtype, device, compile=True)
+        done("ours_compiled", _measure(compiled, opts, prompts, device, ("decode_b1", "decode_bn")))
+        del compiled
+    if opts.quantize and dtype == torch.bfloat16:
+        q = Ours(folder, dtype, device, quantize="int8")
+        done("int8", _measure(q, opts, prompts, device))
+        entry["int8_bytes_per_token"] = active_weight_bytes(q.model)
+        entry["int8_roofline_tok_s"] = bandwidth / entry["int8_bytes_per_token"]
+        entry["int8_quality"] = _quality(q, ours, prompts, opts.new_tokens)
+        del q
+    del ours
+    _release_memory()
+    return _jsonable(entry)
+
+
+def _fmt_measured(m: Measured, opts: Options) -> str:
+    parts = []
+    for label, value, unit in (
+        (f"prefill {opts.prompt_len}", m.prefill_tok_s, "tok/s"),
+        ("decode b1", m.decode_b1_tok_s, "tok/s"),
+        (f"decode b{opts.batch}", m.decode_bn_tok_s, "tok/s"),
+        ("ttft", m.ttft_s, "s"),
+    ):
+        if value is not None:
+            parts.append(f"{label} {value:.3g} {unit}")
+    return ", ".join(parts) + f", peak {m.peak_mem_mb:.0f} MB, load {m.load_s:.2f} s"
 
 
 def _fmt_check(check: dict) -> str:

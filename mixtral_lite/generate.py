@@ -104,6 +104,26 @@ def decode_step(
     return model(tokens, cache=cache, slots=slot, positions=positions)[:, -1]
 
 
+def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = None) -> Callable:
+    """``decode_step`` compiled as one graph (``fullgraph=True``: a graph break is an error), for
+    ``decode_fn``. On CUDA the default mode is "reduce-overhead" (CUDA graphs): the cache tensors
+    are marked as static addresses, so the graph writes them in place. A new cache length (prompt
+    plus new tokens) compiles once more."""
+    device = torch.device(device)
+    if mode is None and device.type == "cuda":
+        mode = "reduce-overhead"
+    compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+    if device.type != "cuda":
+        return compiled
+
+    def step(model, tokens, cache, slot, positions):
+        for t in (*cache.k, *cache.v, cache.valid, cache.pos):
+            torch._dynamo.mark_static_address(t)
+        return compiled(model, tokens, cache, slot, positions).clone()  # outlives the next replay
+
+    return step
+
+
 def generate(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -478,6 +498,7 @@ __all__ = [
     "Request",
     "TextStream",
     "check_prompt_lengths",
+    "compile_decode_step",
     "decode_step",
     "generate",
     "prefill",

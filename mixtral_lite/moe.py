@@ -125,6 +125,20 @@ def experts_gather(
     return torch.einsum("nkd,nk->nd", y.float(), weights).to(x.dtype)
 
 
+def experts_dense_topk(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Every expert on every token, weighted by its routing weight (0 where not chosen).
+
+    Static shapes, no sort, no host sync: for compiled decoding of batches that reach most experts
+    anyway. Each expert's weights are read once; the E/K-fold extra FLOPs are cheap at a few rows.
+    """
+    dense = torch.zeros(x.shape[0], w1.shape[0], dtype=weights.dtype, device=x.device).scatter(1, idx, weights)
+    h = F.silu(torch.einsum("nd,eid->eni", x, w1)) * torch.einsum("nd,eid->eni", x, w3)  # [E, N, I]
+    y = torch.einsum("eni,edi->end", h, w2)  # [E, N, D]
+    return torch.einsum("end,ne->nd", y.float(), dense).to(x.dtype)
+
+
 def experts_per_token(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
@@ -157,33 +171,37 @@ def dispatch_experts(
     weights: torch.Tensor,
     impl: str | Callable[..., torch.Tensor] = "auto",
 ) -> torch.Tensor:
-    """Pick the dispatch: ``reference``, ``sorted``, ``gather``, ``per_token`` or ``auto``.
+    """Pick the dispatch: ``reference``, ``sorted``, ``gather``, ``per_token``, ``dense`` or ``auto``.
 
-    ``auto``: on the CPU, a few tokens loop over the chosen experts (eager) or gather their weights
-    (under compile), many tokens sort and group. On a GPU with ``_grouped_mm`` for the dtype, every
-    batch sorts and groups: one product per projection reads only the chosen experts and never
-    waits on the host (CUDA graphs); otherwise a few tokens gather, many sort. A callable with
-    this function's signature replaces the choice (expert parallelism runs a rank's own experts).
+    ``auto``: on a GPU with ``_grouped_mm`` for the dtype, every batch sorts and groups: one
+    product per projection reads only the chosen experts and never waits on the host (CUDA
+    graphs). Otherwise a few tokens loop over the chosen experts (CPU, eager) or gather their
+    weights (compiled, GPU); many tokens sort and group, or under compile run every expert
+    (``dense``: static shapes). A callable with this function's signature replaces the choice
+    (expert parallelism runs only a rank's own experts).
     """
     if callable(impl):
         return impl(x, w1, w2, w3, idx, weights)
     if impl == "auto":
         few = idx.numel() <= w1.shape[0]
-        if x.device.type == "cpu":
-            impl = ("gather" if torch.compiler.is_compiling() else "per_token") if few else "sorted"
-        elif x.dtype == torch.bfloat16 and _grouped_mm_ok(x, w1, w2):
+        compiling, cpu = torch.compiler.is_compiling(), x.device.type == "cpu"
+        if not cpu and x.dtype == torch.bfloat16 and _grouped_mm_ok(x, w1, w2):
             impl = "sorted"
+        elif few:
+            impl = "per_token" if cpu and not compiling else "gather"
         else:
-            impl = "gather" if few else "sorted"
+            impl = "dense" if compiling else "sorted"
     if impl == "sorted":
         return experts_sorted(x, w1, w2, w3, idx, weights)
     if impl == "gather":
         return experts_gather(x, w1, w2, w3, idx, weights)
     if impl == "per_token":
         return experts_per_token(x, w1, w2, w3, idx, weights)
+    if impl == "dense":
+        return experts_dense_topk(x, w1, w2, w3, idx, weights)
     if impl == "reference":
         return experts_reference(x, w1, w2, w3, idx, weights)
-    raise ValueError(f"moe dispatch: expected auto, sorted, gather, per_token or reference, got {impl!r}")
+    raise ValueError(f"moe dispatch: expected auto, sorted, gather, per_token, dense or reference, got {impl!r}")
 
 
 def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

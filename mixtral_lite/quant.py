@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .moe import experts_reference
+from .moe import experts_dense_topk, experts_reference
 
 MODES = ("int8",)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
@@ -166,6 +166,14 @@ def experts_int8_gather(
     return torch.einsum("nkd,nk->nd", y.float(), weights).to(dt)
 
 
+def experts_int8_dense(
+    x: torch.Tensor, qs: Triple, ss: Triple, idx: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Compiled batches: every expert dequantised and run on every token (``moe.experts_dense_topk``)."""
+    w1, w2, w3 = (q.to(x.dtype) * s[..., None].to(x.dtype) for q, s in zip(qs, ss, strict=True))
+    return experts_dense_topk(x, w1, w2, w3, idx, weights)
+
+
 def experts_int8_reference(
     x: torch.Tensor,
     qs: tuple[torch.Tensor, ...],
@@ -183,7 +191,7 @@ class Int8Experts:
 
     It is called with the layer's int8 ``w1 w2 w3`` and reads the scales from the layer at call
     time, so moving the model to another device moves them too. ``impl``: auto, per_token,
-    sorted, gather or reference (auto as ``moe.dispatch_experts``).
+    sorted, gather, dense or reference (auto as ``moe.dispatch_experts``, without grouped_mm).
     """
 
     def __init__(self, moe: nn.Module, impl: str = "auto") -> None:
@@ -204,19 +212,22 @@ class Int8Experts:
         impl = self.impl
         if impl == "auto":
             few = idx.numel() <= q1.shape[0]
-            if torch.compiler.is_compiling() or x.device.type != "cpu":
-                impl = "gather" if few else "sorted"
+            compiling = torch.compiler.is_compiling()
+            if few:
+                impl = "per_token" if x.device.type == "cpu" and not compiling else "gather"
             else:
-                impl = "per_token" if few else "sorted"
+                impl = "dense" if compiling else "sorted"
         if impl == "per_token":
             return experts_int8_per_token(x, qs, ss, idx, weights)
         if impl == "sorted":
             return experts_int8_sorted(x, qs, ss, idx, weights)
         if impl == "gather":
             return experts_int8_gather(x, qs, ss, idx, weights)
+        if impl == "dense":
+            return experts_int8_dense(x, qs, ss, idx, weights)
         if impl == "reference":
             return experts_int8_reference(x, qs, ss, idx, weights)
-        raise ValueError(f"int8 experts: expected auto, per_token, sorted, gather or reference, got {impl!r}")
+        raise ValueError(f"int8 experts: expected auto, per_token, sorted, gather, dense or reference, got {impl!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,6 +305,7 @@ __all__ = [
     "Int8Experts",
     "Int8Linear",
     "dequantize",
+    "experts_int8_dense",
     "experts_int8_gather",
     "experts_int8_per_token",
     "experts_int8_reference",

@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt (with --chat)")
     add_sampling_arguments(p, max_new_tokens=128, temperature=0.0)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--quiet-stats", action="store_true", help="do not print timing to stderr")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (launch with torchrun)")
@@ -153,6 +154,12 @@ def run(args: argparse.Namespace) -> int:
     parallel = start_parallel(args, config)
     if parallel is None:
         model, decode_fn = load(args, folder), decode_step
+        if args.compile:
+            from ..generate import compile_decode_step
+
+            decode_fn = compile_decode_step(model.device)
+    elif args.compile:
+        raise UserError("--compile: not available with --tp/--ep")
     else:  # every rank runs the same loop on its shard, fed rank 0's seed and tokens
         model, decode_fn = parallel.load(folder, dtype=args.dtype), parallel.decode_fn(decode_step)
         options["seed"] = parallel.seed(args.seed)

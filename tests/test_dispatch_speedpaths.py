@@ -1,0 +1,131 @@
+"""The CPU speed paths give the plain code's answer: float32 products for bfloat16 rows, the
+dense top-k dispatch, the static-shape expert counts, and the automatic choice of dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixtral_lite import moe
+from mixtral_lite.model import Linear
+from mixtral_lite.moe import (
+    UPCAST_MIN_ROWS,
+    UPCAST_ON_CPU,
+    dispatch_experts,
+    experts_dense_topk,
+    experts_per_token,
+    experts_reference,
+    experts_sorted,
+    linear,
+    route_topk,
+)
+
+E, D, H = 8, 32, 48
+
+
+def _rand(*shape: int, seed: int = 0, std: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * std
+
+
+def _experts(dtype: torch.dtype = torch.float32):
+    return tuple(_rand(*s, seed=i, std=0.2).to(dtype) for i, s in enumerate([(E, H, D), (E, D, H), (E, H, D)]))
+
+
+def _routing(n: int, k: int = 2, seed: int = 5):
+    idx, weights = route_topk(_rand(n, E, seed=seed), k)
+    return _rand(n, D, seed=seed + 1), idx, weights
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+def test_linear_bfloat16_rows(rows: int) -> None:
+    """Few rows: the bfloat16 kernel itself (bit for bit); from UPCAST_MIN_ROWS rows on a CPU without
+    native bfloat16, float32 products rounded once to bfloat16 (bit for bit)."""
+    x, w = _rand(rows, 64).bfloat16(), _rand(40, 64, seed=1).bfloat16()
+    out = linear(x, w)
+    upcast = torch.bfloat16 in UPCAST_ON_CPU and rows >= UPCAST_MIN_ROWS
+    expected = F.linear(x.float(), w.float()).bfloat16() if upcast else F.linear(x, w)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    # either way within one bfloat16 rounding (2^-8 relative) of the float32 product
+    ref = F.linear(x.float(), w.float())
+    torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-3)
+
+
+def test_linear_float32_is_f_linear() -> None:
+    x, w = _rand(5, 64), _rand(40, 64, seed=1)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    layer = Linear(64, 40)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    assert torch.equal(layer(x), F.linear(x, w))
+    assert layer.bias is None and isinstance(layer, torch.nn.Linear)
+
+
+def test_linear_keeps_gradients() -> None:
+    x = _rand(6, 16).bfloat16().requires_grad_()
+    w = _rand(8, 16, seed=1).bfloat16().requires_grad_()
+    linear(x, w).float().sum().backward()
+    assert x.grad is not None and w.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n", [1, 3, 20])
+def test_dense_topk_matches_reference(n: int) -> None:
+    w1, w2, w3 = _experts()
+    x, idx, weights = _routing(n)
+    out = experts_dense_topk(x, w1, w2, w3, idx, weights)
+    torch.testing.assert_close(out, experts_reference(x, w1, w2, w3, idx, weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [experts_sorted, experts_per_token])
+def test_bfloat16_fast_experts_close_to_float32(fn) -> None:
+    """bfloat16 weights and activations (segments of many rows run in float32 on such CPUs): within
+    bfloat16 rounding of the float32 reference on the same (bfloat16-valued) inputs."""
+    w = _experts(torch.bfloat16)
+    x, idx, weights = _routing(40 if fn is experts_sorted else 3)
+    x = x.bfloat16()
+    out = fn(x, *w, idx, weights)
+    ref = experts_reference(x.float(), *(t.float() for t in w), idx, weights)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
+
+
+def test_sorted_counts_with_idle_experts() -> None:
+    """Experts that receive no token (counts of 0 from the static-shape count) are skipped."""
+    w1, w2, w3 = _experts()
+    logits = _rand(6, E, seed=2)
+    logits[:, 3:] = -1e9  # only experts 0, 1, 2 are chosen
+    idx, weights = route_topk(logits, 2)
+    x = _rand(6, D, seed=3)
+    torch.testing.assert_close(
+        experts_sorted(x, w1, w2, w3, idx, weights),
+        experts_reference(x, w1, w2, w3, idx, weights),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("n", "compiling", "expected"),
+    [(1, False, "per_token"), (4, False, "per_token"), (5, False, "sorted"), (1, True, "gather"), (9, True, "dense")],
+)
+def test_auto_dispatch_on_cpu(monkeypatch, n: int, compiling: bool, expected: str) -> None:
+    """CPU: few tokens (N*K <= E) loop over their experts, or gather under compile; many sort, or
+    run every expert under compile (no data-dependent shapes)."""
+    called = []
+    for name in ("per_token", "sorted", "gather", "dense_topk"):
+        real = getattr(moe, f"experts_{name}")
+        monkeypatch.setattr(moe, f"experts_{name}", lambda *a, _n=name, _r=real, **k: called.append(_n) or _r(*a, **k))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    w1, w2, w3 = _experts()
+    x, idx, weights = _routing(n)
+    out = dispatch_experts(x, w1, w2, w3, idx, weights)
+    assert called == [expected.replace("dense", "dense_topk")]
+    torch.testing.assert_close(out, experts_reference(x, w1, w2, w3, idx, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_dispatch_is_an_error() -> None:
+    w1, w2, w3 = _experts()
+    x, idx, weights = _routing(2)
+    with pytest.raises(ValueError, match="dense"):
+        dispatch_experts(x, w1, w2, w3, idx, weights, "fastest")
