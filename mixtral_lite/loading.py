@@ -20,6 +20,7 @@ from torch import nn
 from .checkpoint import Checkpoint, Copy, match_tensors, open_checkpoint
 from .device_map import check_device, device_of, resolve_device_map
 from .errors import UserError
+from .layout import cpu_layout
 from .model import Mixtral
 
 DTYPES = {
@@ -78,7 +79,7 @@ def load_model(
         quant = importlib.import_module("mixtral_lite.quant")
         result = quant.quantize_model(model, quantize)
         model = model if result is None else result
-    return model
+    return cpu_layout(model)  # CPU weights in the layout their dtype multiplies fastest
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, devices: list[torch.device]) -> torch.dtype:

@@ -129,3 +129,43 @@ def test_unknown_dispatch_is_an_error() -> None:
     x, idx, weights = _routing(2)
     with pytest.raises(ValueError, match="dense"):
         dispatch_experts(x, w1, w2, w3, idx, weights, "fastest")
+
+
+def test_cpu_layout_keeps_names_shapes_values() -> None:
+    """float32 matrices become column-major, bfloat16 ones row-major; nothing else changes, and
+    the model computes the same logits (float32: the BLAS kernel differs, <= 1e-5)."""
+    from mixtral_lite import Mixtral, MixtralConfig
+    from mixtral_lite.layout import cpu_layout, is_column_major
+
+    config = MixtralConfig.from_dict(
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            moe={"num_experts": 4, "num_experts_per_tok": 2},
+        )
+    )
+    model = Mixtral(config).eval()
+    model.reset_parameters(std=0.2, generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids)
+    cpu_layout(model)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in after.items():
+        assert v.shape == before[k].shape and torch.equal(v, before[k]), k
+    layer = model.layers[0]
+    assert is_column_major(layer.attention.wq.weight) and is_column_major(layer.feed_forward.w1)
+    assert is_column_major(layer.feed_forward.w1[1])  # each expert's slice too
+    assert is_column_major(model.output.weight)
+    assert model.tok_embeddings.weight.is_contiguous() and layer.feed_forward.gate.weight.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+    cpu_layout(model.to(torch.bfloat16))  # after a dtype change: row-major again
+    assert layer.attention.wq.weight.is_contiguous() and layer.feed_forward.w1.is_contiguous()
