@@ -23,7 +23,7 @@ $(TEST_STAMP): $(RUN_STAMP)
 install: $(TEST_STAMP)
 
 run: $(RUN_STAMP)
-	$(VENV)/bin/mixtral-lite generate --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
+	$(VENV)/bin/mixtral-lite generate --prompt "ROMEO:" --echo --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest

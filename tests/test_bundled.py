@@ -41,7 +41,10 @@ def test_heldout_loss_matches_the_card(bundled):
 
 def test_generate_without_model_uses_bundled(capsys):
     torch.manual_seed(0)
-    rc = main(["generate", "--prompt", "ROMEO:", "--max-new-tokens", "40", "--temperature", "0.8", "--seed", "0"])
+    rc = main(
+        ["generate", "--prompt", "ROMEO:", "--echo", "--max-new-tokens", "40", "--temperature", "0.8", "--seed", "0"]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
+    assert captured.out.startswith("ROMEO:")  # --echo prints the prompt first
     assert len(captured.out.split()) >= 10 and "decode" in captured.err

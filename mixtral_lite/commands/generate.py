@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
     p.add_argument("--quiet-stats", action="store_true", help="do not print timing to stderr")
+    p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (launch with torchrun)")
 
@@ -170,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**result.as_dict(), "stats": result.stats.as_dict()}, ensure_ascii=False))
     else:
         pieces = stream(model, tokenizer, prompt_ids, **kwargs)
+        if args.echo:
+            sys.stdout.write(prompt)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
