@@ -50,9 +50,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        """Normalise in float32, round to x's dtype, then scale (Hugging Face's order of rounding)."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same value
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rotary_cos_sin(
@@ -338,6 +339,8 @@ class Mixtral(nn.Module):
             mask = build_mask(slots, positions, slots, positions, valid, window)
 
         h = self.tok_embeddings(input_ids)
+        if mask is not None:  # additive, made once for all layers (SDPA converts a boolean mask per call)
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=dev).masked_fill_(~mask, float("-inf"))
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         router_logits = []
         for layer in self.layers:
