@@ -8,8 +8,6 @@ held: peak host memory is the model in the target dtype (when it lives on the CP
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 from itertools import groupby
 from pathlib import Path
@@ -22,6 +20,7 @@ from .device_map import check_device, device_of, resolve_device_map
 from .errors import UserError
 from .layout import cpu_layout
 from .model import Mixtral
+from .quant import quantize_model
 
 DTYPES = {
     "float32": torch.float32,
@@ -53,8 +52,6 @@ def load_model(
     longer than a moment, True always, False never. Raises ``UserError`` before returning anything
     when a file, key, shape or dtype is wrong.
     """
-    if quantize is not None and importlib.util.find_spec("mixtral_lite.quant") is None:
-        raise UserError(f"quantize={quantize!r}: quantization is not available in this installation")
     with open_checkpoint(path) as ckpt:
         config = ckpt.config
         if device_map is not None:
@@ -76,9 +73,7 @@ def load_model(
     assign_tensors(model, tensors, aliases)
     model.eval()
     if quantize is not None:
-        quant = importlib.import_module("mixtral_lite.quant")
-        result = quant.quantize_model(model, quantize)
-        model = model if result is None else result
+        quantize_model(model, quantize)
     return cpu_layout(model)  # CPU weights in the layout their dtype multiplies fastest
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .config import MixtralConfig
@@ -48,7 +49,7 @@ def count_parameters(config_or_model: MixtralConfig | nn.Module) -> ParamCount:
         raise TypeError(f"count_parameters: expected a MixtralConfig or Mixtral, got {type(model).__name__}")
     counted = _from_config(config)
     actual = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
-    quantized = sum(getattr(m, "num_weight_elements", 0) for m in model.modules())
+    quantized = sum(b.numel() for b in model.buffers() if b.dtype == torch.int8)  # int8 weights
     if actual + quantized != counted.total:
         raise ValueError(f"parameter count: config says {counted.total:,}, the model holds {actual + quantized:,}")
     return counted
