@@ -113,9 +113,12 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
     if mode is None and device.type == "cuda":
         mode = "reduce-overhead"
     compiled = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+    # On the CPU the few-token experts read their ids with .item(): traced as unbacked integers.
+    scalars = torch._dynamo.config.patch(capture_scalar_outputs=True)
     if device.type != "cuda":
-        return compiled
+        return scalars(compiled)
 
+    @scalars
     def step(model, tokens, cache, slot, positions):
         for t in (*cache.k, *cache.v, cache.valid, cache.pos):
             torch._dynamo.mark_static_address(t)

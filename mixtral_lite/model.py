@@ -19,7 +19,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import MixtralConfig
-from .moe import dispatch_experts, linear, route_topk
+from .moe import UPCAST_ON_CPU, dispatch_experts, linear, route_topk
 from .routing import (
     Routing,
     experts_dense,
@@ -72,6 +72,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, is_causal: bool, gqa: bool
+) -> torch.Tensor:
+    """``scaled_dot_product_attention``; in float32 for bfloat16/float16 on a CPU without native
+    units for them, where the float32 kernel is ~4x faster (decode: 38 vs 148 us per layer)."""
+    if q.dtype in UPCAST_ON_CPU and q.device.type == "cpu":
+        m = None if mask is None else mask.float()
+        y = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=m, is_causal=is_causal, enable_gqa=gqa
+        )
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     """Grouped-query attention through ``scaled_dot_product_attention``.
 
@@ -108,9 +122,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, slots, k, v)  # [B, KV, S, hd]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+        y = attention(q, k, v, mask, is_causal=mask is None and t > 1, gqa=self.n_heads != self.n_kv_heads)
         y = self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         return y if self.reduce is None else self.reduce(y)
 

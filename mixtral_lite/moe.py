@@ -143,9 +143,18 @@ def experts_dense_topk(
 def experts_per_token(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Few tokens on the CPU: loop over the chosen experts with views of their weights (no copy)."""
+    """Few tokens on the CPU: loop over the chosen experts with views of their weights (no copy).
+
+    Under ``torch.compile`` the expert ids are read with ``.item()`` (traced as unbacked integers
+    with ``capture_scalar_outputs``, see ``generate.compile_decode_step``), so the views stay views.
+    """
+    if torch.compiler.is_compiling():
+        chosen = [[_expert_id(idx[n, k], w1.shape[0]) for k in range(idx.shape[1])] for n in range(idx.shape[0])]
+        scales = [[weights[n, k] for k in range(idx.shape[1])] for n in range(idx.shape[0])]
+    else:
+        chosen, scales = idx.tolist(), weights.tolist()
     rows = []
-    for n, (experts, ws) in enumerate(zip(idx.tolist(), weights.tolist(), strict=True)):
+    for n, (experts, ws) in enumerate(zip(chosen, scales, strict=True)):
         xn = x[n : n + 1]
         acc = None
         for e, w in zip(experts, ws, strict=True):  # w: the float32 weight as a Python float (same product)
@@ -153,6 +162,14 @@ def experts_per_token(
             acc = y if acc is None else acc + y
         rows.append(acc)
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _expert_id(i: torch.Tensor, n_experts: int) -> int:
+    """An expert index as a Python int (under compile: an unbacked integer known to be in range)."""
+    e = i.item()
+    torch._check(e >= 0)
+    torch._check(e < n_experts)
+    return e
 
 
 def _grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
@@ -177,9 +194,9 @@ def dispatch_experts(
 
     ``auto``: on a GPU with ``_grouped_mm`` for the dtype, every batch sorts and groups: one
     product per projection reads only the chosen experts and never waits on the host (CUDA
-    graphs). Otherwise a few tokens loop over the chosen experts (CPU, eager) or gather their
-    weights (compiled, GPU); many tokens sort and group, or under compile run every expert
-    (``dense``: static shapes). A callable with this function's signature replaces the choice
+    graphs). Otherwise a few tokens loop over the chosen experts' weights (CPU, also compiled) or
+    gather them (GPU); many tokens sort and group, or under compile run every expert (``dense``:
+    static shapes). A callable with this function's signature replaces the choice
     (expert parallelism runs only a rank's own experts).
     """
     if callable(impl):
@@ -190,7 +207,7 @@ def dispatch_experts(
         if not cpu and x.dtype == torch.bfloat16 and _grouped_mm_ok(x, w1, w2):
             impl = "sorted"
         elif few:
-            impl = "per_token" if cpu and not compiling else "gather"
+            impl = "per_token" if cpu else "gather"
         else:
             impl = "dense" if compiling else "sorted"
     if impl == "sorted":

@@ -107,11 +107,11 @@ def test_sorted_counts_with_idle_experts() -> None:
 
 @pytest.mark.parametrize(
     ("n", "compiling", "expected"),
-    [(1, False, "per_token"), (4, False, "per_token"), (5, False, "sorted"), (1, True, "gather"), (9, True, "dense")],
+    [(1, False, "per_token"), (4, False, "per_token"), (5, False, "sorted"), (1, True, "per_token"), (9, True, "dense")],
 )
 def test_auto_dispatch_on_cpu(monkeypatch, n: int, compiling: bool, expected: str) -> None:
-    """CPU: few tokens (N*K <= E) loop over their experts, or gather under compile; many sort, or
-    run every expert under compile (no data-dependent shapes)."""
+    """CPU: few tokens (N*K <= E) loop over their experts (under compile too: ids via .item());
+    many sort, or run every expert under compile (no data-dependent shapes)."""
     called = []
     for name in ("per_token", "sorted", "gather", "dense_topk"):
         real = getattr(moe, f"experts_{name}")

@@ -142,7 +142,8 @@ def test_quantised_model_close_to_float(folder, dtype: torch.dtype) -> None:
     for layer in model.layers:  # experts and attention are int8; router and norms are not
         assert layer.feed_forward.w1.dtype == torch.int8 and layer.attention.wq.weight.dtype == torch.int8
         assert layer.feed_forward.gate.weight.dtype == dtype
-    assert model.output.weight.dtype == dtype
+    assert model.output.weight.dtype == torch.int8  # the output head too (untied)
+    assert model.tok_embeddings.weight.dtype == dtype
     info = model.quantization
     assert info["bytes_after"] < info["bytes_before"]
     assert "saved" in quantization_report(model)
@@ -175,9 +176,9 @@ def test_quantize_errors(folder) -> None:
         quantize_model(model)
 
 
-def test_output_head_quantised_on_request(folder) -> None:
-    model = quantize_model(load_model(folder, dtype=torch.bfloat16, progress=False), include_output=True)
-    assert model.output.weight.dtype == torch.int8
+def test_output_head_kept_on_request(folder) -> None:
+    model = quantize_model(load_model(folder, dtype=torch.bfloat16, progress=False), include_output=False)
+    assert model.output.weight.dtype == torch.bfloat16 and model.layers[0].attention.wq.weight.dtype == torch.int8
 
 
 @pytest.mark.skipif(not HAS_INT8_MM, reason="torch._weight_int8pack_mm is not available")
