@@ -1,0 +1,67 @@
+"""The benchmark's random checkpoint, written by transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import MixtralConfig
+from .options import Options
+
+
+def bench_config(opts: Options) -> MixtralConfig:
+    config = MixtralConfig.from_preset(opts.preset)
+    if opts.layers is not None:
+        config = MixtralConfig.from_dict({**config.to_dict(), "num_hidden_layers": opts.layers})
+    return config
+
+
+def make_checkpoint(folder: Path, config: MixtralConfig, *, seed: int, std: float) -> Path:
+    """Write a random transformers checkpoint with peaked logits (reused when one with the same
+    recipe exists).
+
+    Matrices are N(0, std) and norms ones, except that the embeddings are N(0, 50 * std), larger
+    than what the layers add to the residual stream, and the output head is a scaled copy of the
+    embedding table with its rows permuted: every token then has one successor whose logit leads
+    by many standard deviations, while every layer still runs at full cost. Greedy tokens are thus
+    far from ties, so implementations that round differently (bfloat16, int8) can be held to the
+    same answer.
+    """
+    from transformers import MixtralConfig as HFConfig
+    from transformers import MixtralForCausalLM
+
+    recipe = {"config": config.to_hf_dict(), "seed": seed, "std": std, "kind": "peaked-successor"}
+    meta = folder / "bench_recipe.json"
+    if meta.exists() and json.loads(meta.read_text()) == recipe:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        hf = MixtralForCausalLM(HFConfig(**config.to_hf_dict()))
+    hf = hf.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+        emb = hf.model.embed_tokens.weight
+        emb.mul_(50.0)
+        if not config.tie_word_embeddings:
+            successor = torch.randperm(config.vocab_size, generator=gen)  # token v is followed by successor[v]
+            head = torch.empty_like(emb)
+            head[successor] = emb * (std / emb.std())  # row successor[v] points at v's embedding
+            hf.lm_head.weight.copy_(head)
+    hf.save_pretrained(folder)
+    meta.write_text(json.dumps(recipe))
+    return folder
+
+
+def warm_page_cache(folder: Path) -> None:
+    """Read the checkpoint once so both loaders start from the page cache."""
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
