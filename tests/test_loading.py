@@ -188,7 +188,7 @@ def test_progress_bar(hf, tmp_path, capfd):
 
 def test_quantize_argument(hf, tmp_path):
     """quantize="int8" gives int8 attention and expert weights, the same parameter count, and
-    logits within 5% of the float model's range (the quality cost is measured by the benchmark)."""
+    logits within 10% of the float model's range (the quality cost is measured by the benchmark)."""
     hf.save_pretrained(tmp_path)
     plain = load_model(tmp_path)
     model = load_model(tmp_path, quantize="int8")
@@ -198,7 +198,7 @@ def test_quantize_argument(hf, tmp_path):
     ids = torch.randint(0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = plain(ids), model(ids)
-    assert (a - b).abs().max().item() <= 0.05 * a.abs().max().item()
+    assert (a - b).abs().max().item() <= 0.10 * a.abs().max().item()
     with pytest.raises(UserError, match="quantize"):
         load_model(tmp_path, quantize="int4")
 
