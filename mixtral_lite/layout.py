@@ -32,6 +32,21 @@ def column_major(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+def wants_column_major(name: str, dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The rule: float32 weight matrices on the CPU, except the embedding table and routers."""
+    if device.type != "cpu" or dim not in (2, 3) or dtype not in COLUMN_MAJOR_DTYPES:
+        return False
+    return not (name.startswith("tok_embeddings") or name.endswith("gate.weight"))
+
+
+def empty_weight(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised storage for parameter ``name`` in the layout ``cpu_layout`` would give it, so a
+    loader can copy the checkpoint straight into place (no second copy)."""
+    if wants_column_major(name, len(shape), dtype, torch.device(device)):
+        return torch.empty(*shape[:-2], shape[-1], shape[-2], dtype=dtype, device=device).transpose(-1, -2)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @torch.no_grad()
 def cpu_layout(model: nn.Module) -> nn.Module:
     """Store the CPU weight matrices of ``model`` in the layout its dtype multiplies fastest.
@@ -44,9 +59,9 @@ def cpu_layout(model: nn.Module) -> nn.Module:
     for name, p in model.named_parameters():
         if p.device.type != "cpu" or p.dim() not in (2, 3) or not p.is_floating_point():
             continue
-        if name.startswith("tok_embeddings") or name.endswith("gate.weight") or (tied and name == "output.weight"):
+        if tied and name == "output.weight":
             continue
-        if p.dtype in COLUMN_MAJOR_DTYPES:
+        if wants_column_major(name, p.dim(), p.dtype, p.device):
             if not is_column_major(p):
                 p.data = column_major(p.data)
         elif not p.is_contiguous():
@@ -54,4 +69,4 @@ def cpu_layout(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["COLUMN_MAJOR_DTYPES", "column_major", "cpu_layout", "is_column_major"]
+__all__ = ["COLUMN_MAJOR_DTYPES", "column_major", "cpu_layout", "empty_weight", "is_column_major", "wants_column_major"]

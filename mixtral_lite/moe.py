@@ -38,6 +38,11 @@ UPCAST_ON_CPU = tuple(d for d in (torch.bfloat16, torch.float16) if not _native_
 UPCAST_MIN_ROWS = 32
 
 
+# Compiled CPU decoding runs batches up to this many tokens expert by expert per token (K slices
+# each: no copy, no wasted products); larger batches run every expert on every token.
+COMPILED_PER_TOKEN_MAX = 16
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)``, except that on a CPU without native bfloat16/float16 products, x with
     ``UPCAST_MIN_ROWS`` rows or more multiplies in float32 (fp32 accumulation either way)."""
@@ -149,7 +154,7 @@ def experts_per_token(
     with ``capture_scalar_outputs``, see ``generate.compile_decode_step``), so the views stay views.
     """
     if torch.compiler.is_compiling():
-        chosen = [[_expert_id(idx[n, k], w1.shape[0]) for k in range(idx.shape[1])] for n in range(idx.shape[0])]
+        chosen = [[expert_id(idx[n, k], w1.shape[0]) for k in range(idx.shape[1])] for n in range(idx.shape[0])]
         scales = [[weights[n, k] for k in range(idx.shape[1])] for n in range(idx.shape[0])]
     else:
         chosen, scales = idx.tolist(), weights.tolist()
@@ -164,7 +169,7 @@ def experts_per_token(
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
-def _expert_id(i: torch.Tensor, n_experts: int) -> int:
+def expert_id(i: torch.Tensor, n_experts: int) -> int:
     """An expert index as a Python int (under compile: an unbacked integer known to be in range)."""
     e = i.item()
     torch._check(e >= 0)
@@ -194,9 +199,9 @@ def dispatch_experts(
 
     ``auto``: on a GPU with ``_grouped_mm`` for the dtype, every batch sorts and groups: one
     product per projection reads only the chosen experts and never waits on the host (CUDA
-    graphs). Otherwise a few tokens loop over the chosen experts' weights (CPU, also compiled) or
-    gather them (GPU); many tokens sort and group, or under compile run every expert (``dense``:
-    static shapes). A callable with this function's signature replaces the choice
+    graphs). Otherwise a few tokens loop over the chosen experts' weights (CPU; compiled: up to
+    ``COMPILED_PER_TOKEN_MAX`` tokens) or gather them (GPU); many tokens sort and group, or under
+    compile run every expert (``dense``: static shapes). A callable with this function's signature replaces the choice
     (expert parallelism runs only a rank's own experts).
     """
     if callable(impl):
@@ -206,7 +211,7 @@ def dispatch_experts(
         compiling, cpu = torch.compiler.is_compiling(), x.device.type == "cpu"
         if not cpu and x.dtype == torch.bfloat16 and _grouped_mm_ok(x, w1, w2):
             impl = "sorted"
-        elif few:
+        elif few or (cpu and compiling and x.shape[0] <= COMPILED_PER_TOKEN_MAX):
             impl = "per_token" if cpu else "gather"
         else:
             impl = "dense" if compiling else "sorted"

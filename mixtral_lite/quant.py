@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .moe import experts_dense_topk, experts_reference
+from .moe import COMPILED_PER_TOKEN_MAX, expert_id, experts_dense_topk, experts_reference
 
 MODES = ("int8",)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
@@ -114,15 +114,21 @@ def experts_int8_per_token(
     idx: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Few tokens on the CPU: each token runs its K chosen experts (int8 slices, no copy)."""
-    out = torch.empty_like(x)
-    for n, (experts, ws) in enumerate(zip(idx.tolist(), weights.tolist(), strict=True)):
+    """Few tokens on the CPU: each token runs its K chosen experts (int8 slices, no copy; under
+    compile the ids are read with ``.item()`` as in ``moe.experts_per_token``)."""
+    if torch.compiler.is_compiling():
+        chosen = [[expert_id(idx[n, k], qs[0].shape[0]) for k in range(idx.shape[1])] for n in range(idx.shape[0])]
+        scales = [[weights[n, k] for k in range(idx.shape[1])] for n in range(idx.shape[0])]
+    else:
+        chosen, scales = idx.tolist(), weights.tolist()
+    rows = []
+    for n, (experts, ws) in enumerate(zip(chosen, scales, strict=True)):
         acc = None
         for e, w in zip(experts, ws, strict=True):
             y = _swiglu_int8(x[n : n + 1], e, qs, ss) * w
             acc = y if acc is None else acc + y
-        out[n : n + 1] = acc
-    return out
+        rows.append(acc)
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def experts_int8_sorted(
@@ -214,9 +220,9 @@ class Int8Experts:
         impl = self.impl
         if impl == "auto":
             few = idx.numel() <= q1.shape[0]
-            compiling = torch.compiler.is_compiling()
-            if few:
-                impl = "per_token" if x.device.type == "cpu" and not compiling else "gather"
+            compiling, cpu = torch.compiler.is_compiling(), x.device.type == "cpu"
+            if few or (cpu and compiling and x.shape[0] <= COMPILED_PER_TOKEN_MAX):
+                impl = "per_token" if cpu else "gather"
             else:
                 impl = "dense" if compiling else "sorted"
         if impl == "per_token":

@@ -107,7 +107,14 @@ def test_sorted_counts_with_idle_experts() -> None:
 
 @pytest.mark.parametrize(
     ("n", "compiling", "expected"),
-    [(1, False, "per_token"), (4, False, "per_token"), (5, False, "sorted"), (1, True, "per_token"), (9, True, "dense")],
+    [
+        (1, False, "per_token"),
+        (4, False, "per_token"),
+        (5, False, "sorted"),
+        (1, True, "per_token"),
+        (9, True, "per_token"),
+        (17, True, "dense"),
+    ],
 )
 def test_auto_dispatch_on_cpu(monkeypatch, n: int, compiling: bool, expected: str) -> None:
     """CPU: few tokens (N*K <= E) loop over their experts (under compile too: ids via .item());
