@@ -50,10 +50,12 @@ def format_table(result: dict) -> str:
                     ratio,
                 )
             )
-        if "ours_compiled" in entry:
+        if "ours_compiled" in entry:  # against transformers' eager decode (it has no CPU compile path)
             c = entry["ours_compiled"]
-            rows.append(("", "decode b1, --compile (tok/s)", f"{c['decode_b1_tok_s']:.1f}", "", ""))
-            rows.append(("", f"decode b{opts['batch']}, --compile (tok/s)", f"{c['decode_bn_tok_s']:.1f}", "", ""))
+            for label, key in (("decode b1", "decode_b1_tok_s"), (f"decode b{opts['batch']}", "decode_bn_tok_s")):
+                b = theirs[key] if theirs else None
+                cells = ("", "") if b is None else (f"{b:.1f}", f"{c[key] / b:.2f}x")
+                rows.append(("", f"{label}, --compile (tok/s)", f"{c[key]:.1f}", *cells))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for j, r in enumerate(rows):
         cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]

@@ -43,46 +43,79 @@ class Measured:
 
 
 METRICS = ("prefill", "decode_b1", "decode_bn")
+DECODE = ("decode_b1", "decode_bn")
 
 
-def _measure(
-    engine: Engine,
-    opts: Options,
-    prompts: dict[str, torch.Tensor],
-    device: torch.device,
-    metrics: tuple[str, ...] = METRICS,
-) -> Measured:
-    """Run the ``metrics`` ``repeats`` times each (after one short warm-up); keep the medians.
-    "prefill" also times the first token; peak memory is the largest of the timed runs."""
-    m = Measured(engine.name, load_s=engine.load_s, weights_mb=weight_bytes(engine.model) / 2**20)
-    if isinstance(engine, Ours) and engine.compiled:  # compile each shape before timing it
+@dataclass
+class Plan:
+    """One engine (in one transformers configuration) and the metrics it is timed on."""
+
+    key: str  # result entry: ours, theirs, ours_compiled, int8
+    engine: Engine
+    metrics: tuple[str, ...]
+    config: str | None = None  # transformers: "experts implementation/cache"
+    runs: dict[str, list[float]] = field(default_factory=dict)
+    tokens: dict[str, list[list[int]]] = field(default_factory=dict)
+    peak: int = 0
+
+    def prepare(self) -> None:
+        if self.config is not None:
+            self.engine.set(*self.config.split("/"))
+
+
+def _warm_up(plan: Plan, opts: Options, prompts: dict[str, torch.Tensor]) -> None:
+    """Allocator and lazy initialisation; a compiled step compiles each shape here, untimed."""
+    plan.prepare()
+    if isinstance(plan.engine, Ours) and plan.engine.compiled:
         for key, batch in (("decode_b1", "b1"), ("decode_bn", "bn")):
-            if key in metrics:
-                engine.greedy(prompts[batch], opts.new_tokens)
+            if key in plan.metrics:
+                plan.engine.greedy(prompts[batch], opts.new_tokens)
     else:
-        engine.greedy(prompts["b1"][:, :8], 4)  # warm-up: allocator, lazy initialisation
-    peak = 0
-    runs: dict[str, list[float]] = {}
-    tokens = {}
-    for _ in range(opts.repeats):
-        if "prefill" in metrics:
-            runs.setdefault("prefill", []).append(opts.prompt_len / engine.prefill_s(prompts["long"]))
+        plan.engine.greedy(prompts["b1"][:, :8], 4)
+
+
+def _measure_once(plan: Plan, opts: Options, prompts: dict[str, torch.Tensor], device: torch.device) -> None:
+    """One timed run of each of the plan's metrics ("prefill" also times the first token)."""
+    plan.prepare()
+    engine = plan.engine
+    if "prefill" in plan.metrics:
+        plan.runs.setdefault("prefill", []).append(opts.prompt_len / engine.prefill_s(prompts["long"]))
+        with PeakMemory(device) as mem:
+            run = engine.greedy(prompts["long"], 1)
+        plan.runs.setdefault("ttft", []).append(run.ttft)
+        plan.peak = max(plan.peak, mem.peak)
+    for key, batch in (("decode_b1", "b1"), ("decode_bn", "bn")):
+        if key in plan.metrics:
             with PeakMemory(device) as mem:
-                run = engine.greedy(prompts["long"], 1)
-            runs.setdefault("ttft", []).append(run.ttft)
-            peak = max(peak, mem.peak)
-        for key, batch in (("decode_b1", "b1"), ("decode_bn", "bn")):
-            if key in metrics:
-                with PeakMemory(device) as mem:
-                    run = engine.greedy(prompts[batch], opts.new_tokens)
-                runs.setdefault(key, []).append(run.decode_tokens_per_s)
-                tokens[batch] = run.tokens
-                peak = max(peak, mem.peak)
-    med = {k: _median(v) for k, v in runs.items()}
-    m.prefill_tok_s, m.ttft_s = med.get("prefill"), med.get("ttft")
-    m.decode_b1_tok_s, m.decode_bn_tok_s = med.get("decode_b1"), med.get("decode_bn")
-    m.peak_mem_mb = m.weights_mb + peak / 2**20
-    m.detail = {"tokens": tokens, "runs": runs}
+                run = engine.greedy(prompts[batch], opts.new_tokens)
+            plan.runs.setdefault(key, []).append(run.decode_tokens_per_s)
+            plan.tokens[batch] = run.tokens
+            plan.peak = max(plan.peak, mem.peak)
+
+
+def _measure_all(plans: list[Plan], opts: Options, prompts: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Every plan warmed up, then ``repeats`` rounds with each plan once per round: on a shared
+    machine the load drifts, and interleaving lets it fall on every engine alike."""
+    for plan in plans:
+        _warm_up(plan, opts, prompts)
+    for _ in range(opts.repeats):
+        for plan in plans:
+            _measure_once(plan, opts, prompts, device)
+
+
+def _result(plans: list[Plan], name: str) -> Measured:
+    """The medians of one engine's plans (transformers: each metric from the configuration that
+    won it); peak memory: weights plus the largest transient of its runs."""
+    engine = plans[0].engine
+    m = Measured(name, load_s=engine.load_s, weights_mb=weight_bytes(engine.model) / 2**20)
+    for plan in plans:
+        med = {k: _median(v) for k, v in plan.runs.items()}
+        for metric, attr in (("prefill", "prefill_tok_s"), ("ttft", "ttft_s"), *((d, f"{d}_tok_s") for d in DECODE)):
+            if metric in med:
+                setattr(m, attr, med[metric])
+    m.peak_mem_mb = m.weights_mb + max(p.peak for p in plans) / 2**20
+    runs = {p.config or "runs": p.runs for p in plans}
+    m.detail = {"tokens": plans[0].tokens, "runs": runs if len(plans) > 1 else plans[0].runs}
     return m
 
 
@@ -120,29 +153,13 @@ def _pick_theirs(theirs: Theirs, opts: Options, prompts: dict[str, torch.Tensor]
     return {"probe": probe, "prefill": best_pre, "decode_b1": best_b1, "decode_bn": best_bn}
 
 
-def _measure_theirs(theirs: Theirs, opts: Options, prompts: dict[str, torch.Tensor], device: torch.device) -> Measured:
-    """Each metric measured in full with the configuration that won it in the probe."""
+def _theirs_plans(theirs: Theirs, opts: Options, prompts: dict[str, torch.Tensor]) -> tuple[list[Plan], dict]:
+    """transformers: one plan per configuration that won a metric in the probe."""
     choice = _pick_theirs(theirs, opts, prompts)
     by_config: dict[str, tuple[str, ...]] = {}
     for metric in METRICS:
         by_config[choice[metric]] = (*by_config.get(choice[metric], ()), metric)
-    best = Measured("transformers", load_s=theirs.load_s, weights_mb=weight_bytes(theirs.model) / 2**20)
-    best.peak_mem_mb = 0.0
-    configs = {}
-    for key, metrics in by_config.items():
-        theirs.set(*key.split("/"))
-        r = _measure(theirs, opts, prompts, device, metrics)
-        configs[key] = {**asdict(r), "detail": r.detail["runs"]}
-        for field_name in ("prefill_tok_s", "ttft_s", "decode_b1_tok_s", "decode_bn_tok_s"):
-            if getattr(r, field_name) is not None:
-                setattr(best, field_name, getattr(r, field_name))
-        best.peak_mem_mb = max(best.peak_mem_mb, r.peak_mem_mb)
-    best.detail = {
-        "choice": {k: v for k, v in choice.items() if k != "probe"},
-        "probe": choice["probe"],
-        "configs": configs,
-    }
-    return best
+    return [Plan("theirs", theirs, metrics, config) for config, metrics in by_config.items()], choice
 
 
 def _quality(ours_q: Ours, ours_ref: Ours, prompts: dict[str, torch.Tensor], n: int) -> dict:
@@ -225,43 +242,44 @@ def _bench_dtype(
     bandwidth: float,
     log: Callable[[str], None],
 ) -> dict:
-    """Every measurement at one dtype: ours, transformers, ours compiled, ours int8."""
+    """Every measurement at one dtype: ours, transformers, ours compiled, ours int8 (interleaved)."""
     dtype = DTYPES[dname]
     entry: dict = {}
-
-    def done(key: str, m: Measured) -> None:
-        entry[key] = m
-        log(f"[{dname}] {m.name}: {_fmt_measured(m, opts)}")
-
     log(f"[{dname}] loading mixtral_lite")
     ours = Ours.load(folder, dtype, device)
     entry["bytes_per_token"] = active_weight_bytes(ours.model)
     entry["roofline_tok_s"] = bandwidth / entry["bytes_per_token"]
-    theirs = None
+    plans = [Plan("ours", ours, METRICS)]
+    names = {"ours": "mixtral_lite", "theirs": "transformers", "ours_compiled": "mixtral_lite compiled"}
+    choice = None
     if opts.compare:
         log(f"[{dname}] loading transformers")
         theirs = Theirs(folder, dtype, device, opts.hf_impls[0], opts.hf_caches[0])
         entry["same_tokens"] = _check_same_tokens(ours, theirs, prompts, opts.new_tokens)
         log(f"[{dname}] greedy tokens vs transformers: {fmt_check(entry['same_tokens'])}")
-    done("ours", _measure(ours, opts, prompts, device))
-    if theirs is not None:
         log(f"[{dname}] transformers: trying {', '.join(opts.hf_impls)} x {', '.join(opts.hf_caches)} caches")
-        done("theirs", _measure_theirs(theirs, opts, prompts, device))
-        del theirs
-        release_memory()
+        theirs_plans, choice = _theirs_plans(theirs, opts, prompts)
+        plans += theirs_plans
     if opts.compile:
         log(f"[{dname}] compiling the decode step")
-        compiled = Ours(ours.model, compile=True)
-        done("ours_compiled", _measure(compiled, opts, prompts, device, ("decode_b1", "decode_bn")))
-        del compiled
+        plans.append(Plan("ours_compiled", Ours(ours.model, compile=True), DECODE))
+    q = None
     if opts.quantize and dtype == torch.bfloat16:
         q = Ours.load(folder, dtype, device, quantize="int8")
-        done("int8", _measure(q, opts, prompts, device))
+        plans.append(Plan("int8", q, METRICS))
+        names["int8"] = "mixtral_lite int8"
+    log(f"[{dname}] measuring: {opts.repeats} rounds of {', '.join(p.engine.name for p in plans)}")
+    _measure_all(plans, opts, prompts, device)
+    for key in dict.fromkeys(p.key for p in plans):
+        entry[key] = _result([p for p in plans if p.key == key], names[key])
+        log(f"[{dname}] {entry[key].name}: {_fmt_measured(entry[key], opts)}")
+    if choice is not None:
+        entry["theirs"].detail.update(choice={k: v for k, v in choice.items() if k != "probe"}, probe=choice["probe"])
+    if q is not None:
         entry["int8_bytes_per_token"] = active_weight_bytes(q.model)
         entry["int8_roofline_tok_s"] = bandwidth / entry["int8_bytes_per_token"]
         entry["int8_quality"] = _quality(q, ours, prompts, opts.new_tokens)
-        del q
-    del ours
+    del plans, ours, q
     release_memory()
     return _jsonable(entry)
 
