@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .moe import COMPILED_PER_TOKEN_MAX, expert_id, experts_dense_topk, experts_reference
+from .moe import COMPILED_PER_TOKEN_MAX, UPCAST_MIN_ROWS, expert_id, experts_dense_topk, experts_reference
 
 MODES = ("int8",)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
@@ -62,11 +62,15 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """x [..., I] @ (q * scale)^T -> [..., O] in x's dtype, reading the int8 weights directly.
 
     On the CPU, float32 activations go through bfloat16 for the int8 kernel (it has no float32
-    fast path); the per-weight rounding error of int8 is the larger of the two.
+    fast path); the per-weight rounding error of int8 is the larger of the two. Many rows (prefill)
+    multiply in float32 instead, like ``moe.linear``: the int8 kernel's cost grows with the rows.
     """
     if HAS_INT8_MM and x.device.type == "cpu" and q.is_contiguous():
         if x.dim() == 2 and x.dtype == scale.dtype and x.dtype in _FAST_ACT and x.is_contiguous():
-            return torch._weight_int8pack_mm(x, q, scale)  # decoding: one call, nothing around it
+            if x.shape[0] < UPCAST_MIN_ROWS:
+                return torch._weight_int8pack_mm(x, q, scale)  # decoding: one call, nothing around it
+        if x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+            return (F.linear(x.float(), q.float()) * scale.float()).to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         act = x2 if x2.dtype in _FAST_ACT else x2.to(torch.bfloat16)
