@@ -250,7 +250,12 @@ def _bench_dtype(
     entry["bytes_per_token"] = active_weight_bytes(ours.model)
     entry["roofline_tok_s"] = bandwidth / entry["bytes_per_token"]
     plans = [Plan("ours", ours, METRICS)]
-    names = {"ours": "mixtral_lite", "theirs": "transformers", "ours_compiled": "mixtral_lite compiled"}
+    names = {
+        "ours": "mixtral_lite",
+        "theirs": "transformers",
+        "ours_compiled": "mixtral_lite compiled",
+        "int8": "mixtral_lite int8",
+    }
     choice = None
     if opts.compare:
         log(f"[{dname}] loading transformers")
@@ -267,8 +272,8 @@ def _bench_dtype(
     if opts.quantize and dtype == torch.bfloat16:
         q = Ours.load(folder, dtype, device, quantize="int8")
         plans.append(Plan("int8", q, METRICS))
-        names["int8"] = "mixtral_lite int8"
-    log(f"[{dname}] measuring: {opts.repeats} rounds of {', '.join(p.engine.name for p in plans)}")
+    who = ", ".join(names[p.key] + (f" ({p.config})" if p.config else "") for p in plans)
+    log(f"[{dname}] measuring: {opts.repeats} rounds of {who}")
     _measure_all(plans, opts, prompts, device)
     for key in dict.fromkeys(p.key for p in plans):
         entry[key] = _result([p for p in plans if p.key == key], names[key])
