@@ -26,7 +26,7 @@ run: $(RUN_STAMP)
 	$(VENV)/bin/mixtral-lite generate --prompt "ROMEO:" --echo --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
 
 test: $(TEST_STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 test-all: $(TEST_STAMP)
 	$(PY) -m pytest -m ''
