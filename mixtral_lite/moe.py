@@ -85,9 +85,10 @@ def experts_sorted(
 ) -> torch.Tensor:
     """Sort the N*K (token, expert) pairs by expert and run each expert once on its rows.
 
-    With ``torch._grouped_mm`` (default off the CPU, where the weights allow it) the segments run
-    in one call per projection and nothing waits on the host; otherwise a loop over the non-empty
-    segments (on the CPU as fast as grouped_mm, and it can run bfloat16 segments in float32).
+    With ``torch._grouped_mm`` (default for bfloat16 off the CPU, where the weights allow it) the
+    segments run in one call per projection and nothing waits on the host; otherwise a loop over
+    the non-empty segments (on the CPU as fast as grouped_mm, and bfloat16 segments can run in
+    float32 there).
     """
     n, k = idx.shape
     n_experts = w1.shape[0]
@@ -99,7 +100,7 @@ def experts_sorted(
     # [E] tokens per expert; a static shape (bincount's depends on the data: a host sync)
     counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
     if grouped_mm is None:
-        grouped_mm = x.device.type != "cpu" and _grouped_mm_ok(x, w1, w2)
+        grouped_mm = x.device.type != "cpu" and x.dtype == torch.bfloat16 and _grouped_mm_ok(x, w1, w2)
     if grouped_mm:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
