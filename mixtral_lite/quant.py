@@ -66,10 +66,13 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     multiply in float32 instead, like ``moe.linear``: the int8 kernel's cost grows with the rows.
     """
     if HAS_INT8_MM and x.device.type == "cpu" and q.is_contiguous():
-        if x.dim() == 2 and x.dtype == scale.dtype and x.dtype in _FAST_ACT and x.is_contiguous():
-            if x.shape[0] < UPCAST_MIN_ROWS:
+        rows = x.numel() // x.shape[-1]
+        if rows < UPCAST_MIN_ROWS and x.dtype == scale.dtype and x.dtype in _FAST_ACT and x.is_contiguous():
+            if x.dim() == 2:
                 return torch._weight_int8pack_mm(x, q, scale)  # decoding: one call, nothing around it
-        if x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+            y = torch._weight_int8pack_mm(x.view(rows, x.shape[-1]), q, scale)
+            return y.view(*x.shape[:-1], q.shape[0])
+        if rows >= UPCAST_MIN_ROWS:
             return (F.linear(x.float(), q.float()) * scale.float()).to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
