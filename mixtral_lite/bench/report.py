@@ -80,7 +80,10 @@ def format_table(result: dict) -> str:
 
 def _roofline_lines(result: dict) -> list[str]:
     bw = result["bandwidth_GBps"]
-    lines = [f"decode roofline at batch 1: {bw:.1f} GB/s measured read bandwidth / bytes of active weights per token"]
+    lines = [
+        f"decode roofline at batch 1: {bw:.1f} GB/s read bandwidth (best of the samples taken during the run) "
+        "/ bytes of active weights per token"
+    ]
     for dname, entry in result["dtypes"].items():
         roof = entry["roofline_tok_s"]
         ours = entry["ours"]["decode_b1_tok_s"]
