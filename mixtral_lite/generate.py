@@ -15,6 +15,7 @@ Axis legend: B batch (prompts), T prompt length (padded), V vocabulary.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -22,9 +23,11 @@ import torch
 
 from .cache import KVCache
 from .config import MixtralConfig
+from . import gemv
 from .detok import Detokenizer, continuation_text
 from .device_map import layer_devices
 from .errors import UserError
+from .layout import cpu_layout
 from .sampling import SamplingParams, make_generator, sample
 from .tokenizer import Tokenizer
 
@@ -108,7 +111,9 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
     """``decode_step`` compiled as one graph (``fullgraph=True``: a graph break is an error), for
     ``decode_fn``. On CUDA the default mode is "reduce-overhead" (CUDA graphs): the cache tensors
     are marked as static addresses, so the graph writes them in place. A new cache length (prompt
-    plus new tokens) compiles once more."""
+    plus new tokens) compiles once more. On the CPU the first call with a model stores its weight
+    matrices row-major (``layout.cpu_layout(model, compiled=True)``: same values, other strides),
+    the layout the generated matrix-vector kernels read fastest."""
     device = torch.device(device)
     if mode is None and device.type == "cuda":
         mode = "reduce-overhead"
@@ -116,7 +121,18 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
     # On the CPU the few-token experts read their ids with .item(): traced as unbacked integers.
     scalars = torch._dynamo.config.patch(capture_scalar_outputs=True)
     if device.type != "cuda":
-        return scalars(compiled)
+
+        laid_out: weakref.WeakSet = weakref.WeakSet()
+
+        @scalars
+        def cpu_step(model, tokens, cache, slot, positions):
+            if model not in laid_out:  # row-major weights: what the generated kernels read fastest
+                cpu_layout(model, compiled=True)
+                laid_out.add(model)
+            gemv.traced_threads = torch.get_num_threads()  # products split over this many threads
+            return compiled(model, tokens, cache, slot, positions)
+
+        return cpu_step
 
     @scalars
     def step(model, tokens, cache, slot, positions):

@@ -45,11 +45,13 @@ def wants_column_major(name: str, dim: int, dtype: torch.dtype, device: torch.de
 
 
 @torch.no_grad()
-def cpu_layout(model: nn.Module) -> nn.Module:
+def cpu_layout(model: nn.Module, *, compiled: bool = False) -> nn.Module:
     """Store the CPU weight matrices of ``model`` in the layout its dtype multiplies fastest.
 
     Touches 2-D and 3-D floating parameters on the CPU (attention, experts, dense feed-forward,
     output head); leaves the embedding table (read by rows), routers and anything on a GPU.
+    ``compiled``: every matrix row-major, for a ``torch.compile``'d decode step, whose generated
+    matrix-vector kernels reduce along rows (measured, float32 decode: 75 vs 37 tok/s).
     Returns the model.
     """
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
@@ -58,7 +60,7 @@ def cpu_layout(model: nn.Module) -> nn.Module:
             continue
         if tied and name == "output.weight":
             continue
-        if wants_column_major(name, p.dim(), p.dtype, p.device):
+        if not compiled and wants_column_major(name, p.dim(), p.dtype, p.device):
             if not is_column_major(p):
                 p.data = column_major(p.data)
         elif not p.is_contiguous():

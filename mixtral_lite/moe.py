@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .gemv import experts_pair, split_linear, split_parts
+
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -46,8 +48,12 @@ COMPILED_PER_TOKEN_MAX = 16
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)``, except that on a CPU without native bfloat16/float16 products, x with
     ``UPCAST_MIN_ROWS`` rows or more multiplies in float32 (fp32 accumulation either way)."""
-    if x.dtype in UPCAST_ON_CPU and x.device.type == "cpu" and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
-        return F.linear(x.float(), w.float()).to(x.dtype)
+    if x.device.type == "cpu":
+        if x.dtype in UPCAST_ON_CPU and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+            return F.linear(x.float(), w.float()).to(x.dtype)
+        parts = split_parts(x, w)
+        if parts > 1:  # few float32 rows: one block of the weight per thread (gemv.py)
+            return split_linear(x, w, parts)
     return F.linear(x, w)
 
 
@@ -154,6 +160,10 @@ def experts_per_token(
     Under ``torch.compile`` the expert ids are read with ``.item()`` (traced as unbacked integers
     with ``capture_scalar_outputs``, see ``generate.compile_decode_step``), so the views stay views.
     """
+    pairs = idx.shape[1] == 2 and split_parts(x, w1[0]) > 1
+    if pairs:  # ascending expert ids (the sum of two products is the same either way round)
+        idx, order = idx.sort(-1)
+        weights = weights.gather(-1, order)
     if torch.compiler.is_compiling():
         chosen = [[expert_id(idx[n, k], w1.shape[0]) for k in range(idx.shape[1])] for n in range(idx.shape[0])]
         scales = [[weights[n, k] for k in range(idx.shape[1])] for n in range(idx.shape[0])]
@@ -162,6 +172,9 @@ def experts_per_token(
     rows = []
     for n, (experts, ws) in enumerate(zip(chosen, scales, strict=True)):
         xn = x[n : n + 1]
+        if pairs:  # top-2 in float32 on several threads: both experts in one product per matrix
+            rows.append(experts_pair(xn, w1, w2, w3, experts, ws))
+            continue
         acc = None
         for e, w in zip(experts, ws, strict=True):  # w: the float32 weight as a Python float (same product)
             y = _swiglu_fast(xn, w1[e], w2[e], w3[e]) * w

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_lite import KVCache, Mixtral, MixtralConfig
+from mixtral_lite import KVCache, Mixtral, MixtralConfig, gemv
+from mixtral_lite.layout import cpu_layout, is_column_major
 from mixtral_lite.generate import compile_decode_step, decode_step, prefill
 from mixtral_lite.quant import quantize_model
 
@@ -64,3 +65,24 @@ def test_compiled_int8_decode_step_matches_eager() -> None:
     compiled = _steps(model, compile_decode_step("cpu"), 1, 3)
     for e, c in zip(eager, compiled, strict=True):  # bfloat16 logits of size ~1: a few bf16 ulps
         torch.testing.assert_close(c.float(), e.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_split_products_match_eager(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads: the products split over them (float32 also eager, bfloat16 only compiled) and
+    both experts of a token in one product; the compiled step stores the weights row-major."""
+    torch._dynamo.reset()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(gemv, "SPLIT_MIN_OUT", 1)
+    try:
+        model = cpu_layout(_model().to(dtype))
+        assert is_column_major(model.layers[0].feed_forward.w1) == (dtype == torch.float32)
+        eager = _steps(model, decode_step, 1, 3)
+        compiled = _steps(model, compile_decode_step("cpu"), 1, 3)
+        assert all(p.is_contiguous() for p in model.parameters())
+        tol = 1e-4 if dtype == torch.float32 else 0.05
+        for e, c in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(c.float(), e.float(), rtol=tol, atol=tol)
+    finally:
+        torch.set_num_threads(before)

@@ -91,21 +91,36 @@ def _roofline_lines(result: dict) -> list[str]:
             f"  {dname}: {entry['bytes_per_token'] / 1e6:.1f} MB/token -> {roof:.1f} tok/s; "
             f"mixtral_lite {ours:.1f} tok/s = {ours / roof:.0%} of it"
         )
+        if "ours_compiled" in entry:
+            c = entry["ours_compiled"]["decode_b1_tok_s"]
+            lines.append(f"  {dname}, --compile: mixtral_lite {c:.1f} tok/s = {c / roof:.0%} of it")
         if "int8" in entry:
             r8, o8 = entry["int8_roofline_tok_s"], entry["int8"]["decode_b1_tok_s"]
             lines.append(
                 f"  int8: {entry['int8_bytes_per_token'] / 1e6:.1f} MB/token -> {r8:.1f} tok/s; "
                 f"mixtral_lite {o8:.1f} tok/s = {o8 / r8:.0%} of it"
             )
+        if "int8_compiled" in entry:
+            c8 = entry["int8_compiled"]["decode_b1_tok_s"]
+            lines.append(f"  int8, --compile: mixtral_lite {c8:.1f} tok/s = {c8 / entry['int8_roofline_tok_s']:.0%} of it")
     return lines
 
 
 def _int8_lines(dname: str, entry: dict, opts: dict) -> list[str]:
     q, ours, qual = entry["int8"], entry["ours"], entry["int8_quality"]
-    return [
+    lines = [
         f"int8 weights ({dname} activations): decode b1 {q['decode_b1_tok_s']:.1f} tok/s = "
         f"{q['decode_b1_tok_s'] / ours['decode_b1_tok_s']:.2f}x our {dname}; decode b{opts['batch']} "
         f"{q['decode_bn_tok_s']:.1f} tok/s; prefill {q['prefill_tok_s']:.1f} tok/s",
+    ]
+    if "int8_compiled" in entry and "ours_compiled" in entry:
+        qc, oc = entry["int8_compiled"], entry["ours_compiled"]
+        lines.append(
+            f"  --compile: int8 decode b1 {qc['decode_b1_tok_s']:.1f} tok/s = "
+            f"{qc['decode_b1_tok_s'] / oc['decode_b1_tok_s']:.2f}x our compiled {dname}; decode b{opts['batch']} "
+            f"{qc['decode_bn_tok_s']:.1f} tok/s"
+        )
+    return lines + [
         f"  weights {ours['weights_mb']:.0f} MB -> {q['weights_mb']:.0f} MB "
         f"(saved {ours['weights_mb'] - q['weights_mb']:.0f} MB, {1 - q['weights_mb'] / ours['weights_mb']:.0%})",
         f"  quality vs {dname}: greedy agreement over {opts['new_tokens']} tokens {qual['greedy_agree_free']:.1%} "

@@ -50,7 +50,7 @@ DECODE = ("decode_b1", "decode_bn")
 class Plan:
     """One engine (in one transformers configuration) and the metrics it is timed on."""
 
-    key: str  # result entry: ours, theirs, ours_compiled, int8
+    key: str  # result entry: ours, theirs, ours_compiled, int8, int8_compiled
     engine: Engine
     metrics: tuple[str, ...]
     config: str | None = None  # transformers: "experts implementation/cache"
@@ -264,6 +264,7 @@ def _bench_dtype(
         "theirs": "transformers",
         "ours_compiled": "mixtral_lite compiled",
         "int8": "mixtral_lite int8",
+        "int8_compiled": "mixtral_lite int8 compiled",
     }
     choice = None
     if opts.compare:
@@ -274,19 +275,25 @@ def _bench_dtype(
         log(f"[{dname}] transformers: trying {', '.join(opts.hf_impls)} x {', '.join(opts.hf_caches)} caches")
         theirs_plans, choice = _theirs_plans(theirs, opts, prompts)
         plans += theirs_plans
-    if opts.compile:
+    if opts.compile:  # its own copy: on the CPU a compiled step stores the weights row-major
         log(f"[{dname}] compiling the decode step")
-        plans.append(Plan("ours_compiled", Ours(ours.model, compile=True), DECODE))
+        plans.append(Plan("ours_compiled", Ours.load(folder, dtype, device, compile=True), DECODE))
     q = None
     if opts.quantize and dtype == torch.bfloat16:
         q = Ours.load(folder, dtype, device, quantize="int8")
         plans.append(Plan("int8", q, METRICS))
+        if opts.compile:
+            plans.append(Plan("int8_compiled", Ours.load(folder, dtype, device, quantize="int8", compile=True), DECODE))
     who = ", ".join(names[p.key] + (f" ({p.config})" if p.config else "") for p in plans)
     log(f"[{dname}] measuring: {opts.repeats} rounds of {who}")
     _measure_all(plans, opts, prompts, device)
     for key in dict.fromkeys(p.key for p in plans):
         entry[key] = _result([p for p in plans if p.key == key], names[key])
         log(f"[{dname}] {entry[key].name}: {_fmt_measured(entry[key], opts)}")
+    for key in ("ours_compiled", "int8_compiled"):  # compiled and eager steps: the same tokens
+        if key in entry:
+            base = entry["ours" if key == "ours_compiled" else "int8"].detail["tokens"]
+            entry[f"{key}_same_tokens_as_eager"] = entry[key].detail["tokens"] == base
     if choice is not None:
         entry["theirs"].detail.update(choice={k: v for k, v in choice.items() if k != "probe"}, probe=choice["probe"])
     if q is not None:
