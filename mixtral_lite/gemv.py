@@ -67,8 +67,9 @@ def experts_pair(
     torch._check(a < b)
     step = b - a
     x2 = x.expand(2, 1, x.shape[-1])
-    h = F.silu(torch.bmm(x2, w1[a : b + 1 : step].transpose(1, 2))) * torch.bmm(x2, w3[a : b + 1 : step].transpose(1, 2))
-    y = torch.bmm(h, w2[a : b + 1 : step].transpose(1, 2))  # [2, 1, D]
+    w1p, w2p, w3p = (w[a : b + 1 : step].transpose(1, 2) for w in (w1, w2, w3))  # views [2, ...]
+    h = F.silu(torch.bmm(x2, w1p)) * torch.bmm(x2, w3p)  # [2, 1, I]
+    y = torch.bmm(h, w2p)  # [2, 1, D]
     return y[0] * wa + y[1] * wb
 
 

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import gemv
 from .cache import KVCache
 from .config import MixtralConfig
-from . import gemv
 from .detok import Detokenizer, continuation_text
 from .device_map import layer_devices
 from .errors import UserError
@@ -121,7 +121,6 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
     # On the CPU the few-token experts read their ids with .item(): traced as unbacked integers.
     scalars = torch._dynamo.config.patch(capture_scalar_outputs=True)
     if device.type != "cuda":
-
         laid_out: weakref.WeakSet = weakref.WeakSet()
 
         @scalars

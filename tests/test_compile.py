@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mixtral_lite import KVCache, Mixtral, MixtralConfig, gemv
-from mixtral_lite.layout import cpu_layout, is_column_major
 from mixtral_lite.generate import compile_decode_step, decode_step, prefill
+from mixtral_lite.layout import cpu_layout, is_column_major
 from mixtral_lite.quant import quantize_model
 
 CONFIG = dict(
