@@ -32,12 +32,13 @@ def _native_cpu_matmul(dtype: torch.dtype) -> bool:
     return torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
-# Reduced-precision dtypes whose CPU matrix products of many rows should run in float32: without
+# Reduced-precision dtypes whose CPU matrix products of several rows should run in float32: without
 # native units (e.g. AVX2 only) a bfloat16 product costs about one matrix-vector product per row,
-# ~10x slower than float32 at 512 rows, while converting a weight to float32 costs about as much as
-# 30 rows (measured, 2 AVX2 cores: 1792x512 weights, 2 ms to convert, 64 rows 7.5 ms vs 3.4 ms).
+# while converting the weight to float32 costs about as much as 2-3 rows (measured, 2 AVX2 cores,
+# 1792x512 weights: 8 rows 1.32 ms in bfloat16 vs 0.64 ms converted; 4 rows 0.53 vs 0.52 ms; 1 row
+# 0.16 vs 0.38 ms). Batched decoding (8 rows) thus converts; one row keeps the bfloat16 kernel.
 UPCAST_ON_CPU = tuple(d for d in (torch.bfloat16, torch.float16) if not _native_cpu_matmul(d))
-UPCAST_MIN_ROWS = 32
+UPCAST_MIN_ROWS = 4
 
 
 # Compiled CPU decoding runs batches up to this many tokens expert by expert per token (K slices

@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .moe import COMPILED_PER_TOKEN_MAX, UPCAST_MIN_ROWS, expert_id, experts_dense_topk, experts_reference
+from .moe import COMPILED_PER_TOKEN_MAX, expert_id, experts_dense_topk, experts_reference
 
 MODES = ("int8",)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
 HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 _FAST_ACT = (torch.bfloat16, torch.float16)
+# Rows from which int8 products multiply in float32 instead: the int8 kernel's cost grows with the rows.
+UPCAST_MIN_ROWS = 32
 
 
 def quantize_per_channel(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

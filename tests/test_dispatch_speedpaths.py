@@ -37,7 +37,7 @@ def _routing(n: int, k: int = 2, seed: int = 5):
     return _rand(n, D, seed=seed + 1), idx, weights
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 16])
 def test_linear_bfloat16_rows(rows: int) -> None:
     """Few rows: the bfloat16 kernel itself (bit for bit); from UPCAST_MIN_ROWS rows on a CPU without
     native bfloat16, float32 products rounded once to bfloat16 (bit for bit)."""
