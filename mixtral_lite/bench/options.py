@@ -21,7 +21,7 @@ class Options:
     decode_prompt_len: int = 32  # prompt before the decode measurements
     new_tokens: int = 128
     batch: int = 8
-    repeats: int = 3
+    repeats: int = 5
     threads: int | None = None  # None: torch's current setting
     device: str = "cpu"
     hf_impls: tuple[str, ...] = ("eager", "grouped_mm")  # transformers experts implementations to try

@@ -43,6 +43,7 @@ class Measured:
 
 
 METRICS = ("prefill", "decode_b1", "decode_bn")
+PREFILL_SAMPLES = 3  # prefill timings per engine and round (a decode run is long enough alone)
 DECODE = ("decode_b1", "decode_bn")
 
 
@@ -78,8 +79,9 @@ def _measure_once(plan: Plan, opts: Options, prompts: dict[str, torch.Tensor], d
     """One timed run of each of the plan's metrics ("prefill" also times the first token)."""
     plan.prepare()
     engine = plan.engine
-    if "prefill" in plan.metrics:
-        plan.runs.setdefault("prefill", []).append(opts.prompt_len / engine.prefill_s(prompts["long"]))
+    if "prefill" in plan.metrics:  # short (under a second): several samples per round
+        for _ in range(PREFILL_SAMPLES):
+            plan.runs.setdefault("prefill", []).append(opts.prompt_len / engine.prefill_s(prompts["long"]))
         with PeakMemory(device) as mem:
             run = engine.greedy(prompts["long"], 1)
         plan.runs.setdefault("ttft", []).append(run.ttft)
