@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mixtral_lite import moe
-from mixtral_lite.model import Linear
+from mixtral_lite.model import Linear, attention
 from mixtral_lite.moe import (
     UPCAST_MIN_ROWS,
     UPCAST_ON_CPU,
@@ -60,6 +60,26 @@ def test_linear_float32_is_f_linear() -> None:
         layer.weight.copy_(w)
     assert torch.equal(layer(x), F.linear(x, w))
     assert layer.bias is None and isinstance(layer, torch.nn.Linear)
+
+
+@pytest.mark.parametrize(("t", "s", "causal"), [(1, 9, False), (3, 12, False), (6, 6, True)])
+def test_attention_bfloat16_runs_in_float32(t: int, s: int, causal: bool) -> None:
+    """bfloat16 attention on the CPU is float32 attention rounded once (bit for bit), within
+    bfloat16 rounding of the plain bfloat16 kernel."""
+    q, k, v = (
+        _rand(2, 4, t, 16).bfloat16(),
+        _rand(2, 2, s, 16, seed=1).bfloat16(),
+        _rand(2, 2, s, 16, seed=2).bfloat16(),
+    )
+    mask = None if causal else torch.zeros(2, 1, t, s).bfloat16().masked_fill(_rand(2, 1, t, s, seed=3) > 1.0, -1e4)
+    out = attention(q, k, v, mask, is_causal=causal, gqa=True)
+    m32 = None if mask is None else mask.float()
+    f32 = F.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=m32, is_causal=causal, enable_gqa=True
+    )
+    assert out.dtype == torch.bfloat16 and torch.equal(out, f32.bfloat16())
+    plain = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(out.float(), plain.float(), rtol=2**-6, atol=2e-2)
 
 
 def test_linear_keeps_gradients() -> None:
