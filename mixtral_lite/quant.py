@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .moe import COMPILED_PER_TOKEN_MAX, expert_id, experts_dense_topk, experts_reference
+from .moe import COMPILED_PER_TOKEN_MAX, UPCAST_ON_CPU, expert_id, experts_dense_topk, experts_reference, linear
 
 MODES = ("int8",)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
@@ -65,7 +65,8 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
     On the CPU, float32 activations go through bfloat16 for the int8 kernel (it has no float32
     fast path); the per-weight rounding error of int8 is the larger of the two. Many rows (prefill)
-    multiply in float32 instead, like ``moe.linear``: the int8 kernel's cost grows with the rows.
+    convert the weight instead and multiply like ``moe.linear`` (bfloat16 where the CPU has native
+    units for it, else float32): the int8 kernel's cost grows with the rows.
     """
     if HAS_INT8_MM and x.device.type == "cpu" and q.is_contiguous():
         rows = x.numel() // x.shape[-1]
@@ -74,8 +75,10 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
                 return torch._weight_int8pack_mm(x, q, scale)  # decoding: one call, nothing around it
             y = torch._weight_int8pack_mm(x.view(rows, x.shape[-1]), q, scale)
             return y.view(*x.shape[:-1], q.shape[0])
-        if rows >= UPCAST_MIN_ROWS:
-            return (F.linear(x.float(), q.float()) * scale.float()).to(x.dtype)
+        if rows >= UPCAST_MIN_ROWS:  # int8 -> bfloat16/float16 is exact (|q| <= 127)
+            if x.dtype in _FAST_ACT and x.dtype not in UPCAST_ON_CPU:  # native units: x's dtype
+                return (F.linear(x, q.to(x.dtype)).float() * scale.float()).to(x.dtype)
+            return (linear(x.float(), q.float()) * scale.float()).to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         act = x2 if x2.dtype in _FAST_ACT else x2.to(torch.bfloat16)
