@@ -31,7 +31,8 @@ MODES = ("int8",)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
 HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 _FAST_ACT = (torch.bfloat16, torch.float16)
-# Rows from which int8 products multiply in float32 instead: the int8 kernel's cost grows with the rows.
+# Rows from which int8 products convert the weight and multiply like ``moe.linear`` instead: the
+# int8 kernel's cost grows with the rows.
 UPCAST_MIN_ROWS = 32
 
 
@@ -76,9 +77,9 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
             y = torch._weight_int8pack_mm(x.view(rows, x.shape[-1]), q, scale)
             return y.view(*x.shape[:-1], q.shape[0])
         if rows >= UPCAST_MIN_ROWS:  # int8 -> bfloat16/float16 is exact (|q| <= 127)
-            if x.dtype in _FAST_ACT and x.dtype not in UPCAST_ON_CPU:  # native units: x's dtype
-                return (F.linear(x, q.to(x.dtype)).float() * scale.float()).to(x.dtype)
-            return (linear(x.float(), q.float()) * scale.float()).to(x.dtype)
+            native = x.dtype in _FAST_ACT and x.dtype not in UPCAST_ON_CPU
+            w = q.to(x.dtype) if native else q.float()
+            return (linear(x.to(w.dtype), w).float() * scale.float()).to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         act = x2 if x2.dtype in _FAST_ACT else x2.to(torch.bfloat16)

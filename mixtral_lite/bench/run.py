@@ -43,8 +43,8 @@ class Measured:
 
 
 METRICS = ("prefill", "decode_b1", "decode_bn")
-PREFILL_SAMPLES = 3  # prefill timings per engine and round (a decode run is long enough alone)
 DECODE = ("decode_b1", "decode_bn")
+PREFILL_SAMPLES = 3  # prefill timings per engine and round (a decode run is long enough alone)
 
 
 @dataclass
