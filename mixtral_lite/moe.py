@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemv import experts_pair, split_linear, split_parts
+from .native import native_linear, use_native
 from .onednn import onednn_linear, use_onednn
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -48,11 +49,14 @@ COMPILED_PER_TOKEN_MAX = 16
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, w)``, faster on the CPU: many float32 rows through oneDNN (``onednn.py``), few
-    through one weight block per thread (``gemv.py``); on a CPU without native bfloat16/float16
+    """``F.linear(x, w)``, faster on the CPU: 1-4 rows through the compiled kernel (``native.py``),
+    many float32 rows through oneDNN (``onednn.py``), few through one weight block per thread
+    (``gemv.py``, when the kernel cannot be built); on a CPU without native bfloat16/float16
     products, x with ``UPCAST_MIN_ROWS`` rows or more multiplies in float32 (fp32 accumulation
     either way)."""
     if x.device.type == "cpu":
+        if use_native(x, w):  # decoding: a few rows at memory speed (native.py)
+            return native_linear(x, w)
         if x.dtype in UPCAST_ON_CPU and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
             return F.linear(x.float(), w.float()).to(x.dtype)
         if use_onednn(x, w):  # many float32 rows: oneDNN's product (onednn.py)
@@ -166,7 +170,7 @@ def experts_per_token(
     Under ``torch.compile`` the expert ids are read with ``.item()`` (traced as unbacked integers
     with ``capture_scalar_outputs``, see ``generate.compile_decode_step``), so the views stay views.
     """
-    pairs = idx.shape[1] == 2 and split_parts(x, w1[0]) > 1
+    pairs = idx.shape[1] == 2 and split_parts(x, w1[0]) > 1 and not use_native(x, w1[0])
     if pairs:  # ascending expert ids (the sum of two products is the same either way round)
         idx, order = idx.sort(-1)
         weights = weights.gather(-1, order)

@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import UserError
 from .moe import COMPILED_PER_TOKEN_MAX, UPCAST_ON_CPU, expert_id, experts_dense_topk, experts_reference, linear
+from .native import native_int8, use_native_int8
 
 MODES = ("int8",)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
@@ -69,6 +70,8 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     convert the weight instead and multiply like ``moe.linear`` (bfloat16 where the CPU has native
     units for it, else float32): the int8 kernel's cost grows with the rows.
     """
+    if use_native_int8(x, q, scale):  # decoding: the compiled kernel (native.py)
+        return native_int8(x, q, scale)
     if HAS_INT8_MM and x.device.type == "cpu" and q.is_contiguous():
         rows = x.numel() // x.shape[-1]
         if rows < UPCAST_MIN_ROWS and x.dtype == scale.dtype and x.dtype in _FAST_ACT and x.is_contiguous():

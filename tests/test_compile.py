@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_lite import KVCache, Mixtral, MixtralConfig, gemv
+from mixtral_lite import KVCache, Mixtral, MixtralConfig, gemv, native
 from mixtral_lite.generate import compile_decode_step, decode_step, prefill
 from mixtral_lite.layout import cpu_layout, is_column_major
 from mixtral_lite.quant import quantize_model
@@ -69,12 +69,14 @@ def test_compiled_int8_decode_step_matches_eager() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_split_products_match_eager(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two threads: the products split over them (float32 also eager, bfloat16 only compiled) and
-    both experts of a token in one product; the compiled step stores the weights row-major."""
+    """Two threads, without the compiled few-row kernel: the products split over them (float32
+    also eager, bfloat16 only compiled) and both experts of a token in one product; the compiled
+    step stores the weights row-major."""
     torch._dynamo.reset()
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(gemv, "SPLIT_MIN_OUT", 1)
+    monkeypatch.setattr(native, "available", lambda: False)
     try:
         model = cpu_layout(_model().to(dtype))
         assert is_column_major(model.layers[0].feed_forward.w1) == (dtype == torch.float32)

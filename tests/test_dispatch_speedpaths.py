@@ -52,7 +52,12 @@ def test_linear_bfloat16_rows(rows: int) -> None:
     torch.testing.assert_close(out.float(), ref, rtol=2**-7, atol=1e-3)
 
 
-def test_linear_float32_is_f_linear() -> None:
+def test_linear_float32_is_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the compiled few-row kernel (tests/test_native.py), a product too small to split is
+    ``F.linear`` itself."""
+    from mixtral_lite import native
+
+    monkeypatch.setattr(native, "available", lambda: False)
     x, w = _rand(5, 64), _rand(40, 64, seed=1)
     assert torch.equal(linear(x, w), F.linear(x, w))
     layer = Linear(64, 40)
@@ -158,10 +163,11 @@ def test_unknown_dispatch_is_an_error() -> None:
         dispatch_experts(x, w1, w2, w3, idx, weights, "fastest")
 
 
-def test_cpu_layout_keeps_names_shapes_values() -> None:
-    """float32 matrices become column-major, bfloat16 ones row-major; nothing else changes, and
-    the model computes the same logits (float32: the BLAS kernel differs, <= 1e-5)."""
-    from mixtral_lite import Mixtral, MixtralConfig
+def test_cpu_layout_keeps_names_shapes_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the compiled few-row kernel, float32 matrices become column-major, bfloat16 ones
+    row-major; nothing else changes, and the model computes the same logits (float32: the BLAS
+    kernel differs, <= 1e-5)."""
+    from mixtral_lite import Mixtral, MixtralConfig, native
     from mixtral_lite.layout import cpu_layout, is_column_major
 
     config = MixtralConfig.from_dict(
@@ -182,6 +188,7 @@ def test_cpu_layout_keeps_names_shapes_values() -> None:
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids)
+    monkeypatch.setattr(native, "available", lambda: False)
     cpu_layout(model)
     after = model.state_dict()
     assert list(after) == list(before)

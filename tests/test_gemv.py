@@ -7,17 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixtral_lite import gemv
+from mixtral_lite import gemv, native
 from mixtral_lite.layout import column_major
 from mixtral_lite.moe import experts_per_token, experts_reference, linear
 
 
 @pytest.fixture
 def two_threads(monkeypatch: pytest.MonkeyPatch):
-    """Two threads and no minimum block size, so the tiny test matrices take the split path."""
+    """Two threads, no minimum block size and no compiled few-row kernel (which comes first where
+    it is built), so the tiny test matrices take the split path."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(gemv, "SPLIT_MIN_OUT", 1)
+    monkeypatch.setattr(native, "available", lambda: False)
     yield
     torch.set_num_threads(before)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import make_hf_model
 
-from mixtral_lite import KVCache
+from mixtral_lite import KVCache, native
 from mixtral_lite.errors import UserError
 from mixtral_lite.generate import decode_step, prefill
 from mixtral_lite.loading import load_model
@@ -156,8 +156,17 @@ def test_quantised_model_close_to_float(folder, dtype: torch.dtype) -> None:
     assert agree >= 0.9, agree
 
 
-def test_quantised_decode_matches_full_forward(folder) -> None:
-    """The cached few-token path (int8 per-token experts) gives the no-cache forward's logits."""
+@pytest.mark.parametrize("kernel", [False, True])
+def test_quantised_decode_matches_full_forward(folder, kernel: bool, monkeypatch) -> None:
+    """The cached few-token path (int8 per-token experts) gives the no-cache forward's logits.
+
+    Without the compiled kernel both run float32 activations through bfloat16 for PyTorch's int8
+    kernel. With it, decoding keeps them in float32 while the 12-row forward still rounds them to
+    bfloat16: the two then differ by that rounding (measured up to 0.018 on logits of size ~1)."""
+    if not kernel:
+        monkeypatch.setattr(native, "available", lambda: False)
+    elif not native.available():
+        pytest.skip("native kernel unavailable here")
     model = load_model(folder, dtype=torch.float32, quantize="int8", progress=False)
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -165,7 +174,8 @@ def test_quantised_decode_matches_full_forward(folder) -> None:
         cache = KVCache(model.config, 1, 12)
         prefill(model, ids[:, :11], cache, None)
         step = decode_step(model, ids[:, 11:], cache, torch.tensor([11]), torch.tensor([[11]]))[0]
-    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+    tol = 0.05 if kernel else 1e-4
+    torch.testing.assert_close(step, full, rtol=tol, atol=tol)
 
 
 def test_quantize_errors(folder) -> None:
@@ -183,7 +193,9 @@ def test_output_head_kept_on_request(folder) -> None:
 
 @pytest.mark.skipif(not HAS_INT8_MM, reason="torch._weight_int8pack_mm is not available")
 def test_fast_kernel_used_on_cpu(monkeypatch) -> None:
-    """On the CPU the product calls the int8 kernel, never a float copy of the weights."""
+    """On the CPU (without the compiled kernel, tests/test_native.py) the product calls PyTorch's
+    int8 kernel, never a float copy of the weights."""
+    monkeypatch.setattr(native, "available", lambda: False)
     calls = []
     real = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[1].dtype) or real(*a))

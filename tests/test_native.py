@@ -1,0 +1,177 @@
+"""The compiled few-row kernel (``native.py``, ``csrc/few_rows.c``) equals the plain products, the
+model takes it exactly where intended, and without it everything still runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixtral_lite import moe, native, quant
+from mixtral_lite.layout import is_column_major
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel unavailable here")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _bf16_close(y: torch.Tensor, ref64: torch.Tensor) -> None:
+    """y (bfloat16) is the float64 reference rounded to bfloat16, give or take one unit in the last
+    place (the float32 sums run in another order than the reference's)."""
+    ulp = ref64.abs().clamp(min=1e-30) * 2.0**-7
+    assert ((y.double() - ref64).abs() <= ulp + 1e-6).all(), (y.double() - ref64).abs().max()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("out_in", [(96, 64), (33, 100), (5, 37), (300, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_linear_equals_linear(rows: int, out_in: tuple[int, int], dtype: torch.dtype) -> None:
+    o, i = out_in
+    x, w = _rand(rows, i, dtype=dtype), _rand(o, i, seed=1, dtype=dtype)
+    assert native.use_native(x, w)
+    y = native.native_linear(x, w)
+    assert y.shape == (rows, o) and y.dtype == dtype
+    ref = F.linear(x.double(), w.double())
+    if dtype == torch.float32:  # float32 sums of i terms of size ~1: errors grow with i
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-7 * i)
+    else:
+        _bf16_close(y, ref)
+
+
+def test_native_linear_shapes_and_views() -> None:
+    """3-D activations, a weight that is a view into a stacked tensor (an expert), 1 and 2 threads:
+    the same numbers (each output's sum does not depend on how the outputs are split)."""
+    stack = _rand(4, 48, 80, seed=1, dtype=torch.bfloat16)
+    x = _rand(2, 3, 80, dtype=torch.bfloat16)
+    y = native.native_linear(x, stack[2])
+    assert y.shape == (2, 3, 48)
+    _bf16_close(y, F.linear(x.double(), stack[2].double()))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.native_linear(x, stack[2])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, y)
+
+
+def test_bfloat16_rounding_and_specials() -> None:
+    """Sums exactly halfway between two bfloat16 values round to the even one, like PyTorch's cast;
+    inf and NaN pass through."""
+    w = torch.ones(1, 2, dtype=torch.bfloat16)
+    cases = [(1.0, 2.0**-8), (1.0 + 2.0**-7, 2.0**-8), (-3.0, -(2.0**-7)), (float("inf"), 1.0), (float("nan"), 1.0)]
+    for a, b in cases:
+        y = native.native_linear(torch.tensor([[a, b]], dtype=torch.bfloat16), w)
+        expected = torch.tensor([a + b], dtype=torch.float32).to(torch.bfloat16)
+        assert torch.equal(y[0], expected) or (torch.isnan(y).all() and torch.isnan(expected).all()), (a, b, y)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_int8_equals_reference(rows: int, dtype: torch.dtype) -> None:
+    w = _rand(70, 129, seed=1)
+    q, scale = quant.quantize_per_channel(w, dtype)
+    x = _rand(rows, 129, dtype=dtype)
+    assert native.use_native_int8(x, q, scale)
+    y = native.native_int8(x, q, scale)
+    ref = F.linear(x.double(), quant.dequantize(q, scale).double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    else:
+        _bf16_close(y, ref)
+    torch.testing.assert_close(quant.linear_int8(x, q, scale), y, rtol=0, atol=0)  # the model's entry point
+
+
+def test_use_native_rules() -> None:
+    w = _rand(40, 16)
+    rows = native.NATIVE_MAX_ROWS
+    assert native.use_native(_rand(rows, 16), w)
+    assert native.use_native(_rand(1, 1, 16), w)
+    assert not native.use_native(_rand(rows + 1, 16), w)  # many rows: oneDNN / BLAS
+    assert not native.use_native(_rand(1, 16).bfloat16(), w)  # mixed dtypes
+    assert not native.use_native(_rand(1, 16).half(), w.half())  # float16: PyTorch's kernels
+    assert not native.use_native(_rand(1, 16), w.t().contiguous().t())  # column-major weight
+    assert not native.use_native(_rand(1, 16), w.clone().requires_grad_())  # autograd: F.linear
+    q, scale = quant.quantize_per_channel(w, torch.bfloat16)
+    assert native.use_native_int8(_rand(1, 16).bfloat16(), q, scale)
+    assert not native.use_native_int8(_rand(1, 16), q, scale)  # scale dtype differs from x's
+    assert not native.use_native_int8(_rand(rows + 1, 16).bfloat16(), q, scale)
+
+
+def test_linear_takes_native_and_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return native.native_linear(x, w)
+
+    monkeypatch.setattr(moe, "native_linear", spy)
+    w = _rand(40, 64, seed=1)
+    x = _rand(1, 64)
+    torch.testing.assert_close(moe.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert calls == [(1, 64)]
+    moe.linear(_rand(32, 64), w)  # many rows: not the kernel
+    assert len(calls) == 1
+
+
+def test_float32_weights_stay_row_major_with_the_kernel() -> None:
+    from mixtral_lite import Mixtral, MixtralConfig
+    from mixtral_lite.layout import cpu_layout
+
+    config = MixtralConfig.from_dict(
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            moe={"num_experts": 4, "num_experts_per_tok": 2},
+        )
+    )
+    model = cpu_layout(Mixtral(config))
+    assert not any(is_column_major(p) for p in model.parameters())
+    assert model.layers[0].feed_forward.w1.is_contiguous()
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, cwd=ROOT, timeout=300)
+
+
+def test_switched_off_and_unbuildable_fall_back(tmp_path: Path) -> None:
+    """``MIXTRAL_LITE_NATIVE=0`` or a compiler that fails: the status says why, products still run
+    (PyTorch's kernels) and float32 weights go back to the column-major layout."""
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from mixtral_lite import native, moe, layout\n"
+        "print(native.native_status())\n"
+        "x, w = torch.randn(1, 64), torch.randn(40, 64)\n"
+        "assert not native.use_native(x, w)\n"
+        "torch.testing.assert_close(moe.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)\n"
+        "assert layout.wants_column_major('layers.0.attention.wq.weight', 2, torch.float32, torch.device('cpu'))\n"
+    )
+    off = _python(code, MIXTRAL_LITE_NATIVE="0")
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.startswith("off (MIXTRAL_LITE_NATIVE=0)")
+    broken = _python(code, CC="false", MIXTRAL_LITE_CACHE=str(tmp_path))
+    assert broken.returncode == 0, broken.stderr
+    assert broken.stdout.startswith("off (") and "failed" in broken.stdout
+    assert not list((tmp_path / "native").glob("*.so"))  # nothing half-built left to load
+
+
+def test_builds_into_the_cache(tmp_path: Path) -> None:
+    code = "from mixtral_lite import native\nprint(native.native_status())\n"
+    done = _python(code, MIXTRAL_LITE_CACHE=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("on (") and str(tmp_path) in done.stdout
+    assert len(list((tmp_path / "native").glob("few_rows-*.so"))) == 1
