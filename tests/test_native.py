@@ -36,7 +36,7 @@ def _bf16_close(y: torch.Tensor, ref64: torch.Tensor) -> None:
 def test_native_linear_equals_linear(rows: int, out_in: tuple[int, int], dtype: torch.dtype) -> None:
     o, i = out_in
     x, w = _rand(rows, i, dtype=dtype), _rand(o, i, seed=1, dtype=dtype)
-    assert native.use_native(x, w)
+    assert native.use_native(x, w) == (dtype == torch.bfloat16 or rows <= native.FLOAT32_MAX_ROWS)
     y = native.native_linear(x, w)
     assert y.shape == (rows, o) and y.dtype == dtype
     ref = F.linear(x.double(), w.double())
@@ -93,9 +93,11 @@ def test_native_int8_equals_reference(rows: int, dtype: torch.dtype) -> None:
 def test_use_native_rules() -> None:
     w = _rand(40, 16)
     rows = native.NATIVE_MAX_ROWS
-    assert native.use_native(_rand(rows, 16), w)
+    assert native.use_native(_rand(rows, 16).bfloat16(), w.bfloat16())
     assert native.use_native(_rand(1, 1, 16), w)
-    assert not native.use_native(_rand(rows + 1, 16), w)  # many rows: oneDNN / BLAS
+    assert not native.use_native(_rand(rows + 1, 16).bfloat16(), w.bfloat16())  # many rows: oneDNN / BLAS
+    assert native.use_native(_rand(native.FLOAT32_MAX_ROWS, 16), w)
+    assert not native.use_native(_rand(native.FLOAT32_MAX_ROWS + 1, 16), w)
     assert not native.use_native(_rand(1, 16).bfloat16(), w)  # mixed dtypes
     assert not native.use_native(_rand(1, 16).half(), w.half())  # float16: PyTorch's kernels
     assert not native.use_native(_rand(1, 16), w.t().contiguous().t())  # column-major weight
