@@ -1,20 +1,21 @@
 """Few-row CPU products through a small C kernel (``csrc/few_rows.c``), built on first use.
 
-Decoding multiplies 1-4 rows of activations by each weight matrix, so it runs at the speed the
+Decoding multiplies 1-8 rows of activations by each weight matrix, so it runs at the speed the
 weights stream from memory. PyTorch's CPU kernels for that shape read well below the bandwidth
-(measured, 2 AMD EPYC cores with AVX-512: bfloat16 ``F.linear`` of one row by 1792x512 in 200-270
-us, about 8 GB/s; float32 through one weight block per thread, 20 GB/s); the C loop reads the weight
-once for all rows, converts bfloat16 in registers and spreads the outputs over PyTorch's threads
-(the same product in 85-95 us, about 20 GB/s in bfloat16; 110-150 us, 25-32 GB/s in float32).
+(measured, 2 AMD EPYC cores with AVX-512 BF16: bfloat16 ``F.linear`` of one row by 1792x512 in
+190-270 us, 7-9 GB/s); the C loop reads the weight once for all rows, converts bfloat16 or int8 in
+registers (or multiplies bfloat16 pairs directly with AVX512-BF16) and spreads the outputs over
+PyTorch's threads: the same product in 56-95 us (20-33 GB/s), float32 in 120-160 us.
 
 The kernel is compiled once per CPU with the system C compiler (``cc -O3 -march=native -fopenmp``,
-a second or two) into ``$MIXTRAL_LITE_CACHE`` (default ``~/.cache/mixtral_lite``) and loaded with
-``ctypes``. Without a compiler, or with ``MIXTRAL_LITE_NATIVE=0``, everything runs on PyTorch's
-kernels as before; ``native_status()`` says which and why.
+about a second; ``$MIXTRAL_LITE_MARCH`` replaces ``native``) into ``$MIXTRAL_LITE_CACHE`` (default
+``~/.cache/mixtral_lite``) and loaded with ``ctypes``. Without a compiler, or with
+``MIXTRAL_LITE_NATIVE=0``, everything runs on PyTorch's kernels; ``native_status()`` says which and
+why.
 
-``native_linear(x, w)`` equals ``F.linear(x, w)`` up to the order of the float32 additions (one
-final rounding to bfloat16, as PyTorch does); the tests tie the two. Training (autograd) and
-``torch.compile`` keep PyTorch's kernels.
+``native_linear(x, w)`` equals ``F.linear(x, w)`` and ``native_int8(x, q, scale)`` the dequantised
+product, up to the order of the float32 additions (one final rounding to bfloat16, as PyTorch's);
+the tests tie them. Training (autograd) and ``torch.compile`` keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -35,7 +36,19 @@ NATIVE_MAX_ROWS = 8  # rows per product the kernel takes (more: PyTorch / oneDNN
 # 32000x512: 6.7 vs 6.0 ms; 6 rows 251 vs 378 us)
 FLOAT32_MAX_ROWS = 6
 SOURCE = Path(__file__).parent / "csrc" / "few_rows.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+
+
+def march() -> str:
+    """The ``-march`` the kernel is built for: ``native`` (this CPU), or ``$MIXTRAL_LITE_MARCH``
+    (e.g. ``x86-64-v3`` for AVX2 machines sharing one cache directory)."""
+    return os.environ.get("MIXTRAL_LITE_MARCH") or "native"
+
+
+def _flags() -> list[str]:
+    return [*FLAGS, f"-march={march()}"]
+
+
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's weight types (int8: 2)
 _INT8 = 2
 
@@ -59,7 +72,7 @@ def _cpu_key() -> str:
     except OSError:
         pass
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), platform.machine().encode(), flags.encode()):
+    for part in (SOURCE.read_bytes(), " ".join(_flags()).encode(), platform.machine().encode(), flags.encode()):
         h.update(part)
     h.update(_compiler_version().encode())
     return h.hexdigest()[:16]
@@ -87,10 +100,13 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *_flags(), str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-500:]}")
         os.replace(out, target)
+    for old in target.parent.glob(f"few_rows-{march()}-*.so"):  # builds of older sources
+        if old != target:
+            old.unlink(missing_ok=True)
 
 
 def load() -> ctypes.CDLL | None:
@@ -105,7 +121,7 @@ def load() -> ctypes.CDLL | None:
         _status = f"off (built on Linux only, this is {platform.system()})"
         return None
     try:
-        target = cache_dir() / "native" / f"few_rows-{_cpu_key()}.so"
+        target = cache_dir() / "native" / f"few_rows-{march()}-{_cpu_key()}.so"
         if not target.exists():
             _build(target)
         lib = ctypes.CDLL(str(target))

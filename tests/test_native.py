@@ -177,3 +177,31 @@ def test_builds_into_the_cache(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("on (") and str(tmp_path) in done.stdout
     assert len(list((tmp_path / "native").glob("few_rows-*.so"))) == 1
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march names")
+@pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"])
+def test_portable_builds_compute_the_same(tmp_path: Path, arch: str) -> None:
+    """The kernel built for AVX2 (no AVX-512, no bfloat16 pairs) and for plain x86-64 (generic
+    vectors) gives the same products: the loops other CPUs take, checked on this one."""
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from mixtral_lite import native, quant\n"
+        "assert native.native_status().startswith('on'), native.native_status()\n"
+        "assert native.load().few_rows_dpbf16() == 0\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for rows in (1, 2, 5, 8):\n"
+        "        x, w = torch.randn(rows, 100, generator=g).to(dtype), torch.randn(70, 100, generator=g).to(dtype)\n"
+        "        ref = F.linear(x.double(), w.double())\n"
+        "        tol = 1e-5 if dtype == torch.float32 else 2.0**-7\n"
+        "        assert ((native.native_linear(x, w).double() - ref).abs() <= tol * (ref.abs() + 1)).all()\n"
+        "        q, s = quant.quantize_per_channel(w.float(), dtype)\n"
+        "        ref8 = F.linear(x.double(), quant.dequantize(q, s).double())\n"
+        "        assert ((native.native_int8(x, q, s).double() - ref8).abs() <= tol * (ref8.abs() + 1)).all()\n"
+        "print('ok')\n"
+    )
+    done = _python(code, MIXTRAL_LITE_CACHE=str(tmp_path), MIXTRAL_LITE_MARCH=arch)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+    assert len(list((tmp_path / "native").glob(f"few_rows-{arch}-*.so"))) == 1

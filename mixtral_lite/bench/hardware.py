@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .. import native
+
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 29, repeats: int = 5) -> float:
     """Memory read bandwidth in bytes/s: the best of ``repeats`` sums over a buffer far larger
@@ -121,6 +123,7 @@ def machine_info(device: torch.device) -> dict:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "native_kernel": native.native_status() if device.type == "cpu" else "n/a",
     }
     with contextlib.suppress(ImportError):
         import transformers

@@ -29,6 +29,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"mixtral_lite vs transformers {mach.get('transformers', '?')} on the same weights: preset {opts['preset']}, "
         f"{mach['device']} ({mach['cpu']}, {mach['cpu_capability']}), {mach['threads']} threads, torch {mach['torch']}",
+        f"few-row CPU kernel (native.py): {mach.get('native_kernel', '?')}",
         f"median of {opts['repeats']}; decode: {opts['new_tokens']} greedy tokens after a "
         f"{opts['decode_prompt_len']}-token prompt; 'better' > 1 means mixtral_lite is better",
         "",
