@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemv import experts_pair, split_linear, split_parts
-from .native import native_linear, use_native
+from .native import native_linear, native_swiglu, use_native, use_native_swiglu
 from .onednn import onednn_linear, use_onednn
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -72,6 +72,8 @@ def _swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tenso
 
 
 def _swiglu_fast(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    if use_native_swiglu(x, w1, w2, w3):  # decoding: the whole expert in one kernel call (native.py)
+        return native_swiglu(x, w1, w2, w3)
     return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
 

@@ -100,7 +100,8 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([cc, *_flags(), str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        cmd = [cc, *_flags(), str(SOURCE), "-o", str(out), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-500:]}")
         os.replace(out, target)
@@ -128,6 +129,9 @@ def load() -> ctypes.CDLL | None:
         fn = lib.few_rows
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
+        sw = lib.few_rows_swiglu
+        sw.restype = ctypes.c_int
+        sw.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status = f"off ({e})"
         return None
@@ -194,6 +198,38 @@ def native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _call(w, _DTYPES[w.dtype], None, x)
 
 
+def use_native_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> bool:
+    """Whether one SwiGLU expert (w1, w3 [I, D], w2 [D, I]) on x should run as one kernel call: as
+    ``use_native`` for each of its three products."""
+    return use_native(x, w1) and use_native(x, w3) and w2.is_contiguous() and w2.shape == w1.shape[::-1]
+
+
+def native_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """``F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)`` in one call (one parallel region
+    instead of three products and two elementwise ops), rounding in between as those ops would."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"native kernel unavailable: {native_status()}")
+    i, d = w1.shape
+    rows = x.reshape(-1, d).contiguous()
+    y = torch.empty(rows.shape[0], d, dtype=x.dtype)
+    rc = lib.few_rows_swiglu(
+        w1.data_ptr(),
+        w3.data_ptr(),
+        w2.data_ptr(),
+        rows.data_ptr(),
+        y.data_ptr(),
+        rows.shape[0],
+        d,
+        i,
+        _DTYPES[x.dtype],
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise RuntimeError(f"native_swiglu: kernel failed for {rows.shape[0]} rows x {tuple(w1.shape)} ({x.dtype})")
+    return y.reshape(x.shape)
+
+
 def use_native_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether ``(x @ q.T) * scale`` (int8 weights, one scale per output) should run through the
     kernel: as ``use_native``, with x and scale of one dtype and a row-major int8 q."""
@@ -220,7 +256,9 @@ __all__ = [
     "available",
     "native_int8",
     "native_linear",
+    "native_swiglu",
     "native_status",
     "use_native",
     "use_native_int8",
+    "use_native_swiglu",
 ]

@@ -90,6 +90,39 @@ def test_native_int8_equals_reference(rows: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(quant.linear_int8(x, q, scale), y, rtol=0, atol=0)  # the model's entry point
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 8])
+@pytest.mark.parametrize("dims", [(64, 96), (37, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_swiglu_equals_three_products(rows: int, dims: tuple[int, int], dtype: torch.dtype) -> None:
+    """One call for a whole SwiGLU expert: the plain three-product code's result (float32: up to the
+    order of the additions; bfloat16: rounding where PyTorch's ops round, so within an ulp)."""
+    d, i = dims
+    x = _rand(rows, d, dtype=dtype)
+    w1, w3, w2 = (_rand(*s, seed=k, dtype=dtype) * 0.2 for k, s in ((1, (i, d)), (2, (i, d)), (3, (d, i))))
+    y = native.native_swiglu(x, w1.contiguous(), w2.contiguous(), w3.contiguous())
+    ref = F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+    assert y.shape == ref.shape and y.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    else:
+        ulp = ref.float().abs().clamp(min=2.0**-10) * 2.0**-7
+        assert ((y.float() - ref.float()).abs() <= 2 * ulp).all(), (y.float() - ref.float()).abs().max()
+
+
+def test_experts_use_the_fused_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = native.native_swiglu
+    monkeypatch.setattr(moe, "native_swiglu", lambda x, *w: calls.append(x.shape[0]) or real(x, *w))
+    g = torch.Generator().manual_seed(0)
+    e, d, i = 4, 32, 48
+    w1, w3, w2 = torch.randn(e, i, d, generator=g), torch.randn(e, i, d, generator=g), torch.randn(e, d, i, generator=g)
+    x = torch.randn(3, d, generator=g)
+    idx, weights = moe.route_topk(torch.randn(3, e, generator=g), 2)
+    ref = moe.experts_reference(x, w1, w2, w3, idx, weights)
+    torch.testing.assert_close(moe.dispatch_experts(x, w1, w2, w3, idx, weights), ref, rtol=1e-4, atol=1e-4)
+    assert calls and all(c <= native.FLOAT32_MAX_ROWS for c in calls)
+
+
 def test_use_native_rules() -> None:
     w = _rand(40, 16)
     rows = native.NATIVE_MAX_ROWS
@@ -199,6 +232,9 @@ def test_portable_builds_compute_the_same(tmp_path: Path, arch: str) -> None:
         "        q, s = quant.quantize_per_channel(w.float(), dtype)\n"
         "        ref8 = F.linear(x.double(), quant.dequantize(q, s).double())\n"
         "        assert ((native.native_int8(x, q, s).double() - ref8).abs() <= tol * (ref8.abs() + 1)).all()\n"
+        "        a, b, c = (torch.randn(*s, generator=g).to(dtype) / 5 for s in ((96, 100), (96, 100), (100, 96)))\n"
+        "        r3 = F.linear(F.silu(F.linear(x, a)) * F.linear(x, b), c).double()\n"
+        "        assert ((native.native_swiglu(x, a, c, b).double() - r3).abs() <= 2 * tol * (r3.abs() + 1)).all()\n"
         "print('ok')\n"
     )
     done = _python(code, MIXTRAL_LITE_CACHE=str(tmp_path), MIXTRAL_LITE_MARCH=arch)

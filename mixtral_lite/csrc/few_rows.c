@@ -18,6 +18,7 @@
 #endif
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #define V 16   /* floats per vector */
@@ -244,5 +245,96 @@ int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y
             run_f32((const float *)w, xf, out, M, I, o0, o1);
     }
     free(buf);
+    return 0;
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+/* One SwiGLU expert on M (1..MAXM) rows: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T with w1, w3 [I, D]
+ * and w2 [D, I], bfloat16 (bf16 = 1: x, y too) or float32. Each intermediate is rounded to
+ * bfloat16 where PyTorch's bfloat16 ops would round it (both products, silu, the gated product), so
+ * the result is the plain three-product code's, up to the order of the float32 additions. One
+ * parallel region: the threads split the I hidden units, then (after a barrier) the D outputs.
+ * Returns 0, or -1 for bad arguments or a failed allocation (nothing written). */
+int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *x, void *y, long M, long D, long I,
+                    int bf16, int threads) {
+    if (M < 1 || M > MAXM) return -1;
+    int dp = HAVE_DPBF16 && bf16;
+    size_t el = bf16 ? 2 : 4;
+    const float *xf = (const float *)x;
+    float *buf = NULL, *hf = NULL;
+    void *a = malloc(el * M * I), *b = malloc(el * M * I);
+    if (bf16 && !dp) {
+        buf = malloc(sizeof(float) * M * D);
+        hf = malloc(sizeof(float) * M * I);
+    }
+    if (!a || !b || (bf16 && !dp && (!buf || !hf))) {
+        free(a);
+        free(b);
+        free(buf);
+        free(hf);
+        return -1;
+    }
+    if (buf) {
+        for (long i = 0; i < M * D; i++) buf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        xf = buf;
+    }
+    Out oa = {a, NULL, I, bf16}, ob = {b, NULL, I, bf16}, oy = {y, NULL, D, bf16};
+#pragma omp parallel num_threads(threads)
+    {
+        long n = omp_get_num_threads(), t = omp_get_thread_num();
+        long blocks = (I + V - 1) / V;
+        long i0 = blocks * t / n * V, i1 = blocks * (t + 1) / n * V;
+        if (i1 > I) i1 = I;
+        if (i0 < i1) {
+#if HAVE_DPBF16
+            if (dp) {
+                run_dp((const uint16_t *)w1, (const uint16_t *)x, oa, M, D, i0, i1);
+                run_dp((const uint16_t *)w3, (const uint16_t *)x, ob, M, D, i0, i1);
+            } else
+#endif
+            if (bf16) {
+                run_bf16((const uint16_t *)w1, xf, oa, M, D, i0, i1);
+                run_bf16((const uint16_t *)w3, xf, ob, M, D, i0, i1);
+            } else {
+                run_f32((const float *)w1, xf, oa, M, D, i0, i1);
+                run_f32((const float *)w3, xf, ob, M, D, i0, i1);
+            }
+            for (long m = 0; m < M; m++)
+                for (long i = i0; i < i1; i++) {
+                    long j = m * I + i;
+                    if (bf16) {
+                        uint16_t *ha = (uint16_t *)a;
+                        float g = round_bf16(silu(bf16_to_f32(ha[j])));
+                        ha[j] = f32_to_bf16(g * bf16_to_f32(((const uint16_t *)b)[j]));
+                        if (hf) hf[j] = bf16_to_f32(ha[j]);
+                    } else {
+                        float *fa = (float *)a;
+                        fa[j] = silu(fa[j]) * ((const float *)b)[j];
+                    }
+                }
+        }
+#pragma omp barrier
+        blocks = (D + V - 1) / V;
+        long d0 = blocks * t / n * V, d1 = blocks * (t + 1) / n * V;
+        if (d1 > D) d1 = D;
+        if (d0 < d1) {
+#if HAVE_DPBF16
+            if (dp)
+                run_dp((const uint16_t *)w2, (const uint16_t *)a, oy, M, I, d0, d1);
+            else
+#endif
+            if (bf16)
+                run_bf16((const uint16_t *)w2, hf, oy, M, I, d0, d1);
+            else
+                run_f32((const float *)w2, (const float *)a, oy, M, I, d0, d1);
+        }
+    }
+    free(a);
+    free(b);
+    free(buf);
+    free(hf);
     return 0;
 }
