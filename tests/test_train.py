@@ -144,7 +144,7 @@ def test_shakespeare_smoke(tmp_path):
     if not SHAKESPEARE.is_file():
         pytest.skip("tinyshakespeare.txt not present")
     data = TokenData.from_file(SHAKESPEARE, ByteTokenizer())
-    cfg = TrainConfig(steps=100, batch_size=16, seq_len=64, warmup=10, lr=3e-3, eval_interval=100, eval_batches=4)
+    cfg = TrainConfig(steps=200, batch_size=16, seq_len=64, warmup=10, lr=3e-3, eval_interval=200, eval_batches=4)
     result = train(tiny_config(), cfg, data, None, progress=False, log=lambda s: None)
     assert result.val[-1]["val_loss"] < 2.8
 
