@@ -167,10 +167,15 @@ def use_native(x: torch.Tensor, w: torch.Tensor) -> bool:
     return available()
 
 
-def _call(w: torch.Tensor, wtype: int, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def _loaded() -> ctypes.CDLL:
     lib = load()
     if lib is None:
         raise RuntimeError(f"native kernel unavailable: {native_status()}")
+    return lib
+
+
+def _call(w: torch.Tensor, wtype: int, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    lib = _loaded()
     if not w.is_contiguous():
         raise ValueError(f"native kernel: weight must be row-major (contiguous), got strides {w.stride()}")
     o, i = w.shape
@@ -207,9 +212,7 @@ def use_native_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: t
 def native_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """``F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)`` in one call (one parallel region
     instead of three products and two elementwise ops), rounding in between as those ops would."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"native kernel unavailable: {native_status()}")
+    lib = _loaded()
     i, d = w1.shape
     rows = x.reshape(-1, d).contiguous()
     y = torch.empty(rows.shape[0], d, dtype=x.dtype)

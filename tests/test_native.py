@@ -161,19 +161,7 @@ def test_float32_weights_stay_row_major_with_the_kernel() -> None:
     from mixtral_lite import Mixtral, MixtralConfig
     from mixtral_lite.layout import cpu_layout
 
-    config = MixtralConfig.from_dict(
-        dict(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            moe={"num_experts": 4, "num_experts_per_tok": 2},
-        )
-    )
-    model = cpu_layout(Mixtral(config))
+    model = cpu_layout(Mixtral(MixtralConfig.from_preset("tiny")))
     assert not any(is_column_major(p) for p in model.parameters())
     assert model.layers[0].feed_forward.w1.is_contiguous()
 
