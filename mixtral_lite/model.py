@@ -20,6 +20,7 @@ from torch import nn
 from .cache import KVCache
 from .config import MixtralConfig
 from .moe import dispatch_experts, linear, route_topk
+from .native import native_rmsnorm, use_native_rmsnorm
 from .routing import (
     Routing,
     experts_dense,
@@ -51,6 +52,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise in float32, round to x's dtype, then scale (Hugging Face's order of rounding)."""
+        if use_native_rmsnorm(x, self.weight):  # decoding on the CPU: one kernel call (native.py)
+            return native_rmsnorm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same value
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)

@@ -132,6 +132,9 @@ def load() -> ctypes.CDLL | None:
         sw = lib.few_rows_swiglu
         sw.restype = ctypes.c_int
         sw.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
+        rn = lib.few_rows_rmsnorm
+        rn.restype = None
+        rn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status = f"off ({e})"
         return None
@@ -233,6 +236,28 @@ def native_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     return y.reshape(x.shape)
 
 
+def use_native_rmsnorm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether RMSNorm of x [..., D] with weight w [D] should run through the kernel: CPU, float32 or
+    bfloat16 (x and w alike), at most ``NATIVE_MAX_ROWS`` rows, no autograd, not compiling."""
+    if x.device.type != "cpu" or x.dtype != w.dtype or x.dtype not in _DTYPES or w.shape != x.shape[-1:]:
+        return False
+    if x.numel() > NATIVE_MAX_ROWS * x.shape[-1] or x.numel() == 0 or not w.is_contiguous():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return False
+    return not torch.compiler.is_compiling() and available()
+
+
+def native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``model.RMSNorm`` for a few rows in one call (instead of the cast, norm, cast, scale ops)."""
+    lib = _loaded()
+    rows = x.contiguous()
+    y = torch.empty_like(rows)
+    d = x.shape[-1]
+    lib.few_rows_rmsnorm(rows.data_ptr(), w.data_ptr(), y.data_ptr(), rows.numel() // d, d, eps, _DTYPES[x.dtype])
+    return y
+
+
 def use_native_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether ``(x @ q.T) * scale`` (int8 weights, one scale per output) should run through the
     kernel: as ``use_native``, with x and scale of one dtype and a row-major int8 q."""
@@ -259,9 +284,11 @@ __all__ = [
     "available",
     "native_int8",
     "native_linear",
+    "native_rmsnorm",
     "native_swiglu",
     "native_status",
     "use_native",
     "use_native_int8",
+    "use_native_rmsnorm",
     "use_native_swiglu",
 ]

@@ -123,6 +123,30 @@ def test_experts_use_the_fused_call(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls and all(c <= native.FLOAT32_MAX_ROWS for c in calls)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_rmsnorm_equals_the_module(rows: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16: bit for bit the module's PyTorch ops (float32 norm, round, scale, round); float32:
+    up to the order of the sum of squares."""
+    from mixtral_lite.model import RMSNorm
+
+    norm = RMSNorm(100, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(_rand(100, seed=1) * 0.5 + 1)
+    x = _rand(rows, 100, seed=2).to(dtype) * 3
+    assert not native.use_native_rmsnorm(x, norm.weight)  # autograd on the weight: PyTorch's ops
+    with torch.no_grad():
+        assert native.use_native_rmsnorm(x, norm.weight)
+        assert not native.use_native_rmsnorm(_rand(9, 100).to(dtype), norm.weight)  # many rows: PyTorch
+        y = native.native_rmsnorm(x, norm.weight, norm.eps)
+        monkeypatch.setattr(native, "available", lambda: False)
+        ref = norm(x)
+    if dtype == torch.bfloat16:
+        assert torch.equal(y, ref)
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_use_native_rules() -> None:
     w = _rand(40, 16)
     rows = native.NATIVE_MAX_ROWS
@@ -223,6 +247,9 @@ def test_portable_builds_compute_the_same(tmp_path: Path, arch: str) -> None:
         "        a, b, c = (torch.randn(*s, generator=g).to(dtype) / 5 for s in ((96, 100), (96, 100), (100, 96)))\n"
         "        r3 = F.linear(F.silu(F.linear(x, a)) * F.linear(x, b), c).double()\n"
         "        assert ((native.native_swiglu(x, a, c, b).double() - r3).abs() <= 2 * tol * (r3.abs() + 1)).all()\n"
+        "        nw = torch.rand(100, generator=g).to(dtype) + 0.5\n"
+        "        rn = (nw.double() * x.double() * (x.double().pow(2).mean(-1, keepdim=True) + 1e-5).rsqrt())\n"
+        "        assert ((native.native_rmsnorm(x, nw, 1e-5).double() - rn).abs() <= 2 * tol * (rn.abs() + 1)).all()\n"
         "print('ok')\n"
     )
     done = _python(code, MIXTRAL_LITE_CACHE=str(tmp_path), MIXTRAL_LITE_MARCH=arch)

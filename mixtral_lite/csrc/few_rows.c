@@ -338,3 +338,26 @@ int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *
     free(hf);
     return 0;
 }
+
+/* RMSNorm of M rows of D values (decoding: a few rows, one thread), in Hugging Face's order of
+ * rounding: bfloat16 (bf16 = 1) y = bf16(w * bf16(x * r)), float32 y = x * r * w, with
+ * r = 1 / sqrt(mean(x^2) + eps) in float32. x, w and y share the dtype. */
+void few_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, float eps, int bf16) {
+    for (long m = 0; m < M; m++) {
+        float ss = 0;
+        for (long d = 0; d < D; d++) {
+            float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[m * D + d]) : ((const float *)x)[m * D + d];
+            ss += v * v;
+        }
+        float r = 1.0f / sqrtf(ss / (float)D + eps);
+        for (long d = 0; d < D; d++) {
+            if (bf16) {
+                float v = bf16_to_f32(((const uint16_t *)x)[m * D + d]);
+                float n = round_bf16(v * r);
+                ((uint16_t *)y)[m * D + d] = f32_to_bf16(bf16_to_f32(((const uint16_t *)w)[d]) * n);
+            } else {
+                ((float *)y)[m * D + d] = ((const float *)x)[m * D + d] * r * ((const float *)w)[d];
+            }
+        }
+    }
+}
