@@ -9,8 +9,8 @@ row-major (18 vs 10 GB/s, one AVX2 core, MKL), while bfloat16 is the other way r
 fast reduced-precision kernel wants rows: column-major is 7x slower). So float32 matrices are
 stored column-major and the others row-major, unless the compiled few-row kernel (``native.py``)
 runs the decoding products: it streams rows in both dtypes (float32, 1792x512, one row: 167 us on
-rows vs 270 us on columns), so then every matrix stays row-major. Shapes, names and values do not change; only
-``stride()`` does, and ``state_dict`` / ``save_pretrained`` see the same tensors.
+rows vs 270 us on columns), so then every matrix stays row-major. Shapes, names and values do not
+change; only ``stride()`` does, and ``state_dict`` / ``save_pretrained`` see the same tensors.
 
 A model converted to another dtype afterwards (``model.to(torch.bfloat16)``) keeps the strides it
 had; call ``cpu_layout(model)`` again after such a conversion.

@@ -49,7 +49,7 @@ COMPILED_PER_TOKEN_MAX = 16
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, w)``, faster on the CPU: 1-4 rows through the compiled kernel (``native.py``),
+    """``F.linear(x, w)``, faster on the CPU: a few rows through the compiled kernel (``native.py``),
     many float32 rows through oneDNN (``onednn.py``), few through one weight block per thread
     (``gemv.py``, when the kernel cannot be built); on a CPU without native bfloat16/float16
     products, x with ``UPCAST_MIN_ROWS`` rows or more multiplies in float32 (fp32 accumulation

@@ -177,28 +177,32 @@ def _loaded() -> ctypes.CDLL:
     return lib
 
 
-def _call(w: torch.Tensor, wtype: int, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    lib = _loaded()
-    if not w.is_contiguous():
-        raise ValueError(f"native kernel: weight must be row-major (contiguous), got strides {w.stride()}")
-    o, i = w.shape
-    rows = x.reshape(-1, i).contiguous()
-    y = torch.empty(rows.shape[0], o, dtype=x.dtype)
-    rc = lib.few_rows(
-        w.data_ptr(),
-        wtype,
-        None if scale is None else scale.data_ptr(),
+def _run(fn: str, x: torch.Tensor, out_features: int, k: int, *before: int | None) -> torch.Tensor:
+    """Call the kernel entry ``fn(*before, x, y, M, out_features, k, bf16, threads)`` on the rows of
+    x [..., in] (the argument tail every few-row entry shares); returns y [..., out_features]."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.empty(rows.shape[0], out_features, dtype=x.dtype)
+    call = getattr(_loaded(), fn)
+    rc = call(
+        *before,
         rows.data_ptr(),
         y.data_ptr(),
         rows.shape[0],
-        o,
-        i,
+        out_features,
+        k,
         _DTYPES[x.dtype],
         torch.get_num_threads(),
     )
     if rc != 0:
-        raise RuntimeError(f"native kernel failed for {rows.shape[0]} rows x {tuple(w.shape)} ({w.dtype}, {x.dtype})")
-    return y.reshape(*x.shape[:-1], o)
+        raise RuntimeError(f"native kernel {fn} failed for {rows.shape[0]} rows -> {out_features} ({x.dtype})")
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _call(w: torch.Tensor, wtype: int, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if not w.is_contiguous():
+        raise ValueError(f"native kernel: weight must be row-major (contiguous), got strides {w.stride()}")
+    o, i = w.shape
+    return _run("few_rows", x, o, i, w.data_ptr(), wtype, None if scale is None else scale.data_ptr())
 
 
 def native_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -215,25 +219,8 @@ def use_native_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: t
 def native_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """``F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)`` in one call (one parallel region
     instead of three products and two elementwise ops), rounding in between as those ops would."""
-    lib = _loaded()
     i, d = w1.shape
-    rows = x.reshape(-1, d).contiguous()
-    y = torch.empty(rows.shape[0], d, dtype=x.dtype)
-    rc = lib.few_rows_swiglu(
-        w1.data_ptr(),
-        w3.data_ptr(),
-        w2.data_ptr(),
-        rows.data_ptr(),
-        y.data_ptr(),
-        rows.shape[0],
-        d,
-        i,
-        _DTYPES[x.dtype],
-        torch.get_num_threads(),
-    )
-    if rc != 0:
-        raise RuntimeError(f"native_swiglu: kernel failed for {rows.shape[0]} rows x {tuple(w1.shape)} ({x.dtype})")
-    return y.reshape(x.shape)
+    return _run("few_rows_swiglu", x, d, i, w1.data_ptr(), w3.data_ptr(), w2.data_ptr())
 
 
 def use_native_rmsnorm(x: torch.Tensor, w: torch.Tensor) -> bool:
