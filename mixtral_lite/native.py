@@ -131,7 +131,8 @@ def load() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
         sw = lib.few_rows_swiglu
         sw.restype = ctypes.c_int
-        sw.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
+        ptrs = [ctypes.c_void_p] * 6  # w1 w3 w2 and their scales (int8)
+        sw.argtypes = ptrs + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
         rn = lib.few_rows_rmsnorm
         rn.restype = None
         rn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
@@ -220,7 +221,26 @@ def native_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     """``F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)`` in one call (one parallel region
     instead of three products and two elementwise ops), rounding in between as those ops would."""
     i, d = w1.shape
-    return _run("few_rows_swiglu", x, d, i, w1.data_ptr(), w3.data_ptr(), w2.data_ptr())
+    ptrs = (w1.data_ptr(), w3.data_ptr(), w2.data_ptr())
+    return _run("few_rows_swiglu", x, d, i, *ptrs, None, None, None, _DTYPES[w1.dtype])
+
+
+def use_native_swiglu_int8(x: torch.Tensor, qs: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...]) -> bool:
+    """Whether one int8 SwiGLU expert (q1, q3 [I, D], q2 [D, I] with scales [I], [I], [D]) on x
+    should run as one kernel call: as ``use_native_int8`` for each of its three products."""
+    (q1, q2, q3), (s1, s2, s3) = qs, ss
+    if q2.shape != q1.shape[::-1] or q3.shape != q1.shape or s2.dtype != x.dtype or not s2.is_contiguous():
+        return False
+    return use_native_int8(x, q1, s1) and use_native_int8(x, q3, s3) and q2.is_contiguous()
+
+
+def native_swiglu_int8(x: torch.Tensor, qs: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The int8 expert ``linear_int8(silu(linear_int8(x, q1, s1)) * linear_int8(x, q3, s3), q2, s2)``
+    in one call, rounding in between as those ops would."""
+    (q1, q2, q3), (s1, s2, s3) = qs, ss
+    i, d = q1.shape
+    ptrs = (q1.data_ptr(), q3.data_ptr(), q2.data_ptr(), s1.data_ptr(), s3.data_ptr(), s2.data_ptr())
+    return _run("few_rows_swiglu", x, d, i, *ptrs, _INT8)
 
 
 def use_native_rmsnorm(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -273,9 +293,11 @@ __all__ = [
     "native_linear",
     "native_rmsnorm",
     "native_swiglu",
+    "native_swiglu_int8",
     "native_status",
     "use_native",
     "use_native_int8",
     "use_native_rmsnorm",
     "use_native_swiglu",
+    "use_native_swiglu_int8",
 ]

@@ -26,7 +26,7 @@ from torch import nn
 
 from .errors import UserError
 from .moe import COMPILED_PER_TOKEN_MAX, UPCAST_ON_CPU, expert_id, experts_dense_topk, experts_reference, linear
-from .native import native_int8, use_native_int8
+from .native import native_int8, native_swiglu_int8, use_native_int8, use_native_swiglu_int8
 
 MODES = ("int8",)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
@@ -119,6 +119,9 @@ class Int8Linear(nn.Module):
 
 def _swiglu_int8(x: torch.Tensor, e: int, qs: Triple, ss: Triple) -> torch.Tensor:
     (q1, q2, q3), (s1, s2, s3) = qs, ss
+    one = (q1[e], q2[e], q3[e]), (s1[e], s2[e], s3[e])
+    if use_native_swiglu_int8(x, *one):  # decoding: the whole expert in one kernel call (native.py)
+        return native_swiglu_int8(x, *one)
     h = F.silu(linear_int8(x, q1[e], s1[e])) * linear_int8(x, q3[e], s3[e])
     return linear_int8(h, q2[e], s2[e])
 

@@ -82,12 +82,65 @@ def test_native_int8_equals_reference(rows: int, dtype: torch.dtype) -> None:
     x = _rand(rows, 129, dtype=dtype)
     assert native.use_native_int8(x, q, scale)
     y = native.native_int8(x, q, scale)
-    ref = F.linear(x.double(), quant.dequantize(q, scale).double())
-    if dtype == torch.float32:
-        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    else:
-        _bf16_close(y, ref)
+    _int8_close(y, x, q, scale)
     torch.testing.assert_close(quant.linear_int8(x, q, scale), y, rtol=0, atol=0)  # the model's entry point
+
+
+def _int8_close(y: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """y is the dequantised product in float64, give or take float32 sums (float32) or one unit in the
+    last place (bfloat16), plus, where the kernel rounds activations to int16 (AVX512-VNNI), at most
+    half a step of that grid per element: max|x_m| / 65534 * sum_k |q[o, k]| * scale[o]."""
+    ref = F.linear(x.double(), quant.dequantize(q, scale).double())
+    slack = torch.zeros_like(ref)
+    if native.load().few_rows_vnni():
+        step = x.double().abs().amax(-1, keepdim=True) / 32767
+        slack = step / 2 * (q.double().abs().sum(-1) * scale.double())
+    err = (y.double() - ref).abs()
+    if y.dtype == torch.float32:
+        assert (err <= slack * 1.001 + 1e-5 * (ref.abs() + 1)).all(), (err - slack).max()
+    else:
+        assert (err <= slack * 1.001 + ref.abs() * 2.0**-7 + 1e-6).all(), (err - slack).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_int8_rounds_activations_within_the_bound(dtype: torch.dtype) -> None:
+    """Rows with one large element (the int16 grid is coarsest there), long rows past the int32 chunk
+    (8192), a zero row and rows with inf / NaN (those take the float32 loop and carry them)."""
+    w = _rand(40, 9000, seed=1)
+    q, scale = quant.quantize_per_channel(w, dtype)
+    x = _rand(4, 9000, dtype=dtype)
+    x[0, 5] = 300.0
+    x[1] = 0
+    _int8_close(native.native_int8(x, q, scale), x, q, scale)
+    for special in (float("inf"), float("nan")):
+        xs = x.clone()
+        xs[2, 7] = special
+        y = native.native_int8(xs, q, scale)
+        expected = special * q[:, 7].double() * scale.double()  # inf * 0 is NaN; the finite terms do not matter
+        torch.testing.assert_close(y[2].double(), expected.where(~expected.isfinite(), y[2].double()), equal_nan=True)
+        _int8_close(y[[0, 1, 3]], x[[0, 1, 3]], q, scale)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_swiglu_int8_equals_three_products(rows: int, dtype: torch.dtype) -> None:
+    """The int8 expert in one call: the three int8 products of the plain code (each within
+    ``_int8_close``), rounded in between as the model's ops round."""
+    d, i = 96, 200
+    ws = [_rand(*s, seed=k) * 0.2 for k, s in ((1, (i, d)), (2, (d, i)), (3, (i, d)))]
+    (q1, s1), (q2, s2), (q3, s3) = (quant.quantize_per_channel(w, dtype) for w in ws)
+    x = _rand(rows, d, dtype=dtype)
+    qs, ss = (q1, q2, q3), (s1, s2, s3)
+    assert native.use_native_swiglu_int8(x, qs, ss)
+    y = native.native_swiglu_int8(x, qs, ss)
+    h = F.silu(native.native_int8(x, q1, s1)) * native.native_int8(x, q3, s3)
+    ref = native.native_int8(h, q2, s2)
+    assert y.shape == ref.shape and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    assert ((y.double() - ref.double()).abs() <= 2 * tol * (ref.double().abs() + 1)).all()
+    ref8 = quant.linear_int8_reference
+    plain = ref8(F.silu(ref8(x, q1, s1)) * ref8(x, q3, s3), q2, s2).double()  # float32 products
+    assert ((y.double() - plain).abs() <= 0.01 * plain.abs() + 0.003 * plain.abs().max()).all()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 6, 8])

@@ -202,49 +202,196 @@ static void run_dp(const uint16_t *w, const uint16_t *x, Out out, long M, long I
 #define HAVE_DPBF16 0
 #endif
 
+/* With AVX512-VNNI, int8 weights multiply pairs of 16-bit integers straight into int32 sums
+ * (vpdpwssd: 32 products per instruction after one sign extension of the weights), instead of a
+ * conversion to float32 per weight: the int8 loop then streams at memory speed, not at the speed of
+ * the conversions. The activations are rounded to int16 for it, one scale per row (q = round(x / s),
+ * s = max|x| / 32767): an error of at most max|x| / 65534 per element, below bfloat16's rounding of
+ * every element larger than max|x| / 128, and far below the int8 weights' own error. Each int32 lane
+ * takes at most CHUNK / 64 sums of two products (|q_x * q_w| <= 32767 * 127) before it is added to
+ * a float32 total, so nothing overflows. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_VNNI 1
+#define CHUNK 8192
+#define QD(MM)                                                                                       \
+    static inline void qd_##MM(const int8_t *restrict wr, const int16_t *restrict xq,                \
+                               const float *restrict xs, Out out, long m0, long I, long o) {         \
+        const int16_t *xm = xq + m0 * I;                                                             \
+        __m512 f[MM];                                                                                \
+        for (int m = 0; m < MM; m++) f[m] = _mm512_setzero_ps();                                     \
+        long i32 = I / 32 * 32, k = 0;                                                               \
+        while (k < i32) {                                                                            \
+            long end = k + CHUNK < i32 ? k + CHUNK : i32;                                            \
+            __m512i a[MM], b[MM];                                                                    \
+            for (int m = 0; m < MM; m++) a[m] = b[m] = _mm512_setzero_si512();                       \
+            for (; k + 64 <= end; k += 64) {                                                         \
+                __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k)));    \
+                __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k + 32))); \
+                for (int m = 0; m < MM; m++) {                                                       \
+                    a[m] = _mm512_dpwssd_epi32(a[m], w0, _mm512_loadu_si512(xm + m * I + k));        \
+                    b[m] = _mm512_dpwssd_epi32(b[m], w1, _mm512_loadu_si512(xm + m * I + k + 32));   \
+                }                                                                                    \
+            }                                                                                        \
+            for (; k + 32 <= end; k += 32) {                                                         \
+                __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k)));    \
+                for (int m = 0; m < MM; m++)                                                         \
+                    a[m] = _mm512_dpwssd_epi32(a[m], w0, _mm512_loadu_si512(xm + m * I + k));        \
+            }                                                                                        \
+            for (int m = 0; m < MM; m++)                                                             \
+                f[m] = _mm512_add_ps(f[m], _mm512_add_ps(_mm512_cvtepi32_ps(a[m]), _mm512_cvtepi32_ps(b[m]))); \
+        }                                                                                            \
+        for (int m = 0; m < MM; m++) {                                                               \
+            float s = _mm512_reduce_add_ps(f[m]);                                                    \
+            for (long kk = i32; kk < I; kk++) s += (float)(wr[kk] * xm[m * I + kk]);                 \
+            store(out, m0 + m, o, s * xs[m0 + m]);                                                   \
+        }                                                                                            \
+    }
+QD(1)
+QD(2)
+QD(3)
+
+static void run_qd(const int8_t *w, const int16_t *xq, const float *xs, Out out, long M, long I, long o0, long o1) {
+    for (long o = o0; o < o1; o++) {
+        const int8_t *wr = w + o * I;
+        for (long m = 0; m < M;) {
+            switch (M - m) {
+            case 1: qd_1(wr, xq, xs, out, m, I, o); m += 1; break;
+            case 2: qd_2(wr, xq, xs, out, m, I, o); m += 2; break;
+            default: qd_3(wr, xq, xs, out, m, I, o); m += 3; break;
+            }
+        }
+    }
+}
+#else
+#define HAVE_VNNI 0
+#endif
+
+/* Whether int8 products use vpdpwssd on int16 activations (1) or the float32 loop (0). */
+int few_rows_vnni(void) { return HAVE_VNNI; }
+
 /* Whether bfloat16 products use vdpbf16ps (1) or the float32 loop (0). */
 int few_rows_dpbf16(void) { return HAVE_DPBF16; }
 
 enum { W_F32 = 0, W_BF16 = 1, W_INT8 = 2 };
+
+/* The activations in the form the loop for a weight type reads: bfloat16 as given (vdpbf16ps),
+ * int16 with one scale per row (vpdpwssd), or float32 (the generic loops; bfloat16 rows are
+ * converted once, they are few). */
+typedef struct {
+    const uint16_t *bf;
+    const int16_t *q;
+    const float *qs;
+    const float *f;
+    void *mem; /* what act_init allocated */
+} Act;
+
+/* Rounds M rows of x to int16, one scale per row; returns 0, or -1 if a row holds inf or NaN (the
+ * float32 loop then carries them through as PyTorch would). */
+static int quantize_rows(const void *x, int bf16, long M, long I, int16_t *q, float *qs) {
+    for (long m = 0; m < M; m++) {
+        float amax = 0;
+        for (long k = 0; k < I; k++) {
+            float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[m * I + k]) : ((const float *)x)[m * I + k];
+            v = fabsf(v);
+            if (v > amax) amax = v;
+            else if (v != v) return -1;
+        }
+        if (!isfinite(amax)) return -1;
+        qs[m] = amax / 32767.0f;
+        float inv = amax > 0 ? 32767.0f / amax : 0.0f;
+        for (long k = 0; k < I; k++) {
+            float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[m * I + k]) : ((const float *)x)[m * I + k];
+            float r = nearbyintf(v * inv);
+            q[m * I + k] = (int16_t)(r > 32767.0f ? 32767.0f : r < -32767.0f ? -32767.0f : r);
+        }
+    }
+    return 0;
+}
+
+/* Prepares x [M, I] (bfloat16 if bf16, else float32) for products with wtype weights; 0, or -1 for
+ * a failed allocation. Free a->mem afterwards. */
+static int act_init(Act *a, const void *x, long M, long I, int bf16, int wtype) {
+    memset(a, 0, sizeof *a);
+    if (HAVE_DPBF16 && wtype == W_BF16) {
+        a->bf = (const uint16_t *)x;
+        return 0;
+    }
+    if (HAVE_VNNI && wtype == W_INT8) {
+        char *mem = malloc(sizeof(int16_t) * M * I + sizeof(float) * M);
+        if (!mem) return -1;
+        float *qs = (float *)mem;
+        int16_t *q = (int16_t *)(mem + sizeof(float) * M);
+        if (quantize_rows(x, bf16, M, I, q, qs) == 0) {
+            a->q = q, a->qs = qs, a->mem = mem;
+            return 0;
+        }
+        free(mem);
+    }
+    if (!bf16) {
+        a->f = (const float *)x;
+        return 0;
+    }
+    float *f = malloc(sizeof(float) * M * I);
+    if (!f) return -1;
+    for (long i = 0; i < M * I; i++) f[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    a->f = f, a->mem = f;
+    return 0;
+}
+
+/* Outputs [o0, o1) of x @ w.T for the M rows of x (one thread's share). */
+static void product(const void *w, int wtype, const Act *x, Out out, long M, long I, long o0, long o1) {
+    if (o0 >= o1) return;
+#if HAVE_DPBF16
+    if (x->bf) {
+        run_dp((const uint16_t *)w, x->bf, out, M, I, o0, o1);
+        return;
+    }
+#endif
+#if HAVE_VNNI
+    if (x->q) {
+        run_qd((const int8_t *)w, x->q, x->qs, out, M, I, o0, o1);
+        return;
+    }
+#endif
+    if (wtype == W_BF16)
+        run_bf16((const uint16_t *)w, x->f, out, M, I, o0, o1);
+    else if (wtype == W_INT8)
+        run_i8((const int8_t *)w, x->f, out, M, I, o0, o1);
+    else
+        run_f32((const float *)w, x->f, out, M, I, o0, o1);
+}
+
+/* This thread's share [*o0, *o1) of O outputs, in multiples of V so no two threads share a cache
+ * line of the output. */
+static void share(long O, long *o0, long *o1) {
+    long n = omp_get_num_threads(), t = omp_get_thread_num();
+    long blocks = (O + V - 1) / V;
+    *o0 = blocks * t / n * V;
+    *o1 = blocks * (t + 1) / n * V;
+    if (*o1 > O) *o1 = O;
+}
+
+static int bad_types(int wtype, const void *scale, int bf16) {
+    return (wtype == W_INT8) != (scale != NULL) || (wtype == W_BF16 && !bf16) || (wtype == W_F32 && bf16) ||
+           wtype < W_F32 || wtype > W_INT8;
+}
 
 /* y = (x @ w.T) [* scale] for M (1..MAXM) rows. wtype: W_F32, W_BF16 or W_INT8 (scale required);
  * bf16: x, y and scale are bfloat16 (1) or float32 (0). Returns 0, or -1 for bad arguments or a
  * failed allocation (nothing written). */
 int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y, long M, long O, long I, int bf16,
              int threads) {
-    if (M < 1 || M > MAXM || (wtype == W_INT8) != (scale != NULL) || (wtype == W_BF16 && !bf16) ||
-        (wtype == W_F32 && bf16))
-        return -1;
-    int dp = HAVE_DPBF16 && wtype == W_BF16;
-    const float *xf = (const float *)x;
-    float *buf = NULL;
-    if (bf16 && !dp) { /* the float32 loops read float32 activations: convert the few rows once */
-        buf = malloc(sizeof(float) * M * I);
-        if (!buf) return -1;
-        for (long i = 0; i < M * I; i++) buf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-        xf = buf;
-    }
+    if (M < 1 || M > MAXM || bad_types(wtype, scale, bf16)) return -1;
+    Act a;
+    if (act_init(&a, x, M, I, bf16, wtype) != 0) return -1;
     Out out = {y, scale, O, bf16};
-    /* Split the outputs evenly, in multiples of V so no two threads share a cache line of y. */
 #pragma omp parallel num_threads(threads)
     {
-        long n = omp_get_num_threads(), t = omp_get_thread_num();
-        long blocks = (O + V - 1) / V;
-        long o0 = blocks * t / n * V, o1 = blocks * (t + 1) / n * V;
-        if (o1 > O) o1 = O;
-#if HAVE_DPBF16
-        if (dp)
-            run_dp((const uint16_t *)w, (const uint16_t *)x, out, M, I, o0, o1);
-        else
-#endif
-        if (wtype == W_BF16)
-            run_bf16((const uint16_t *)w, xf, out, M, I, o0, o1);
-        else if (wtype == W_INT8)
-            run_i8((const int8_t *)w, xf, out, M, I, o0, o1);
-        else
-            run_f32((const float *)w, xf, out, M, I, o0, o1);
+        long o0, o1;
+        share(O, &o0, &o1);
+        product(w, wtype, &a, out, M, I, o0, o1);
     }
-    free(buf);
+    free(a.mem);
     return 0;
 }
 
@@ -253,90 +400,60 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
 /* One SwiGLU expert on M (1..MAXM) rows: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T with w1, w3 [I, D]
- * and w2 [D, I], bfloat16 (bf16 = 1: x, y too) or float32. Each intermediate is rounded to
- * bfloat16 where PyTorch's bfloat16 ops would round it (both products, silu, the gated product), so
- * the result is the plain three-product code's, up to the order of the float32 additions. One
- * parallel region: the threads split the I hidden units, then (after a barrier) the D outputs.
- * Returns 0, or -1 for bad arguments or a failed allocation (nothing written). */
-int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *x, void *y, long M, long D, long I,
-                    int bf16, int threads) {
-    if (M < 1 || M > MAXM) return -1;
-    int dp = HAVE_DPBF16 && bf16;
+ * and w2 [D, I] of type wtype (int8: with scales s1, s3 [I] and s2 [D]; else NULL), x and y
+ * bfloat16 (bf16 = 1) or float32. Each intermediate is rounded to bfloat16 where PyTorch's bfloat16
+ * ops would round it (both products, silu, the gated product), so the result is the plain
+ * three-product code's, up to the order of the float32 additions. One parallel region: the threads
+ * split the I hidden units, then (after a barrier) the D outputs. Returns 0, or -1 for bad arguments
+ * or a failed allocation (nothing written). */
+int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
+                    int wtype, const void *x, void *y, long M, long D, long I, int bf16, int threads) {
+    if (M < 1 || M > MAXM || bad_types(wtype, s1, bf16) || (s1 == NULL) != (s3 == NULL) ||
+        (s1 == NULL) != (s2 == NULL))
+        return -1;
     size_t el = bf16 ? 2 : 4;
-    const float *xf = (const float *)x;
-    float *buf = NULL, *hf = NULL;
     void *a = malloc(el * M * I), *b = malloc(el * M * I);
-    if (bf16 && !dp) {
-        buf = malloc(sizeof(float) * M * D);
-        hf = malloc(sizeof(float) * M * I);
-    }
-    if (!a || !b || (bf16 && !dp && (!buf || !hf))) {
+    Act ax, ah;
+    memset(&ah, 0, sizeof ah);
+    if (!a || !b || act_init(&ax, x, M, D, bf16, wtype) != 0) {
         free(a);
         free(b);
-        free(buf);
-        free(hf);
         return -1;
     }
-    if (buf) {
-        for (long i = 0; i < M * D; i++) buf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
-        xf = buf;
-    }
-    Out oa = {a, NULL, I, bf16}, ob = {b, NULL, I, bf16}, oy = {y, NULL, D, bf16};
+    int failed = 0;
+    Out oa = {a, s1, I, bf16}, ob = {b, s3, I, bf16}, oy = {y, s2, D, bf16};
 #pragma omp parallel num_threads(threads)
     {
-        long n = omp_get_num_threads(), t = omp_get_thread_num();
-        long blocks = (I + V - 1) / V;
-        long i0 = blocks * t / n * V, i1 = blocks * (t + 1) / n * V;
-        if (i1 > I) i1 = I;
-        if (i0 < i1) {
-#if HAVE_DPBF16
-            if (dp) {
-                run_dp((const uint16_t *)w1, (const uint16_t *)x, oa, M, D, i0, i1);
-                run_dp((const uint16_t *)w3, (const uint16_t *)x, ob, M, D, i0, i1);
-            } else
-#endif
-            if (bf16) {
-                run_bf16((const uint16_t *)w1, xf, oa, M, D, i0, i1);
-                run_bf16((const uint16_t *)w3, xf, ob, M, D, i0, i1);
-            } else {
-                run_f32((const float *)w1, xf, oa, M, D, i0, i1);
-                run_f32((const float *)w3, xf, ob, M, D, i0, i1);
-            }
-            for (long m = 0; m < M; m++)
-                for (long i = i0; i < i1; i++) {
-                    long j = m * I + i;
-                    if (bf16) {
-                        uint16_t *ha = (uint16_t *)a;
-                        float g = round_bf16(silu(bf16_to_f32(ha[j])));
-                        ha[j] = f32_to_bf16(g * bf16_to_f32(((const uint16_t *)b)[j]));
-                        if (hf) hf[j] = bf16_to_f32(ha[j]);
-                    } else {
-                        float *fa = (float *)a;
-                        fa[j] = silu(fa[j]) * ((const float *)b)[j];
-                    }
+        long i0, i1;
+        share(I, &i0, &i1);
+        product(w1, wtype, &ax, oa, M, D, i0, i1);
+        product(w3, wtype, &ax, ob, M, D, i0, i1);
+        for (long m = 0; m < M; m++)
+            for (long i = i0; i < i1; i++) {
+                long j = m * I + i;
+                if (bf16) {
+                    uint16_t *ha = (uint16_t *)a;
+                    float g = round_bf16(silu(bf16_to_f32(ha[j])));
+                    ha[j] = f32_to_bf16(g * bf16_to_f32(((const uint16_t *)b)[j]));
+                } else {
+                    float *fa = (float *)a;
+                    fa[j] = silu(fa[j]) * ((const float *)b)[j];
                 }
-        }
+            }
 #pragma omp barrier
-        blocks = (D + V - 1) / V;
-        long d0 = blocks * t / n * V, d1 = blocks * (t + 1) / n * V;
-        if (d1 > D) d1 = D;
-        if (d0 < d1) {
-#if HAVE_DPBF16
-            if (dp)
-                run_dp((const uint16_t *)w2, (const uint16_t *)a, oy, M, I, d0, d1);
-            else
-#endif
-            if (bf16)
-                run_bf16((const uint16_t *)w2, hf, oy, M, I, d0, d1);
-            else
-                run_f32((const float *)w2, (const float *)a, oy, M, I, d0, d1);
+#pragma omp single
+        failed = act_init(&ah, a, M, I, bf16, wtype) != 0;
+        if (!failed) {
+            long d0, d1;
+            share(D, &d0, &d1);
+            product(w2, wtype, &ah, oy, M, I, d0, d1);
         }
     }
+    free(ax.mem);
+    free(ah.mem);
     free(a);
     free(b);
-    free(buf);
-    free(hf);
-    return 0;
+    return failed ? -1 : 0;
 }
 
 /* RMSNorm of M rows of D values (decoding: a few rows, one thread), in Hugging Face's order of
