@@ -20,7 +20,15 @@ from torch import nn
 from .cache import KVCache
 from .config import MixtralConfig
 from .moe import dispatch_experts, linear, route_topk
-from .native import native_rmsnorm, use_native_rmsnorm
+from .native import (
+    Projection,
+    native_attention,
+    native_qkv,
+    native_rmsnorm,
+    use_native_attention,
+    use_native_qkv,
+    use_native_rmsnorm,
+)
 from .routing import (
     Routing,
     experts_dense,
@@ -36,6 +44,8 @@ from .routing import (
 class Linear(nn.Linear):
     """``nn.Linear`` (no bias) through ``moe.linear``: on a CPU without native bfloat16 products,
     several rows (prefill, batched decode) multiply in float32."""
+
+    plain_product = True  # forward is x @ weight.T, nothing else (the fused kernels rely on it)
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -83,7 +93,11 @@ def attention(
 ) -> torch.Tensor:
     """``scaled_dot_product_attention``; in float32 for bfloat16/float16 on a CPU, where PyTorch's
     float32 kernel is faster even with native bfloat16 units (decode, one query row: 38 vs 148 us
-    per layer on AVX2; AVX-512 BF16: 37 vs 78 us at 160 keys, 84 vs 501 us at 1024)."""
+    per layer on AVX2; AVX-512 BF16: 37 vs 78 us at 160 keys, 84 vs 501 us at 1024). Decoding
+    against a cache takes the compiled kernel (``native.py``): the same float32 arithmetic without
+    the copies (bfloat16, 8 heads x 160 keys: 15 instead of 91 us)."""
+    if use_native_attention(q, k, v, mask) and not is_causal:
+        return native_attention(q, k, v, mask)
     if q.dtype in ATTENTION_UPCAST_ON_CPU and q.device.type == "cpu":
         m = None if mask is None else mask.float()
         y = F.scaled_dot_product_attention(
@@ -123,15 +137,31 @@ class Attention(nn.Module):
         slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, hd]
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        hd = self.head_dim
+        projections = self._projections()
+        if projections is not None and use_native_qkv(x, projections, cos, hd):  # decoding: one call
+            q, k, v = native_qkv(x, projections, cos, sin, hd)
+            q = q.view(b, t, self.n_heads, hd).transpose(1, 2)  # [B, H, T, hd]
+            k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # [B, KV, T, hd]
+            v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        else:
+            q = self.wq(x).view(b, t, self.n_heads, hd).transpose(1, 2)  # [B, H, T, hd]
+            k = self.wk(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # [B, KV, T, hd]
+            v = self.wv(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, slots, k, v)  # [B, KV, S, hd]
         y = attention(q, k, v, mask, is_causal=mask is None and t > 1, gqa=self.n_heads != self.n_kv_heads)
         y = self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         return y if self.reduce is None else self.reduce(y)
+
+    def _projections(self) -> tuple[Projection, ...] | None:
+        """(weight, int8 scale or None) of wq, wk, wv when each is a plain product (``plain_product``:
+        ``Linear``, ``quant.Int8Linear``), so the kernel may compute them; else None."""
+        mods = (self.wq, self.wk, self.wv)
+        if not all(type(m).__dict__.get("plain_product", False) for m in mods):
+            return None
+        return tuple((m.weight, getattr(m, "scale", None)) for m in mods)
 
 
 class FeedForward(nn.Module):

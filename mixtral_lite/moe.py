@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .gemv import experts_pair, split_linear, split_parts
-from .native import native_linear, native_swiglu, use_native, use_native_swiglu
+from .native import native_experts, native_linear, native_swiglu, use_native, use_native_experts, use_native_swiglu
 from .onednn import onednn_linear, use_onednn
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -172,6 +172,8 @@ def experts_per_token(
     Under ``torch.compile`` the expert ids are read with ``.item()`` (traced as unbacked integers
     with ``capture_scalar_outputs``, see ``generate.compile_decode_step``), so the views stay views.
     """
+    if use_native_experts(x, (w1, w2, w3), None, idx):  # decoding: every chosen expert in one call
+        return native_experts(x, (w1, w2, w3), None, idx, weights)
     pairs = idx.shape[1] == 2 and split_parts(x, w1[0]) > 1 and not use_native(x, w1[0])
     if pairs:  # ascending expert ids (the sum of two products is the same either way round)
         idx, order = idx.sort(-1)

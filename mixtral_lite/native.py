@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -133,6 +134,18 @@ def load() -> ctypes.CDLL | None:
         sw.restype = ctypes.c_int
         ptrs = [ctypes.c_void_p] * 6  # w1 w3 w2 and their scales (int8)
         sw.argtypes = ptrs + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
+        ex = lib.few_rows_experts
+        ex.restype = ctypes.c_int
+        ex.argtypes = ptrs + [ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        ex.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
+        qkv = lib.few_rows_qkv
+        qkv.restype = ctypes.c_int
+        qkv.argtypes = ptrs + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4
+        qkv.argtypes += [ctypes.c_long] * 4 + [ctypes.c_int] * 2
+        at = lib.few_rows_attention
+        at.restype = ctypes.c_int
+        at.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 6
+        at.argtypes += [ctypes.c_float, ctypes.c_int, ctypes.c_int]
         rn = lib.few_rows_rmsnorm
         rn.restype = None
         rn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
@@ -265,6 +278,162 @@ def native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor
     return y
 
 
+def use_native_experts(
+    x: torch.Tensor, ws: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...] | None, idx: torch.Tensor
+) -> bool:
+    """Whether the chosen experts of x [N, D] (stacked w1, w3 [E, I, D], w2 [E, D, I] as ``ws`` =
+    (w1, w2, w3); int8 with scales ``ss`` [E, I], [E, D], [E, I]) should run as one kernel call: CPU,
+    float32 or bfloat16 activations, at most ``NATIVE_MAX_ROWS`` tokens, contiguous weights, no
+    autograd, not compiling."""
+    w1, w2, w3 = ws
+    if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or w1.dim() != 3 or idx.dim() != 2:
+        return False
+    e, i, d = w1.shape
+    if x.shape[1] != d or w3.shape != w1.shape or w2.shape != (e, d, i) or not 0 < x.shape[0] <= NATIVE_MAX_ROWS:
+        return False
+    if idx.shape[0] != x.shape[0] or not all(w.is_contiguous() for w in ws):
+        return False
+    if ss is None:
+        if w1.dtype != x.dtype or w2.dtype != x.dtype or w3.dtype != x.dtype:
+            return False
+    elif any(w.dtype != torch.int8 for w in ws) or any(s.dtype != x.dtype or not s.is_contiguous() for s in ss):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)):
+        return False
+    return not torch.compiler.is_compiling() and available()
+
+
+def native_experts(
+    x: torch.Tensor,
+    ws: tuple[torch.Tensor, ...],
+    ss: tuple[torch.Tensor, ...] | None,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_k weights[n, k] * expert_{idx[n, k]}(x[n])`` in one call (``moe.experts_per_token``'s
+    result, rounded as its ops round): rows that chose the same expert share one pass over its
+    weights. ``ss``: int8 scales, or None for float weights."""
+    w1, w2, w3 = ws
+    e, i, _ = w1.shape
+    wtype = _INT8 if ss is not None else _DTYPES[w1.dtype]
+    scales = (None, None, None) if ss is None else (ss[0].data_ptr(), ss[2].data_ptr(), ss[1].data_ptr())
+    ids = idx.to(torch.int64).contiguous()
+    rw = weights.to(torch.float32).contiguous()
+    before = (
+        w1.data_ptr(),
+        w3.data_ptr(),
+        w2.data_ptr(),
+        *scales,
+        wtype,
+        e,
+        ids.data_ptr(),
+        rw.data_ptr(),
+        idx.shape[1],
+    )
+    return _run("few_rows_experts", x, x.shape[1], i, *before)
+
+
+Projection = tuple[torch.Tensor, torch.Tensor | None]  # a weight [O, I] and its int8 scales [O] (or None)
+
+
+def use_native_qkv(x: torch.Tensor, projections: tuple[Projection, ...], cos: torch.Tensor, head_dim: int) -> bool:
+    """Whether the q, k, v projections of x [B, T, D] and the rotary embedding (cos, sin
+    [B, 1, T, hd]) should run as one kernel call: CPU, float32 or bfloat16, at most
+    ``NATIVE_MAX_ROWS`` rows, contiguous weights of one type (int8 with scales of x's dtype),
+    k and v alike, no autograd, not compiling."""
+    if x.device.type != "cpu" or x.dim() != 3 or x.dtype not in _DTYPES or x.shape[0] * x.shape[1] > NATIVE_MAX_ROWS:
+        return False
+    if cos.dtype != x.dtype or cos.shape != (x.shape[0], 1, x.shape[1], head_dim) or not cos.is_contiguous():
+        return False
+    (wq, sq), (wk, sk), (wv, sv) = projections
+    int8 = wq.dtype == torch.int8
+    for w, s in projections:
+        if w.dim() != 2 or w.shape[1] != x.shape[2] or w.shape[0] % head_dim or not w.is_contiguous():
+            return False
+        if w.dtype != (torch.int8 if int8 else x.dtype) or (s is None) == int8:
+            return False
+        if s is not None and (s.dtype != x.dtype or s.shape != w.shape[:1] or not s.is_contiguous()):
+            return False
+    if wk.shape != wv.shape or head_dim % 2:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w, _ in projections)):
+        return False
+    return not torch.compiler.is_compiling() and available()
+
+
+def native_qkv(
+    x: torch.Tensor, projections: tuple[Projection, ...], cos: torch.Tensor, sin: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v = x @ wq.T, x @ wk.T, x @ wv.T (int8: times the scales), then ``apply_rotary`` to q and k,
+    in one call, rounding as those ops round. Returns [B, T, O] each."""
+    (wq, sq), (wk, sk), (wv, sv) = projections
+    b, t, d = x.shape
+    rows = x.contiguous()
+    oq, okv = wq.shape[0], wk.shape[0]
+    q = torch.empty(b, t, oq, dtype=x.dtype)
+    k, v = torch.empty(b, t, okv, dtype=x.dtype), torch.empty(b, t, okv, dtype=x.dtype)
+    int8 = sq is not None
+    scales = (sq.data_ptr(), sk.data_ptr(), sv.data_ptr()) if int8 else (None, None, None)
+    rc = _loaded().few_rows_qkv(
+        wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), *scales, _INT8 if int8 else _DTYPES[wq.dtype],
+        cos.data_ptr(), sin.contiguous().data_ptr(), head_dim, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+        rows.data_ptr(), b * t, oq, okv, d, _DTYPES[x.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"native kernel few_rows_qkv failed for {b * t} rows -> {oq}, {okv} ({x.dtype})")
+    return q, k, v
+
+
+def use_native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether decode attention (q [B, H, T, hd] against a cache k, v [B, KV, S, hd] with an additive
+    mask [B, 1, T, S] of q's dtype) should run through the kernel: CPU, float32 or bfloat16, at most
+    ``NATIVE_MAX_ROWS`` queries per row, contiguous cache and mask, no autograd, not compiling."""
+    if mask is None or q.device.type != "cpu" or q.dtype not in _DTYPES or q.dim() != 4:
+        return False
+    b, h, t, hd = q.shape
+    if k.dtype != q.dtype or v.dtype != q.dtype or mask.dtype != q.dtype or t > NATIVE_MAX_ROWS:
+        return False
+    if k.dim() != 4 or k.shape[0] != b or k.shape[3] != hd or v.shape != k.shape or h % k.shape[1] != 0:
+        return False
+    if mask.shape != (b, 1, t, k.shape[2]) or not (k.is_contiguous() and v.is_contiguous() and mask.is_contiguous()):
+        return False
+    if q.stride(-1) != 1 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return False
+    return not torch.compiler.is_compiling() and available()
+
+
+def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` computed in float32
+    (as on float32 copies of bfloat16 inputs), one rounding at the end. Returns [B, H, T, hd] as a
+    view of a [B, T, H, hd] tensor (what the output projection reads)."""
+    b, h, t, hd = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    y = torch.empty(b, t, h, hd, dtype=q.dtype)
+    threads = torch.get_num_threads()
+    rc = _loaded().few_rows_attention(
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.data_ptr(),
+        v.data_ptr(),
+        mask.data_ptr(),
+        y.data_ptr(),
+        b,
+        h,
+        kv,
+        t,
+        s,
+        hd,
+        1.0 / math.sqrt(hd),
+        _DTYPES[q.dtype],
+        threads,
+    )
+    if rc != 0:
+        raise RuntimeError(f"native kernel few_rows_attention failed for q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return y.transpose(1, 2)
+
+
 def use_native_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether ``(x @ q.T) * scale`` (int8 weights, one scale per output) should run through the
     kernel: as ``use_native``, with x and scale of one dtype and a row-major int8 q."""
@@ -289,14 +458,20 @@ __all__ = [
     "FLOAT32_MAX_ROWS",
     "NATIVE_MAX_ROWS",
     "available",
+    "native_attention",
+    "native_experts",
     "native_int8",
     "native_linear",
+    "native_qkv",
     "native_rmsnorm",
     "native_swiglu",
     "native_swiglu_int8",
     "native_status",
     "use_native",
+    "use_native_attention",
+    "use_native_experts",
     "use_native_int8",
+    "use_native_qkv",
     "use_native_rmsnorm",
     "use_native_swiglu",
     "use_native_swiglu_int8",

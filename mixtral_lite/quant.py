@@ -26,7 +26,14 @@ from torch import nn
 
 from .errors import UserError
 from .moe import COMPILED_PER_TOKEN_MAX, UPCAST_ON_CPU, expert_id, experts_dense_topk, experts_reference, linear
-from .native import native_int8, native_swiglu_int8, use_native_int8, use_native_swiglu_int8
+from .native import (
+    native_experts,
+    native_int8,
+    native_swiglu_int8,
+    use_native_experts,
+    use_native_int8,
+    use_native_swiglu_int8,
+)
 
 MODES = ("int8",)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
@@ -94,6 +101,8 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights [O, I] and per-output-channel scales [O]."""
 
+    plain_product = True  # forward is x @ (weight * scale[:, None]).T (the fused kernels rely on it)
+
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
         self.in_features, self.out_features = q.shape[1], q.shape[0]
@@ -135,6 +144,8 @@ def experts_int8_per_token(
 ) -> torch.Tensor:
     """Few tokens on the CPU: each token runs its K chosen experts (int8 slices, no copy; under
     compile the ids are read with ``.item()`` as in ``moe.experts_per_token``)."""
+    if use_native_experts(x, qs, ss, idx):  # decoding: every chosen expert in one call (native.py)
+        return native_experts(x, qs, ss, idx, weights)
     if torch.compiler.is_compiling():
         chosen = [[expert_id(idx[n, k], qs[0].shape[0]) for k in range(idx.shape[1])] for n in range(idx.shape[0])]
         scales = [[weights[n, k] for k in range(idx.shape[1])] for n in range(idx.shape[0])]

@@ -86,6 +86,15 @@ static inline float hsum(vf a) {
     return s;
 }
 
+/* x[0..n) as float32 from bfloat16 (bf16 = 1) or float32. */
+static inline float at(const void *x, long i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+static inline vf load_any(const void *x, long i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)x + i) : load_f32((const float *)x + i);
+}
+
 /* Where results go: y[m, o] = sum * scale[o] (no scale: sum), stored as bfloat16 or float32. */
 typedef struct {
     void *y;
@@ -399,60 +408,181 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
-/* One SwiGLU expert on M (1..MAXM) rows: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T with w1, w3 [I, D]
- * and w2 [D, I] of type wtype (int8: with scales s1, s3 [I] and s2 [D]; else NULL), x and y
- * bfloat16 (bf16 = 1) or float32. Each intermediate is rounded to bfloat16 where PyTorch's bfloat16
- * ops would round it (both products, silu, the gated product), so the result is the plain
- * three-product code's, up to the order of the float32 additions. One parallel region: the threads
- * split the I hidden units, then (after a barrier) the D outputs. Returns 0, or -1 for bad arguments
- * or a failed allocation (nothing written). */
-int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
-                    int wtype, const void *x, void *y, long M, long D, long I, int bf16, int threads) {
-    if (M < 1 || M > MAXM || bad_types(wtype, s1, bf16) || (s1 == NULL) != (s3 == NULL) ||
-        (s1 == NULL) != (s2 == NULL))
-        return -1;
-    size_t el = bf16 ? 2 : 4;
-    void *a = malloc(el * M * I), *b = malloc(el * M * I);
-    Act ax, ah;
-    memset(&ah, 0, sizeof ah);
-    if (!a || !b || act_init(&ax, x, M, D, bf16, wtype) != 0) {
-        free(a);
-        free(b);
-        return -1;
-    }
-    int failed = 0;
-    Out oa = {a, s1, I, bf16}, ob = {b, s3, I, bf16}, oy = {y, s2, D, bf16};
-#pragma omp parallel num_threads(threads)
-    {
-        long i0, i1;
-        share(I, &i0, &i1);
-        product(w1, wtype, &ax, oa, M, D, i0, i1);
-        product(w3, wtype, &ax, ob, M, D, i0, i1);
-        for (long m = 0; m < M; m++)
-            for (long i = i0; i < i1; i++) {
-                long j = m * I + i;
-                if (bf16) {
-                    uint16_t *ha = (uint16_t *)a;
-                    float g = round_bf16(silu(bf16_to_f32(ha[j])));
-                    ha[j] = f32_to_bf16(g * bf16_to_f32(((const uint16_t *)b)[j]));
-                } else {
-                    float *fa = (float *)a;
-                    fa[j] = silu(fa[j]) * ((const float *)b)[j];
-                }
+/* One SwiGLU expert's weights: w1, w3 [I, D] and w2 [D, I] of type wtype (int8: with scales s1, s3
+ * [I] and s2 [D]; else NULL). */
+typedef struct {
+    const void *w1, *w3, *w2, *s1, *s3, *s2;
+    int wtype;
+} Expert;
+
+/* Scratch and shared state of a SwiGLU run by a team of threads. */
+typedef struct {
+    void *a, *b; /* [M, I] each, in the activations' dtype */
+    Act h;       /* the gated product, prepared for the w2 product */
+    int failed;
+} Team;
+
+/* Run by every thread of a parallel region: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T for the M rows
+ * of x (prepared as ax). The threads split the I hidden units, then, after a barrier, the D outputs.
+ * Each intermediate is rounded to bfloat16 where PyTorch's bfloat16 ops would round it (both
+ * products, silu, the gated product), so the result is the plain three-product code's, up to the
+ * order of the float32 additions. On return all threads have finished (t->failed: an allocation
+ * failed, y not written). */
+static void swiglu_team(Expert ex, const Act *ax, Team *t, void *y, long M, long D, long I, int bf16) {
+    Out oa = {t->a, ex.s1, I, bf16}, ob = {t->b, ex.s3, I, bf16}, oy = {y, ex.s2, D, bf16};
+    long i0, i1;
+    share(I, &i0, &i1);
+    product(ex.w1, ex.wtype, ax, oa, M, D, i0, i1);
+    product(ex.w3, ex.wtype, ax, ob, M, D, i0, i1);
+    for (long m = 0; m < M; m++)
+        for (long i = i0; i < i1; i++) {
+            long j = m * I + i;
+            if (bf16) {
+                uint16_t *ha = (uint16_t *)t->a;
+                float g = round_bf16(silu(bf16_to_f32(ha[j])));
+                ha[j] = f32_to_bf16(g * bf16_to_f32(((const uint16_t *)t->b)[j]));
+            } else {
+                float *fa = (float *)t->a;
+                fa[j] = silu(fa[j]) * ((const float *)t->b)[j];
             }
+        }
 #pragma omp barrier
 #pragma omp single
-        failed = act_init(&ah, a, M, I, bf16, wtype) != 0;
-        if (!failed) {
-            long d0, d1;
-            share(D, &d0, &d1);
-            product(w2, wtype, &ah, oy, M, I, d0, d1);
+    {
+        free(t->h.mem);
+        t->failed = act_init(&t->h, t->a, M, I, bf16, ex.wtype) != 0;
+    }
+    if (!t->failed) {
+        long d0, d1;
+        share(D, &d0, &d1);
+        product(ex.w2, ex.wtype, &t->h, oy, M, I, d0, d1);
+    }
+#pragma omp barrier
+}
+
+static int team_init(Team *t, long M, long I, int bf16) {
+    size_t el = bf16 ? 2 : 4;
+    memset(t, 0, sizeof *t);
+    t->a = malloc(el * M * I);
+    t->b = malloc(el * M * I);
+    return t->a && t->b ? 0 : -1;
+}
+
+static void team_free(Team *t) {
+    free(t->a);
+    free(t->b);
+    free(t->h.mem);
+}
+
+static int bad_expert(Expert ex, int bf16) {
+    return bad_types(ex.wtype, ex.s1, bf16) || (ex.s1 == NULL) != (ex.s3 == NULL) || (ex.s1 == NULL) != (ex.s2 == NULL);
+}
+
+/* One SwiGLU expert on M (1..MAXM) rows: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T (see Expert and
+ * swiglu_team), x and y bfloat16 (bf16 = 1) or float32. Returns 0, or -1 for bad arguments or a
+ * failed allocation (nothing written). */
+int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
+                    int wtype, const void *x, void *y, long M, long D, long I, int bf16, int threads) {
+    Expert ex = {w1, w3, w2, s1, s3, s2, wtype};
+    if (M < 1 || M > MAXM || bad_expert(ex, bf16)) return -1;
+    Team t;
+    Act ax;
+    if (team_init(&t, M, I, bf16) != 0 || act_init(&ax, x, M, D, bf16, wtype) != 0) {
+        team_free(&t);
+        return -1;
+    }
+#pragma omp parallel num_threads(threads)
+    swiglu_team(ex, &ax, &t, y, M, D, I, bf16);
+    int failed = t.failed;
+    free(ax.mem);
+    team_free(&t);
+    return failed ? -1 : 0;
+}
+
+/* The mixture of M (1..MAXM) rows: y[m] = sum_j rw[m, j] * expert_{idx[m, j]}(x[m]) over the K chosen
+ * experts of each row, from stacked weights (expert e at e * I * D elements of w1, w3 and w2; scales
+ * at e * I and e * D). Rows that chose the same expert run through it together, so each chosen
+ * expert's weights are read once. Rounding as the plain code's: each expert output rounded to the
+ * dtype, times its float32 weight rounded, added in the order of j, each sum rounded. idx: int64
+ * [M, K] in [0, E); rw: float32 [M, K]. Returns 0, or -1 for bad arguments or a failed allocation
+ * (nothing written). */
+int few_rows_experts(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
+                     int wtype, long E, const int64_t *idx, const float *rw, long K, const void *x, void *y, long M,
+                     long D, long I, int bf16, int threads) {
+    Expert base = {w1, w3, w2, s1, s3, s2, wtype};
+    if (M < 1 || M > MAXM || K < 1 || E < 1 || bad_expert(base, bf16)) return -1;
+    long P = M * K; /* (row, choice) pairs */
+    for (long j = 0; j < P; j++)
+        if (idx[j] < 0 || idx[j] >= E) return -1;
+    size_t el = bf16 ? 2 : 4, wel = wtype == W_INT8 ? 1 : el;
+    char *xs = malloc(el * P * D), *ys = malloc(el * P * D);
+    long *pair = malloc(sizeof(long) * P), *start = malloc(sizeof(long) * (E + 1));
+    Team t;
+    Act ax;
+    memset(&ax, 0, sizeof ax);
+    int failed = team_init(&t, M, I, bf16) != 0 || !xs || !ys || !pair || !start;
+    if (!failed) { /* the pairs grouped by expert (stable), their rows gathered and prepared at once */
+        long n = 0;
+        for (long e = 0; e < E; e++) {
+            start[e] = n;
+            for (long j = 0; j < P; j++)
+                if (idx[j] == e) {
+                    memcpy(xs + el * n * D, (const char *)x + el * (j / K) * D, el * D);
+                    pair[n++] = j;
+                }
         }
+        start[E] = n;
+        failed = act_init(&ax, xs, P, D, bf16, wtype) != 0;
+    }
+    if (!failed) {
+#pragma omp parallel num_threads(threads)
+        for (long e = 0; e < E && !t.failed; e++) {
+            long r0 = start[e], n = start[e + 1] - r0;
+            if (n == 0) continue;
+            Act a = ax; /* the rows of this expert */
+            if (a.bf) a.bf += r0 * D;
+            if (a.q) a.q += r0 * D, a.qs += r0;
+            if (a.f) a.f += r0 * D;
+            Expert ex = base;
+            ex.w1 = (const char *)w1 + wel * e * I * D;
+            ex.w3 = (const char *)w3 + wel * e * I * D;
+            ex.w2 = (const char *)w2 + wel * e * I * D;
+            if (s1) {
+                ex.s1 = (const char *)s1 + el * e * I;
+                ex.s3 = (const char *)s3 + el * e * I;
+                ex.s2 = (const char *)s2 + el * e * D;
+            }
+            swiglu_team(ex, &a, &t, ys + el * r0 * D, n, D, I, bf16);
+        }
+        failed = t.failed;
+    }
+    if (!failed) {
+        float *acc = calloc((size_t)P * D, sizeof(float)); /* acc[j]: the output of pair j, in pair order */
+        if (!acc) failed = 1;
+        for (long r = 0; !failed && r < P; r++)
+            for (long d = 0; d < D; d++) acc[pair[r] * D + d] = at(ys, r * D + d, bf16);
+        for (long m = 0; !failed && m < M; m++)
+            for (long d = 0; d < D; d++) {
+                float sum = 0;
+                for (long j = 0; j < K; j++) {
+                    float v = acc[(m * K + j) * D + d] * rw[m * K + j];
+                    if (bf16) v = round_bf16(v);
+                    sum = j == 0 ? v : sum + v;
+                    if (bf16) sum = round_bf16(sum);
+                }
+                if (bf16)
+                    ((uint16_t *)y)[m * D + d] = f32_to_bf16(sum);
+                else
+                    ((float *)y)[m * D + d] = sum;
+            }
+        free(acc);
     }
     free(ax.mem);
-    free(ah.mem);
-    free(a);
-    free(b);
+    team_free(&t);
+    free(xs);
+    free(ys);
+    free(pair);
+    free(start);
     return failed ? -1 : 0;
 }
 
@@ -477,4 +607,131 @@ void few_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, flo
             }
         }
     }
+}
+
+/* Attention of a few query rows against a cache (decoding), in float32 as PyTorch's
+ * scaled_dot_product_attention computes it on float32 copies of bfloat16 inputs: for batch row b,
+ * head h and query t, with g = h / (H / KV) the key/value head it shares,
+ *     y[b, t, h] = softmax_s(q[b, h, t] . k[b, g, s] * scale + mask[b, t, s]) @ v[b, g, s],
+ * rounded once to the output dtype. q [B, H, T, hd] with element strides qb, qh, qt (hd contiguous),
+ * k and v [B, KV, S, hd] contiguous, mask [B, T, S] additive (0 or -inf: masked keys are skipped),
+ * y [B, T, H, hd] contiguous; all bfloat16 (bf16 = 1) or float32. The (b, h, t) rows are spread over
+ * the threads. Returns 0, or -1 for bad arguments or a failed allocation (nothing written). */
+int few_rows_attention(const void *q, long qb, long qh, long qt, const void *k, const void *v, const void *mask,
+                       void *y, long B, long H, long KV, long T, long S, long hd, float scale, int bf16,
+                       int threads) {
+    if (B < 1 || T < 1 || S < 1 || hd < 1 || KV < 1 || H % KV != 0) return -1;
+    long units = B * H * T, group = H / KV;
+    float *buf = malloc(sizeof(float) * (size_t)(S + 2 * hd) * (size_t)(threads > 0 ? threads : 1));
+    if (!buf) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+        float *p = buf + (size_t)omp_get_thread_num() * (size_t)(S + 2 * hd), *qf = p + S, *acc = qf + hd;
+#pragma omp for schedule(static)
+        for (long u = 0; u < units; u++) {
+            long b = u / (H * T), h = u / T % H, t = u % T, g = h / group;
+            for (long d = 0; d < hd; d++) qf[d] = at(q, b * qb + h * qh + t * qt + d, bf16);
+            long kv0 = (b * KV + g) * S * hd, m0 = (b * T + t) * S;
+            float mx = -INFINITY;
+            for (long s = 0; s < S; s++) {
+                float bias = at(mask, m0 + s, bf16);
+                if (bias == -INFINITY) {
+                    p[s] = -INFINITY;
+                    continue;
+                }
+                long d = 0;
+                vf a = {0};
+                for (; d + V <= hd; d += V) a += load_f32(qf + d) * load_any(k, kv0 + s * hd + d, bf16);
+                float dot = hsum(a);
+                for (; d < hd; d++) dot += qf[d] * at(k, kv0 + s * hd + d, bf16);
+                p[s] = dot * scale + bias;
+                if (p[s] > mx) mx = p[s];
+            }
+            float sum = 0;
+            for (long d = 0; d < hd; d++) acc[d] = 0;
+            for (long s = 0; s < S; s++) {
+                if (p[s] == -INFINITY) continue;
+                float e = expf(p[s] - mx);
+                sum += e;
+                long d = 0;
+                for (; d + V <= hd; d += V) {
+                    vf o = load_f32(acc + d) + e * load_any(v, kv0 + s * hd + d, bf16);
+                    memcpy(acc + d, &o, sizeof o);
+                }
+                for (; d < hd; d++) acc[d] += e * at(v, kv0 + s * hd + d, bf16);
+            }
+            long y0 = ((b * T + t) * H + h) * hd;
+            for (long d = 0; d < hd; d++) {
+                float o = acc[d] / sum;
+                if (bf16)
+                    ((uint16_t *)y)[y0 + d] = f32_to_bf16(o);
+                else
+                    ((float *)y)[y0 + d] = o;
+            }
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* Rotary embedding of one head in place, Hugging Face's half-split layout: with c, s the head's cos
+ * and sin rows and r = (-x[h:], x[:h]) (h = hd / 2), x = x * c + r * s, each product and the sum
+ * rounded as PyTorch's ops round them (bfloat16: to bfloat16 each; float32: no fused multiply-add). */
+__attribute__((optimize("fp-contract=off"))) static void rope_head(void *x, long x0, const void *c, const void *s,
+                                                                    long c0, long hd, int bf16) {
+    long h = hd / 2;
+    for (long d = 0; d < h; d++) {
+        float a = at(x, x0 + d, bf16), b = at(x, x0 + d + h, bf16);
+        float ca = at(c, c0 + d, bf16), cb = at(c, c0 + d + h, bf16);
+        float sa = at(s, c0 + d, bf16), sb = at(s, c0 + d + h, bf16);
+        float t1 = a * ca, t2 = -b * sa, u1 = b * cb, u2 = a * sb;
+        if (bf16) {
+            t1 = round_bf16(t1), t2 = round_bf16(t2), u1 = round_bf16(u1), u2 = round_bf16(u2);
+            ((uint16_t *)x)[x0 + d] = f32_to_bf16(t1 + t2);
+            ((uint16_t *)x)[x0 + d + h] = f32_to_bf16(u1 + u2);
+        } else {
+            ((float *)x)[x0 + d] = t1 + t2;
+            ((float *)x)[x0 + d + h] = u1 + u2;
+        }
+    }
+}
+
+/* The attention projections of M (1..MAXM) rows in one call: q = x @ wq.T [M, Oq], k = x @ wk.T and
+ * v = x @ wv.T [M, Okv] (weights of type wtype; int8 with scales sq, sk, sv, else NULL), then the
+ * rotary embedding of q and k per head of hd values with cos, sin [M, hd] (rounding as the plain
+ * ops). x is prepared once for the three products; the threads split their outputs, then (after a
+ * barrier) the heads. Returns 0, or -1 for bad arguments or a failed allocation (nothing written). */
+int few_rows_qkv(const void *wq, const void *wk, const void *wv, const void *sq, const void *sk, const void *sv,
+                 int wtype, const void *cos, const void *sin, long hd, void *q, void *k, void *v, const void *x,
+                 long M, long Oq, long Okv, long D, int bf16, int threads) {
+    if (M < 1 || M > MAXM || hd < 2 || hd % 2 || Oq % hd || Okv % hd || bad_types(wtype, sq, bf16) ||
+        (sq == NULL) != (sk == NULL) || (sq == NULL) != (sv == NULL))
+        return -1;
+    Act ax;
+    if (act_init(&ax, x, M, D, bf16, wtype) != 0) return -1;
+    Out oq = {q, sq, Oq, bf16}, ok = {k, sk, Okv, bf16}, ov = {v, sv, Okv, bf16};
+    long O = Oq + 2 * Okv, heads = (Oq + Okv) / hd;
+#pragma omp parallel num_threads(threads)
+    {
+        long o0, o1;
+        share(O, &o0, &o1);
+        /* [o0, o1) of the outputs q | k | v, each part clipped to its matrix */
+        if (o0 < Oq) product(wq, wtype, &ax, oq, M, D, o0, o1 < Oq ? o1 : Oq);
+        if (o1 > Oq && o0 < Oq + Okv) {
+            long a = o0 > Oq ? o0 - Oq : 0, b = o1 < Oq + Okv ? o1 - Oq : Okv;
+            product(wk, wtype, &ax, ok, M, D, a, b);
+        }
+        if (o1 > Oq + Okv) product(wv, wtype, &ax, ov, M, D, o0 > Oq + Okv ? o0 - Oq - Okv : 0, o1 - Oq - Okv);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (long u = 0; u < M * heads; u++) {
+            long m = u / heads, hh = u % heads;
+            if (hh * hd < Oq)
+                rope_head(q, m * Oq + hh * hd, cos, sin, m * hd, hd, bf16);
+            else
+                rope_head(k, m * Okv + hh * hd - Oq, cos, sin, m * hd, hd, bf16);
+        }
+    }
+    free(ax.mem);
+    return 0;
 }
