@@ -15,7 +15,16 @@ why.
 
 ``native_linear(x, w)`` equals ``F.linear(x, w)`` and ``native_int8(x, q, scale)`` the dequantised
 product, up to the order of the float32 additions (one final rounding to bfloat16, as PyTorch's);
-the tests tie them. Training (autograd) and ``torch.compile`` keep PyTorch's kernels.
+with AVX512-VNNI the int8 product rounds the activations to int16 (one scale per row, error at
+most max|x| / 65534 per element). Training (autograd) and ``torch.compile`` keep PyTorch's kernels.
+
+A decode step also has fused entries, so a layer is a handful of calls instead of dozens of small
+PyTorch ops: ``native_qkv`` (the three attention projections and the rotary embedding),
+``native_attention`` (attention against the cache in float32, no float32 copy of the cache),
+``native_experts`` (every chosen expert of every row and the weighted sum; rows that chose the same
+expert share one pass over its weights), ``native_swiglu`` and ``native_rmsnorm``. Each rounds where
+the plain ops round (bit for bit in bfloat16 given the same products); the tests tie each to the
+code it replaces.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@
  * Weights: bfloat16 (uint16_t bit patterns), float32 or int8 with one scale per output, [O, I],
  * row-major (w[o, k] at o * I + k). x [M, I] and y [M, O] are row-major, both bfloat16 or both
  * float32 (the scale too).
+ *
+ * Entries: few_rows (one product), few_rows_swiglu (one expert), few_rows_experts (the chosen
+ * experts of every row, weighted and summed), few_rows_qkv (attention projections and rotary
+ * embedding), few_rows_attention (decode attention against the cache), few_rows_rmsnorm.
  */
 #include <omp.h>
 #if defined(__x86_64__)
