@@ -23,9 +23,11 @@ from .moe import dispatch_experts, linear, route_topk
 from .native import (
     Projection,
     native_attention,
+    native_attention_block,
     native_qkv,
     native_rmsnorm,
     use_native_attention,
+    use_native_attention_block,
     use_native_qkv,
     use_native_rmsnorm,
 )
@@ -155,10 +157,10 @@ class Attention(nn.Module):
         y = self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         return y if self.reduce is None else self.reduce(y)
 
-    def _projections(self) -> tuple[Projection, ...] | None:
-        """(weight, int8 scale or None) of wq, wk, wv when each is a plain product (``plain_product``:
-        ``Linear``, ``quant.Int8Linear``), so the kernel may compute them; else None."""
-        mods = (self.wq, self.wk, self.wv)
+    def _projections(self, with_output: bool = False) -> tuple[Projection, ...] | None:
+        """(weight, int8 scale or None) of wq, wk, wv (and wo) when each is a plain product
+        (``plain_product``: ``Linear``, ``quant.Int8Linear``), so the kernel may compute them; else None."""
+        mods = (self.wq, self.wk, self.wv, self.wo) if with_output else (self.wq, self.wk, self.wv)
         if not all(type(m).__dict__.get("plain_product", False) for m in mods):
             return None
         return tuple((m.weight, getattr(m, "scale", None)) for m in mods)
@@ -214,7 +216,7 @@ class SparseMoE(nn.Module):
         if not self.plain:
             r = self.routing(x)
             return r.logits, r.idx, r.weights
-        logits = self.gate(x)
+        logits = linear(x, self.gate.weight)  # decoding: the kernel's product (native.py)
         idx, weights = route_topk(logits, self.top_k)
         return logits, idx, weights
 
@@ -298,9 +300,38 @@ class Block(nn.Module):
         cache: KVCache | None,
         slots: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, slots)
-        y, router_logits = self.feed_forward(self.ffn_norm(x))
-        return x + y, router_logits
+        h = self._fused_attention(x, cos, sin, mask, cache, slots)
+        if h is None:
+            h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, slots)
+        y, router_logits = self.feed_forward(self.ffn_norm(h))
+        return h + y, router_logits
+
+    def _fused_attention(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        slots: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Decoding on the CPU: ``x + attention(attention_norm(x))`` as one kernel call (``native.py``;
+        the same roundings as the modules' ops), or None where the layer or the cache is not the plain
+        one (tensor parallelism, another cache class, modules replaced)."""
+        att, norm = self.attention, self.attention_norm
+        if cache is None or type(cache) is not KVCache or type(att) is not Attention or type(norm) is not RMSNorm:
+            return None
+        if att.reduce is not None or x.device.type != "cpu" or slots is None:
+            return None
+        projections = att._projections(with_output=True)
+        if projections is None:
+            return None
+        caches = (cache.k[att.layer_idx], cache.v[att.layer_idx])
+        if not use_native_attention_block(x, norm.weight, projections, cos, att.head_dim, caches, mask):
+            return None
+        return native_attention_block(
+            x, norm.weight, norm.eps, projections, cos, sin, att.head_dim, caches, slots, mask
+        )
 
 
 class Output(NamedTuple):

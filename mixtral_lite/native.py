@@ -151,6 +151,10 @@ def load() -> ctypes.CDLL | None:
         qkv.restype = ctypes.c_int
         qkv.argtypes = ptrs + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4
         qkv.argtypes += [ctypes.c_long] * 4 + [ctypes.c_int] * 2
+        blk = lib.few_rows_attention_block
+        blk.restype = ctypes.c_int
+        blk.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 8 + [ctypes.c_int]
+        blk.argtypes += [ctypes.c_void_p] * 7 + [ctypes.c_long] * 7 + [ctypes.c_int] * 2
         at = lib.few_rows_attention
         at.restype = ctypes.c_int
         at.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 6
@@ -393,6 +397,71 @@ def native_qkv(
     return q, k, v
 
 
+def use_native_attention_block(
+    x: torch.Tensor,
+    norm_w: torch.Tensor,
+    projections: tuple[Projection, ...],
+    cos: torch.Tensor,
+    head_dim: int,
+    caches: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None,
+) -> bool:
+    """Whether a decoder layer's attention half (norm, q/k/v with rotary, cache write, attention,
+    output projection, residual) should run as one call: the rules of ``use_native_qkv`` for wq, wk,
+    wv and wo alike, a contiguous cache [B, KV, S, hd] of x's dtype and an additive mask of x's dtype."""
+    if mask is None or not use_native_qkv(x, projections[:3], cos, head_dim) or not use_native_rmsnorm(x, norm_w):
+        return False
+    (wq, sq), (wk, _), (wo, so) = projections[0], projections[1], projections[3]
+    if wo.dtype != wq.dtype or (so is None) != (sq is None) or wo.shape != wq.shape[::-1] or not wo.is_contiguous():
+        return False
+    if so is not None and (so.dtype != x.dtype or not so.is_contiguous()):
+        return False
+    b, t, _ = x.shape
+    kc, vc = caches
+    shape = (b, wk.shape[0] // head_dim, kc.shape[2], head_dim) if kc.dim() == 4 else None
+    if kc.shape != shape or vc.shape != shape or kc.dtype != x.dtype or vc.dtype != x.dtype:
+        return False
+    if wq.shape[0] // head_dim % shape[1] or not (kc.is_contiguous() and vc.is_contiguous()):
+        return False
+    return mask.dtype == x.dtype and mask.shape == (b, 1, t, kc.shape[2]) and mask.is_contiguous()
+
+
+def native_attention_block(
+    x: torch.Tensor,
+    norm_w: torch.Tensor,
+    eps: float,
+    projections: tuple[Projection, ...],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    head_dim: int,
+    caches: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """``x + wo(attention(...))`` of one decoder layer for a few rows of x [B, T, D], writing the new
+    keys and values into ``caches`` at ``slots`` [T]; each step rounds as the plain ops round."""
+    b, t, d = x.shape
+    rows = x.contiguous()
+    kc, vc = caches
+    (wq, sq), (wk, sk), (wv, sv), (wo, so) = projections
+    int8 = sq is not None
+    scales = (sq.data_ptr(), sk.data_ptr(), sv.data_ptr(), so.data_ptr()) if int8 else (None,) * 4
+    ids = slots.to(torch.int64).contiguous()
+    h = torch.empty_like(rows)
+    rc = _loaded().few_rows_attention_block(
+        rows.data_ptr(), norm_w.data_ptr(), eps, wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), wo.data_ptr(),
+        *scales, _INT8 if int8 else _DTYPES[wq.dtype], cos.data_ptr(), sin.contiguous().data_ptr(),
+        kc.data_ptr(), vc.data_ptr(), ids.data_ptr(), mask.data_ptr(), h.data_ptr(),
+        b, t, d, wq.shape[0] // head_dim, kc.shape[1], head_dim, kc.shape[2], _DTYPES[x.dtype],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(
+            f"native kernel few_rows_attention_block failed for x {tuple(x.shape)}, slots {slots.tolist()}"
+        )
+    return h
+
+
 def use_native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether decode attention (q [B, H, T, hd] against a cache k, v [B, KV, S, hd] with an additive
     mask [B, 1, T, S] of q's dtype) should run through the kernel: CPU, float32 or bfloat16, at most
@@ -468,6 +537,7 @@ __all__ = [
     "NATIVE_MAX_ROWS",
     "available",
     "native_attention",
+    "native_attention_block",
     "native_experts",
     "native_int8",
     "native_linear",
@@ -478,6 +548,7 @@ __all__ = [
     "native_status",
     "use_native",
     "use_native_attention",
+    "use_native_attention_block",
     "use_native_experts",
     "use_native_int8",
     "use_native_qkv",

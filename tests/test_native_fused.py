@@ -173,21 +173,22 @@ def test_qkv_rules() -> None:
     assert not native.use_native_qkv(x, mixed, cos, 16)  # float and int8 weights mixed
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_decoding_with_and_without_the_fused_calls_agrees(
-    quantize: str | None, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, quantize: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A bfloat16 model decodes the same logits through the fused calls as through the plain ops
-    (those use the kernel's single products, so the sums are the same ones)."""
+    """A model decodes the same logits through the fused calls as through the plain ops (those use
+    the kernel's single products, so the sums are the same ones)."""
     config = MixtralConfig.from_preset("tiny")
     torch.manual_seed(0)
-    net = model.Mixtral(config).to(torch.bfloat16).eval()
+    net = model.Mixtral(config).to(dtype).eval()
     if quantize:
         quant.quantize_model(net, quantize)
     ids = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
 
     def run() -> list[torch.Tensor]:
-        cache = KVCache(config, 2, 12, dtype=torch.bfloat16)
+        cache = KVCache(config, 2, 12, dtype=dtype)
         out = [net(ids, cache=cache, slots=torch.arange(5))[:, -1]]
         nxt = out[0].argmax(-1, keepdim=True)
         for pos in range(5, 9):
@@ -198,20 +199,29 @@ def test_decoding_with_and_without_the_fused_calls_agrees(
 
     calls: dict[str, int] = {}
     experts_mod = quant if quantize else moe
-    for mod, name in ((model, "native_qkv"), (model, "native_attention"), (experts_mod, "native_experts")):
+    spied = ((model, "native_attention_block"), (model, "native_qkv"), (model, "native_attention"))
+    for mod, name in (*spied, (experts_mod, "native_experts")):
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _f=real, _n=name: calls.update({_n: calls.get(_n, 0) + 1}) or _f(*a))
-    with torch.no_grad():
-        fused = run()
-    layers = config.num_hidden_layers
-    # the prefill (2 x 5 rows) is over the row limit for products, not for attention (5 queries per row)
-    assert calls == {"native_qkv": 4 * layers, "native_attention": 5 * layers, "native_experts": 4 * layers}
-    with torch.no_grad():
+
+    def off(*names: str) -> None:
         for mod in (model, moe, quant):
-            for name in ("use_native_qkv", "use_native_attention", "use_native_experts"):
+            for name in names:
                 if hasattr(mod, name):
                     monkeypatch.setattr(mod, name, lambda *a: False)
+
+    layers = config.num_hidden_layers
+    with torch.no_grad():
+        whole = run()  # the attention half of each layer in one call
+        # the prefill (2 x 5 rows) is over the row limit for products, not for attention (5 queries a row)
+        assert calls == {"native_attention_block": 4 * layers, "native_attention": layers, "native_experts": 4 * layers}
+        calls.clear()
+        off("use_native_attention_block")
+        fused = run()  # the separate fused calls
+        assert calls == {"native_qkv": 4 * layers, "native_attention": 5 * layers, "native_experts": 4 * layers}
+        off("use_native_qkv", "use_native_attention", "use_native_experts")
         plain = run()
-    for a, b in zip(fused, plain, strict=True):
-        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    for a, b, c in zip(whole, fused, plain, strict=True):
+        assert torch.equal(a, b)  # the block is the separate calls, bit for bit
+        torch.testing.assert_close(b.float(), c.float(), rtol=0.02, atol=0.02)
+        assert torch.equal(b.argmax(-1), c.argmax(-1))

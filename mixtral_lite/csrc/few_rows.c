@@ -105,10 +105,17 @@ typedef struct {
     const void *scale;
     long O;
     int bf16;
+    const void *res; /* a residual [M, O] to add (after the product's own rounding), or NULL */
 } Out;
 
 static inline void store(Out out, long m, long o, float s) {
     if (out.scale) s *= out.bf16 ? bf16_to_f32(((const uint16_t *)out.scale)[o]) : ((const float *)out.scale)[o];
+    if (out.res) {
+        if (out.bf16)
+            s = bf16_to_f32(((const uint16_t *)out.res)[m * out.O + o]) + bf16_to_f32(f32_to_bf16(s));
+        else
+            s = ((const float *)out.res)[m * out.O + o] + s;
+    }
     if (out.bf16)
         ((uint16_t *)out.y)[m * out.O + o] = f32_to_bf16(s);
     else
@@ -397,7 +404,7 @@ int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y
     if (M < 1 || M > MAXM || bad_types(wtype, scale, bf16)) return -1;
     Act a;
     if (act_init(&a, x, M, I, bf16, wtype) != 0) return -1;
-    Out out = {y, scale, O, bf16};
+    Out out = {y, scale, O, bf16, NULL};
 #pragma omp parallel num_threads(threads)
     {
         long o0, o1;
@@ -433,7 +440,7 @@ typedef struct {
  * order of the float32 additions. On return all threads have finished (t->failed: an allocation
  * failed, y not written). */
 static void swiglu_team(Expert ex, const Act *ax, Team *t, void *y, long M, long D, long I, int bf16) {
-    Out oa = {t->a, ex.s1, I, bf16}, ob = {t->b, ex.s3, I, bf16}, oy = {y, ex.s2, D, bf16};
+    Out oa = {t->a, ex.s1, I, bf16, NULL}, ob = {t->b, ex.s3, I, bf16, NULL}, oy = {y, ex.s2, D, bf16, NULL};
     long i0, i1;
     share(I, &i0, &i1);
     product(ex.w1, ex.wtype, ax, oa, M, D, i0, i1);
@@ -593,6 +600,54 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
 /* RMSNorm of M rows of D values (decoding: a few rows, one thread), in Hugging Face's order of
  * rounding: bfloat16 (bf16 = 1) y = bf16(w * bf16(x * r)), float32 y = x * r * w, with
  * r = 1 / sqrt(mean(x^2) + eps) in float32. x, w and y share the dtype. */
+void few_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, float eps, int bf16);
+
+/* Attention for one (batch row b, head h, query t) unit, see few_rows_attention; p [S], qf and
+ * acc [hd] are the caller's scratch. */
+static void attend(const void *q, long q0, const void *k, const void *v, const void *mask, void *y, long b, long h,
+                   long t, long H, long KV, long T, long S, long hd, float scale, int bf16, float *p, float *qf,
+                   float *acc) {
+    long g = h / (H / KV);
+    for (long d = 0; d < hd; d++) qf[d] = at(q, q0 + d, bf16);
+    long kv0 = (b * KV + g) * S * hd, m0 = (b * T + t) * S;
+    float mx = -INFINITY;
+    for (long s = 0; s < S; s++) {
+        float bias = at(mask, m0 + s, bf16);
+        if (bias == -INFINITY) {
+            p[s] = -INFINITY;
+            continue;
+        }
+        long d = 0;
+        vf a = {0};
+        for (; d + V <= hd; d += V) a += load_f32(qf + d) * load_any(k, kv0 + s * hd + d, bf16);
+        float dot = hsum(a);
+        for (; d < hd; d++) dot += qf[d] * at(k, kv0 + s * hd + d, bf16);
+        p[s] = dot * scale + bias;
+        if (p[s] > mx) mx = p[s];
+    }
+    float sum = 0;
+    for (long d = 0; d < hd; d++) acc[d] = 0;
+    for (long s = 0; s < S; s++) {
+        if (p[s] == -INFINITY) continue;
+        float e = expf(p[s] - mx);
+        sum += e;
+        long d = 0;
+        for (; d + V <= hd; d += V) {
+            vf o = load_f32(acc + d) + e * load_any(v, kv0 + s * hd + d, bf16);
+            memcpy(acc + d, &o, sizeof o);
+        }
+        for (; d < hd; d++) acc[d] += e * at(v, kv0 + s * hd + d, bf16);
+    }
+    long y0 = ((b * T + t) * H + h) * hd;
+    for (long d = 0; d < hd; d++) {
+        float o = acc[d] / sum;
+        if (bf16)
+            ((uint16_t *)y)[y0 + d] = f32_to_bf16(o);
+        else
+            ((float *)y)[y0 + d] = o;
+    }
+}
+
 void few_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, float eps, int bf16) {
     for (long m = 0; m < M; m++) {
         float ss = 0;
@@ -625,7 +680,7 @@ int few_rows_attention(const void *q, long qb, long qh, long qt, const void *k, 
                        void *y, long B, long H, long KV, long T, long S, long hd, float scale, int bf16,
                        int threads) {
     if (B < 1 || T < 1 || S < 1 || hd < 1 || KV < 1 || H % KV != 0) return -1;
-    long units = B * H * T, group = H / KV;
+    long units = B * H * T;
     float *buf = malloc(sizeof(float) * (size_t)(S + 2 * hd) * (size_t)(threads > 0 ? threads : 1));
     if (!buf) return -1;
 #pragma omp parallel num_threads(threads)
@@ -633,45 +688,8 @@ int few_rows_attention(const void *q, long qb, long qh, long qt, const void *k, 
         float *p = buf + (size_t)omp_get_thread_num() * (size_t)(S + 2 * hd), *qf = p + S, *acc = qf + hd;
 #pragma omp for schedule(static)
         for (long u = 0; u < units; u++) {
-            long b = u / (H * T), h = u / T % H, t = u % T, g = h / group;
-            for (long d = 0; d < hd; d++) qf[d] = at(q, b * qb + h * qh + t * qt + d, bf16);
-            long kv0 = (b * KV + g) * S * hd, m0 = (b * T + t) * S;
-            float mx = -INFINITY;
-            for (long s = 0; s < S; s++) {
-                float bias = at(mask, m0 + s, bf16);
-                if (bias == -INFINITY) {
-                    p[s] = -INFINITY;
-                    continue;
-                }
-                long d = 0;
-                vf a = {0};
-                for (; d + V <= hd; d += V) a += load_f32(qf + d) * load_any(k, kv0 + s * hd + d, bf16);
-                float dot = hsum(a);
-                for (; d < hd; d++) dot += qf[d] * at(k, kv0 + s * hd + d, bf16);
-                p[s] = dot * scale + bias;
-                if (p[s] > mx) mx = p[s];
-            }
-            float sum = 0;
-            for (long d = 0; d < hd; d++) acc[d] = 0;
-            for (long s = 0; s < S; s++) {
-                if (p[s] == -INFINITY) continue;
-                float e = expf(p[s] - mx);
-                sum += e;
-                long d = 0;
-                for (; d + V <= hd; d += V) {
-                    vf o = load_f32(acc + d) + e * load_any(v, kv0 + s * hd + d, bf16);
-                    memcpy(acc + d, &o, sizeof o);
-                }
-                for (; d < hd; d++) acc[d] += e * at(v, kv0 + s * hd + d, bf16);
-            }
-            long y0 = ((b * T + t) * H + h) * hd;
-            for (long d = 0; d < hd; d++) {
-                float o = acc[d] / sum;
-                if (bf16)
-                    ((uint16_t *)y)[y0 + d] = f32_to_bf16(o);
-                else
-                    ((float *)y)[y0 + d] = o;
-            }
+            long b = u / (H * T), h = u / T % H, t = u % T;
+            attend(q, b * qb + h * qh + t * qt, k, v, mask, y, b, h, t, H, KV, T, S, hd, scale, bf16, p, qf, acc);
         }
     }
     free(buf);
@@ -713,7 +731,7 @@ int few_rows_qkv(const void *wq, const void *wk, const void *wv, const void *sq,
         return -1;
     Act ax;
     if (act_init(&ax, x, M, D, bf16, wtype) != 0) return -1;
-    Out oq = {q, sq, Oq, bf16}, ok = {k, sk, Okv, bf16}, ov = {v, sv, Okv, bf16};
+    Out oq = {q, sq, Oq, bf16, NULL}, ok = {k, sk, Okv, bf16, NULL}, ov = {v, sv, Okv, bf16, NULL};
     long O = Oq + 2 * Okv, heads = (Oq + Okv) / hd;
 #pragma omp parallel num_threads(threads)
     {
@@ -738,4 +756,88 @@ int few_rows_qkv(const void *wq, const void *wk, const void *wv, const void *sq,
     }
     free(ax.mem);
     return 0;
+}
+
+/* The attention half of a decoder layer for M = B * T (1..MAXM) rows, in one call:
+ *     h = x + wo @ attention(rope(wq @ n), rope(wk @ n), wv @ n),  n = rmsnorm(x) * norm_w,
+ * with rope's k and v written into the cache at slots[t] first (k_cache, v_cache [B, KV, S, hd]).
+ * Each step rounds as the separate entries (few_rows_rmsnorm, few_rows_qkv, few_rows_attention,
+ * few_rows) and the residual sum as PyTorch's add. Weights of type wtype (int8: scales, else NULL),
+ * cos, sin [M, hd], mask [B, T, S] additive; x, h [M, D]. Returns 0, or -1 for bad arguments
+ * (nothing written: neither h nor the cache) or a failed allocation. */
+int few_rows_attention_block(const void *x, const void *norm_w, float eps, const void *wq, const void *wk,
+                             const void *wv, const void *wo, const void *sq, const void *sk, const void *sv,
+                             const void *so, int wtype, const void *cos, const void *sin, void *k_cache,
+                             void *v_cache, const int64_t *slots, const void *mask, void *h, long B, long T, long D,
+                             long H, long KV, long hd, long S, int bf16, int threads) {
+    long M = B * T, Oq = H * hd, Okv = KV * hd;
+    if (M < 1 || M > MAXM || hd < 2 || hd % 2 || KV < 1 || H % KV || S < 1 || bad_types(wtype, sq, bf16) ||
+        (sq == NULL) != (sk == NULL) || (sq == NULL) != (sv == NULL) || (sq == NULL) != (so == NULL))
+        return -1;
+    for (long t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= S) return -1;
+    size_t el = bf16 ? 2 : 4;
+    int nt = threads > 0 ? threads : 1;
+    char *n = malloc(el * M * D), *q = malloc(el * M * Oq), *k = malloc(el * M * Okv), *v = malloc(el * M * Okv);
+    char *y = malloc(el * M * Oq);
+    float *scratch = malloc(sizeof(float) * (size_t)(S + 2 * hd) * (size_t)nt);
+    Act ax, ay;
+    memset(&ax, 0, sizeof ax);
+    memset(&ay, 0, sizeof ay);
+    int failed = !n || !q || !k || !v || !y || !scratch;
+    if (!failed) {
+        few_rows_rmsnorm(x, norm_w, n, M, D, eps, bf16);
+        failed = act_init(&ax, n, M, D, bf16, wtype) != 0;
+    }
+    if (!failed) {
+        Out oq = {q, sq, Oq, bf16, NULL}, ok = {k, sk, Okv, bf16, NULL}, ov = {v, sv, Okv, bf16, NULL};
+        Out oh = {h, so, D, bf16, x};
+        long O = Oq + 2 * Okv, heads = H + 2 * KV;
+#pragma omp parallel num_threads(nt)
+        {
+            long o0, o1;
+            share(O, &o0, &o1);
+            if (o0 < Oq) product(wq, wtype, &ax, oq, M, D, o0, o1 < Oq ? o1 : Oq);
+            if (o1 > Oq && o0 < Oq + Okv)
+                product(wk, wtype, &ax, ok, M, D, o0 > Oq ? o0 - Oq : 0, o1 < Oq + Okv ? o1 - Oq : Okv);
+            if (o1 > Oq + Okv) product(wv, wtype, &ax, ov, M, D, o0 > Oq + Okv ? o0 - Oq - Okv : 0, o1 - Oq - Okv);
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (long u = 0; u < M * heads; u++) { /* rope, then k and v into the cache */
+                long m = u / heads, j = u % heads, b = m / T, t = m % T;
+                if (j < H) {
+                    rope_head(q, m * Oq + j * hd, cos, sin, m * hd, hd, bf16);
+                    continue;
+                }
+                int is_k = j < H + KV;
+                long g = is_k ? j - H : j - H - KV;
+                char *src = (is_k ? k : v) + el * (m * Okv + g * hd);
+                if (is_k) rope_head(k, m * Okv + g * hd, cos, sin, m * hd, hd, bf16);
+                memcpy((char *)(is_k ? k_cache : v_cache) + el * (((b * KV + g) * S + slots[t]) * hd), src, el * hd);
+            }
+            float *p = scratch + (size_t)omp_get_thread_num() * (size_t)(S + 2 * hd);
+#pragma omp for schedule(static)
+            for (long u = 0; u < B * H * T; u++) {
+                long b = u / (H * T), hh = u / T % H, t = u % T;
+                attend(q, (b * T + t) * Oq + hh * hd, k_cache, v_cache, mask, y, b, hh, t, H, KV, T, S, hd,
+                       (float)(1.0 / sqrt((double)hd)), bf16, p, p + S, p + S + hd);
+            }
+#pragma omp single
+            failed = act_init(&ay, y, M, Oq, bf16, wtype) != 0;
+            if (!failed) {
+                long d0, d1;
+                share(D, &d0, &d1);
+                product(wo, wtype, &ay, oh, M, Oq, d0, d1);
+            }
+        }
+    }
+    free(ax.mem);
+    free(ay.mem);
+    free(n);
+    free(q);
+    free(k);
+    free(v);
+    free(y);
+    free(scratch);
+    return failed ? -1 : 0;
 }
