@@ -24,10 +24,14 @@ from .native import (
     Projection,
     native_attention,
     native_attention_block,
+    native_experts,
+    native_norm_gate,
     native_qkv,
     native_rmsnorm,
     use_native_attention,
     use_native_attention_block,
+    use_native_experts,
+    use_native_norm_gate,
     use_native_qkv,
     use_native_rmsnorm,
 )
@@ -263,6 +267,28 @@ class SparseMoE(nn.Module):
             y = self.reduce(y)
         return y.view(shape), logits
 
+    def fused_decode(self, h: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decoding on the CPU: ``(h + self(norm(h))[0], router logits)`` as two kernel calls around
+        the router's top-k (``native.py``; the same roundings as the plain ops), or None where this
+        layer is not the plain Mixtral one (other routers, shared experts, parallelism, training,
+        another expert kernel)."""
+        if not self.plain or self.record_routing or self.shared is not None or self.reduce is not None:
+            return None
+        if self.dispatch == "auto":
+            scales = None
+        else:
+            native_scales = getattr(self.dispatch, "native_scales", None)  # quant.Int8Experts
+            scales = native_scales() if native_scales is not None else None
+            if scales is None:
+                return None
+        x = h.reshape(-1, h.shape[-1])
+        ws = (self.w1, self.w2, self.w3)
+        if not use_native_norm_gate(x, norm.weight, self.gate.weight) or not use_native_experts(x, ws, scales, None):
+            return None
+        n, logits = native_norm_gate(x, norm.weight, norm.eps, self.gate.weight)
+        idx, weights = route_topk(logits, self.top_k)
+        return native_experts(n, ws, scales, idx, weights, residual=x).view(h.shape), logits
+
     def _experts(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         if self.moe_config.kind == "soft" and self.dispatch != "reference":
             return experts_dense(x, self.w1, self.w2, self.w3, r.weights)
@@ -303,7 +329,12 @@ class Block(nn.Module):
         h = self._fused_attention(x, cos, sin, mask, cache, slots)
         if h is None:
             h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, slots)
-        y, router_logits = self.feed_forward(self.ffn_norm(h))
+        ff, norm = self.feed_forward, self.ffn_norm
+        if type(ff) is SparseMoE and type(norm) is RMSNorm:
+            fused = ff.fused_decode(h, norm)  # decoding on the CPU: two kernel calls
+            if fused is not None:
+                return fused
+        y, router_logits = ff(norm(h))
         return h + y, router_logits
 
     def _fused_attention(

@@ -146,11 +146,16 @@ def load() -> ctypes.CDLL | None:
         ex = lib.few_rows_experts
         ex.restype = ctypes.c_int
         ex.argtypes = ptrs + [ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        ex.argtypes += [ctypes.c_void_p]  # residual
         ex.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
         qkv = lib.few_rows_qkv
         qkv.restype = ctypes.c_int
         qkv.argtypes = ptrs + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4
         qkv.argtypes += [ctypes.c_long] * 4 + [ctypes.c_int] * 2
+        ng = lib.few_rows_norm_gate
+        ng.restype = ctypes.c_int
+        ng.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
+        ng.argtypes += [ctypes.c_int] * 2
         blk = lib.few_rows_attention_block
         blk.restype = ctypes.c_int
         blk.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 8 + [ctypes.c_int]
@@ -292,19 +297,21 @@ def native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def use_native_experts(
-    x: torch.Tensor, ws: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...] | None, idx: torch.Tensor
+    x: torch.Tensor, ws: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...] | None, idx: torch.Tensor | None
 ) -> bool:
     """Whether the chosen experts of x [N, D] (stacked w1, w3 [E, I, D], w2 [E, D, I] as ``ws`` =
     (w1, w2, w3); int8 with scales ``ss`` [E, I], [E, D], [E, I]) should run as one kernel call: CPU,
     float32 or bfloat16 activations, at most ``NATIVE_MAX_ROWS`` tokens, contiguous weights, no
     autograd, not compiling."""
     w1, w2, w3 = ws
-    if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or w1.dim() != 3 or idx.dim() != 2:
+    if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or w1.dim() != 3:
+        return False
+    if idx is not None and (idx.dim() != 2 or idx.shape[0] != x.shape[0]):
         return False
     e, i, d = w1.shape
     if x.shape[1] != d or w3.shape != w1.shape or w2.shape != (e, d, i) or not 0 < x.shape[0] <= NATIVE_MAX_ROWS:
         return False
-    if idx.shape[0] != x.shape[0] or not all(w.is_contiguous() for w in ws):
+    if not all(w.is_contiguous() for w in ws):
         return False
     if ss is None:
         if w1.dtype != x.dtype or w2.dtype != x.dtype or w3.dtype != x.dtype:
@@ -322,10 +329,12 @@ def native_experts(
     ss: tuple[torch.Tensor, ...] | None,
     idx: torch.Tensor,
     weights: torch.Tensor,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_k weights[n, k] * expert_{idx[n, k]}(x[n])`` in one call (``moe.experts_per_token``'s
     result, rounded as its ops round): rows that chose the same expert share one pass over its
-    weights. ``ss``: int8 scales, or None for float weights."""
+    weights. ``ss``: int8 scales, or None for float weights; ``residual`` [N, D] (x's dtype) is
+    added to the result as PyTorch's add would."""
     w1, w2, w3 = ws
     e, i, _ = w1.shape
     wtype = _INT8 if ss is not None else _DTYPES[w1.dtype]
@@ -342,6 +351,7 @@ def native_experts(
         ids.data_ptr(),
         rw.data_ptr(),
         idx.shape[1],
+        None if residual is None else residual.contiguous().data_ptr(),
     )
     return _run("few_rows_experts", x, x.shape[1], i, *before)
 
@@ -395,6 +405,29 @@ def native_qkv(
     if rc != 0:
         raise RuntimeError(f"native kernel few_rows_qkv failed for {b * t} rows -> {oq}, {okv} ({x.dtype})")
     return q, k, v
+
+
+def use_native_norm_gate(x: torch.Tensor, norm_w: torch.Tensor, gate: torch.Tensor) -> bool:
+    """Whether RMSNorm of x and the router's product should run as one call: the rules of
+    ``use_native_rmsnorm`` and ``use_native`` (gate [E, D] of x's dtype)."""
+    return use_native_rmsnorm(x, norm_w) and use_native(x, gate)
+
+
+def native_norm_gate(
+    x: torch.Tensor, norm_w: torch.Tensor, eps: float, gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x) * norm_w, that @ gate.T) for x [..., D]: ``native_rmsnorm`` then ``native_linear``."""
+    rows = x.contiguous()
+    n = torch.empty_like(rows)
+    logits = torch.empty(*x.shape[:-1], gate.shape[0], dtype=x.dtype)
+    d = x.shape[-1]
+    rc = _loaded().few_rows_norm_gate(
+        rows.data_ptr(), norm_w.data_ptr(), eps, gate.data_ptr(), n.data_ptr(), logits.data_ptr(),
+        rows.numel() // d, d, gate.shape[0], _DTYPES[x.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"native kernel few_rows_norm_gate failed for x {tuple(x.shape)}")
+    return n, logits
 
 
 def use_native_attention_block(
@@ -541,6 +574,7 @@ __all__ = [
     "native_experts",
     "native_int8",
     "native_linear",
+    "native_norm_gate",
     "native_qkv",
     "native_rmsnorm",
     "native_swiglu",
@@ -551,6 +585,7 @@ __all__ = [
     "use_native_attention_block",
     "use_native_experts",
     "use_native_int8",
+    "use_native_norm_gate",
     "use_native_qkv",
     "use_native_rmsnorm",
     "use_native_swiglu",

@@ -236,6 +236,11 @@ class Int8Experts:
         self.moe = moe
         self.impl = impl
 
+    def native_scales(self) -> Triple | None:
+        """The scales (w1, w2, w3) when the kernel may run these experts (``impl`` auto), else None."""
+        m = self.moe
+        return (m.w1_scale, m.w2_scale, m.w3_scale) if self.impl == "auto" else None
+
     def __call__(
         self,
         x: torch.Tensor,

@@ -199,10 +199,13 @@ def test_decoding_with_and_without_the_fused_calls_agrees(
 
     calls: dict[str, int] = {}
     experts_mod = quant if quantize else moe
-    spied = ((model, "native_attention_block"), (model, "native_qkv"), (model, "native_attention"))
-    for mod, name in (*spied, (experts_mod, "native_experts")):
+    spied = [(model, n) for n in ("native_attention_block", "native_norm_gate", "native_qkv", "native_attention")]
+    for mod, name in (*spied, (model, "native_experts"), (experts_mod, "native_experts")):
         real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _f=real, _n=name: calls.update({_n: calls.get(_n, 0) + 1}) or _f(*a))
+        key = f"{mod.__name__.rsplit('.', 1)[-1]}.{name}"
+        monkeypatch.setattr(
+            mod, name, lambda *a, _f=real, _n=key, **k: calls.update({_n: calls.get(_n, 0) + 1}) or _f(*a, **k)
+        )
 
     def off(*names: str) -> None:
         for mod in (model, moe, quant):
@@ -210,15 +213,22 @@ def test_decoding_with_and_without_the_fused_calls_agrees(
                 if hasattr(mod, name):
                     monkeypatch.setattr(mod, name, lambda *a: False)
 
+    n = 4 * config.num_hidden_layers  # decode steps x layers
     layers = config.num_hidden_layers
     with torch.no_grad():
-        whole = run()  # the attention half of each layer in one call
+        whole = run()  # each half of a layer in one call (the MoE half: two, around the top-k)
         # the prefill (2 x 5 rows) is over the row limit for products, not for attention (5 queries a row)
-        assert calls == {"native_attention_block": 4 * layers, "native_attention": layers, "native_experts": 4 * layers}
+        assert calls == {
+            "model.native_attention_block": n,
+            "model.native_norm_gate": n,
+            "model.native_experts": n,
+            "model.native_attention": layers,
+        }
         calls.clear()
-        off("use_native_attention_block")
+        off("use_native_attention_block", "use_native_norm_gate")
         fused = run()  # the separate fused calls
-        assert calls == {"native_qkv": 4 * layers, "native_attention": 5 * layers, "native_experts": 4 * layers}
+        ex = f"{experts_mod.__name__.rsplit('.', 1)[-1]}.native_experts"
+        assert calls == {"model.native_qkv": n, "model.native_attention": n + layers, ex: n}
         off("use_native_qkv", "use_native_attention", "use_native_experts")
         plain = run()
     for a, b, c in zip(whole, fused, plain, strict=True):

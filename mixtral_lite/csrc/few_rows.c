@@ -515,11 +515,11 @@ int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *
  * at e * I and e * D). Rows that chose the same expert run through it together, so each chosen
  * expert's weights are read once. Rounding as the plain code's: each expert output rounded to the
  * dtype, times its float32 weight rounded, added in the order of j, each sum rounded. idx: int64
- * [M, K] in [0, E); rw: float32 [M, K]. Returns 0, or -1 for bad arguments or a failed allocation
- * (nothing written). */
+ * [M, K] in [0, E); rw: float32 [M, K]; res: a residual [M, D] added last (as PyTorch's add), or
+ * NULL. Returns 0, or -1 for bad arguments or a failed allocation (nothing written). */
 int few_rows_experts(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
-                     int wtype, long E, const int64_t *idx, const float *rw, long K, const void *x, void *y, long M,
-                     long D, long I, int bf16, int threads) {
+                     int wtype, long E, const int64_t *idx, const float *rw, long K, const void *res, const void *x,
+                     void *y, long M, long D, long I, int bf16, int threads) {
     Expert base = {w1, w3, w2, s1, s3, s2, wtype};
     if (M < 1 || M > MAXM || K < 1 || E < 1 || bad_expert(base, bf16)) return -1;
     long P = M * K; /* (row, choice) pairs */
@@ -581,6 +581,7 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
                     sum = j == 0 ? v : sum + v;
                     if (bf16) sum = round_bf16(sum);
                 }
+                if (res) sum = at(res, m * D + d, bf16) + (bf16 ? round_bf16(sum) : sum);
                 if (bf16)
                     ((uint16_t *)y)[m * D + d] = f32_to_bf16(sum);
                 else
@@ -840,4 +841,14 @@ int few_rows_attention_block(const void *x, const void *norm_w, float eps, const
     free(y);
     free(scratch);
     return failed ? -1 : 0;
+}
+
+/* RMSNorm of M (1..MAXM) rows and the router's product in one call: n = rmsnorm(x) * norm_w (as
+ * few_rows_rmsnorm), logits = n @ gate.T [M, E] (as few_rows). Returns 0, or -1 for bad arguments
+ * or a failed allocation. */
+int few_rows_norm_gate(const void *x, const void *norm_w, float eps, const void *gate, void *n, void *logits, long M,
+                       long D, long E, int bf16, int threads) {
+    if (M < 1 || M > MAXM) return -1;
+    few_rows_rmsnorm(x, norm_w, n, M, D, eps, bf16);
+    return few_rows(gate, bf16 ? W_BF16 : W_F32, NULL, n, logits, M, E, D, bf16, threads);
 }
