@@ -1,4 +1,4 @@
-"""Few-row CPU products through a small C kernel (``csrc/few_rows.c``), built on first use.
+"""Few-row CPU products through a small C kernel (``csrc/``), built on first use.
 
 Decoding multiplies 1-8 rows of activations by each weight matrix, so it runs at the speed the
 weights stream from memory. PyTorch's CPU kernels for that shape read well below the bandwidth
@@ -45,7 +45,8 @@ NATIVE_MAX_ROWS = 8  # rows per product the kernel takes (more: PyTorch / oneDNN
 # float32 from 7 rows on: oneDNN's product is as fast (measured, 8 rows x 1792x512: 343 vs 380 us,
 # 32000x512: 6.7 vs 6.0 ms; 6 rows 251 vs 378 us)
 FLOAT32_MAX_ROWS = 6
-SOURCE = Path(__file__).parent / "csrc" / "few_rows.c"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "products.c", CSRC / "decode.c")  # one library; both include csrc/kernel.h
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -82,7 +83,8 @@ def _cpu_key() -> str:
     except OSError:
         pass
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(_flags()).encode(), platform.machine().encode(), flags.encode()):
+    sources = [f.read_bytes() for f in (*SOURCES, CSRC / "kernel.h")]
+    for part in (*sources, " ".join(_flags()).encode(), platform.machine().encode(), flags.encode()):
         h.update(part)
     h.update(_compiler_version().encode())
     return h.hexdigest()[:16]
@@ -110,10 +112,10 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [cc, *_flags(), str(SOURCE), "-o", str(out), "-lm"]
+        cmd = [cc, *_flags(), *map(str, SOURCES), "-o", str(out), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {done.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{cc} failed on {', '.join(f.name for f in SOURCES)}: {done.stderr.strip()[-500:]}")
         os.replace(out, target)
     for old in target.parent.glob(f"few_rows-{march()}-*.so"):  # builds of older sources
         if old != target:

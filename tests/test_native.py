@@ -1,4 +1,4 @@
-"""The compiled few-row kernel (``native.py``, ``csrc/few_rows.c``) equals the plain products, the
+"""The compiled few-row kernel (``native.py``, ``csrc/``) equals the plain products, the
 model takes it exactly where intended, and without it everything still runs."""
 
 from __future__ import annotations

@@ -1,0 +1,391 @@
+/* The kernel's shared core (included by products.c and decode.c): bfloat16/int8 helpers, the
+ * few-row product loops for every weight type and CPU (generic vectors, AVX-512 BF16 pairs,
+ * AVX512-VNNI int16 pairs), the activations prepared for them (Act) and the per-thread product.
+ * Everything here is static; the exported entries live in the .c files. */
+#ifndef MIXTRAL_LITE_KERNEL_H
+#define MIXTRAL_LITE_KERNEL_H
+#include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+
+#define V 16   /* floats per vector */
+#define MAXM 8 /* rows of x per call */
+
+typedef float vf __attribute__((vector_size(V * 4)));
+typedef uint32_t vu __attribute__((vector_size(V * 4)));
+typedef uint16_t vh __attribute__((vector_size(V * 2)));
+typedef int8_t vq __attribute__((vector_size(V)));
+typedef int32_t vi __attribute__((vector_size(V * 4)));
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline vf load_f32(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static inline vf load_i8(const int8_t *p) { /* sign-extend to int32, convert: exact */
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+    vf v;
+    memcpy(&v, &lo, 32);
+    memcpy((char *)&v + 32, &hi, 32);
+    return v;
+#else /* compilers turn the generic char-vector conversion into scalar code */
+    vq q;
+    memcpy(&q, p, sizeof q);
+    return __builtin_convertvector(__builtin_convertvector(q, vi), vf);
+#endif
+}
+
+static inline float scalar_bf16(uint16_t h) { return bf16_to_f32(h); }
+static inline float scalar_f32(float f) { return f; }
+static inline float scalar_i8(int8_t q) { return (float)q; }
+
+static inline float hsum(vf a) {
+    float s = 0;
+    for (int j = 0; j < V; j++) s += a[j];
+    return s;
+}
+
+/* x[0..n) as float32 from bfloat16 (bf16 = 1) or float32. */
+static inline float at(const void *x, long i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+}
+
+static inline vf load_any(const void *x, long i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)x + i) : load_f32((const float *)x + i);
+}
+
+/* Where results go: y[m, o] = sum * scale[o] (no scale: sum), stored as bfloat16 or float32. */
+typedef struct {
+    void *y;
+    const void *scale;
+    long O;
+    int bf16;
+    const void *res; /* a residual [M, O] to add (after the product's own rounding), or NULL */
+} Out;
+
+static inline void store(Out out, long m, long o, float s) {
+    if (out.scale) s *= out.bf16 ? bf16_to_f32(((const uint16_t *)out.scale)[o]) : ((const float *)out.scale)[o];
+    if (out.res) {
+        if (out.bf16)
+            s = bf16_to_f32(((const uint16_t *)out.res)[m * out.O + o]) + bf16_to_f32(f32_to_bf16(s));
+        else
+            s = ((const float *)out.res)[m * out.O + o] + s;
+    }
+    if (out.bf16)
+        ((uint16_t *)out.y)[m * out.O + o] = f32_to_bf16(s);
+    else
+        ((float *)out.y)[m * out.O + o] = s;
+}
+
+/* Outputs [o0, o1) for rows m0 .. m0+MM-1 of float32 x: each a dot product along a weight row, two
+ * accumulators per row so consecutive multiply-adds do not wait on each other. */
+#define ROWS(T, SFX, MM)                                                                             \
+    __attribute__((noinline)) static void rows_##SFX##_##MM(const T *restrict w, const float *restrict x, \
+        Out out, long m0, long I, long o0, long o1) {                                                \
+        for (long o = o0; o < o1; o++) {                                                             \
+            const T *wr = w + o * I;                                                                 \
+            vf a[MM], b[MM];                                                                         \
+            for (int m = 0; m < MM; m++) a[m] = b[m] = (vf){0};                                      \
+            long k = 0;                                                                              \
+            for (; k + 2 * V <= I; k += 2 * V) {                                                     \
+                vf w0 = load_##SFX(wr + k), w1 = load_##SFX(wr + k + V);                             \
+                for (int m = 0; m < MM; m++) {                                                       \
+                    a[m] += w0 * load_f32(x + (m0 + m) * I + k);                                     \
+                    b[m] += w1 * load_f32(x + (m0 + m) * I + k + V);                                 \
+                }                                                                                    \
+            }                                                                                        \
+            for (int m = 0; m < MM; m++) {                                                           \
+                float s = hsum(a[m] + b[m]);                                                         \
+                for (long kk = k; kk < I; kk++) s += scalar_##SFX(wr[kk]) * x[(m0 + m) * I + kk];    \
+                store(out, m0 + m, o, s);                                                            \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+/* The rows of x four at a time (more accumulators than registers otherwise). */
+#define RUN(T, SFX)                                                                                  \
+    ROWS(T, SFX, 1)                                                                                  \
+    ROWS(T, SFX, 2)                                                                                  \
+    ROWS(T, SFX, 3)                                                                                  \
+    ROWS(T, SFX, 4)                                                                                  \
+    static void run_##SFX(const T *w, const float *x, Out out, long M, long I, long o0, long o1) {  \
+        for (long m = 0; m < M;) {                                                                   \
+            switch (M - m) {                                                                         \
+            case 1: rows_##SFX##_1(w, x, out, m, I, o0, o1); m += 1; break;                         \
+            case 2: rows_##SFX##_2(w, x, out, m, I, o0, o1); m += 2; break;                         \
+            case 3: rows_##SFX##_3(w, x, out, m, I, o0, o1); m += 3; break;                         \
+            default: rows_##SFX##_4(w, x, out, m, I, o0, o1); m += 4; break;                        \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+RUN(uint16_t, bf16)
+RUN(float, f32)
+RUN(int8_t, i8)
+
+/* With AVX512-BF16 (-march=native on such a CPU), bfloat16 rows multiply pairs of bfloat16 values
+ * straight into float32 sums (vdpbf16ps: 32 products per instruction, no conversion): twice the
+ * arithmetic of the loop above, which several rows of x need. Same sums (the product of two
+ * bfloat16 values is exact in float32), another order; subnormal inputs count as zero. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define HAVE_DPBF16 1
+#define DP(MM)                                                                                       \
+    static inline void dp_##MM(const uint16_t *restrict wr, const uint16_t *restrict x, Out out,    \
+                               long m0, long I, long o) {                                            \
+        const uint16_t *xm = x + m0 * I;                                                             \
+        __m512 a[MM], b[MM];                                                                         \
+        for (int m = 0; m < MM; m++) a[m] = b[m] = _mm512_setzero_ps();                              \
+        long k = 0;                                                                                  \
+        for (; k + 64 <= I; k += 64) {                                                               \
+            __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);                                     \
+            __m512bh w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);                                \
+            for (int m = 0; m < MM; m++) {                                                           \
+                a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(xm + m * I + k));      \
+                b[m] = _mm512_dpbf16_ps(b[m], w1, (__m512bh)_mm512_loadu_si512(xm + m * I + k + 32)); \
+            }                                                                                        \
+        }                                                                                            \
+        for (; k + 32 <= I; k += 32) {                                                               \
+            __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);                                     \
+            for (int m = 0; m < MM; m++)                                                             \
+                a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(xm + m * I + k));      \
+        }                                                                                            \
+        for (int m = 0; m < MM; m++) {                                                               \
+            float s = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));                               \
+            for (long kk = k; kk < I; kk++) s += bf16_to_f32(wr[kk]) * bf16_to_f32(xm[m * I + kk]);  \
+            store(out, m0 + m, o, s);                                                                \
+        }                                                                                            \
+    }
+DP(1)
+DP(2)
+DP(3)
+
+/* Per weight row, the rows of x three at a time (four measured slower); the weight row stays in the
+ * L1 cache between groups. */
+static void run_dp(const uint16_t *w, const uint16_t *x, Out out, long M, long I, long o0, long o1) {
+    for (long o = o0; o < o1; o++) {
+        const uint16_t *wr = w + o * I;
+        for (long m = 0; m < M;) {
+            switch (M - m) {
+            case 1: dp_1(wr, x, out, m, I, o); m += 1; break;
+            case 2: dp_2(wr, x, out, m, I, o); m += 2; break;
+            default: dp_3(wr, x, out, m, I, o); m += 3; break;
+            }
+        }
+    }
+}
+#else
+#define HAVE_DPBF16 0
+#endif
+
+/* With AVX512-VNNI, int8 weights multiply pairs of 16-bit integers straight into int32 sums
+ * (vpdpwssd: 32 products per instruction after one sign extension of the weights), instead of a
+ * conversion to float32 per weight: the int8 loop then streams at memory speed, not at the speed of
+ * the conversions. The activations are rounded to int16 for it, one scale per row (q = round(x / s),
+ * s = max|x| / 32767): an error of at most max|x| / 65534 per element, below bfloat16's rounding of
+ * every element larger than max|x| / 128, and far below the int8 weights' own error. Each int32 lane
+ * takes at most CHUNK / 64 sums of two products (|q_x * q_w| <= 32767 * 127) before it is added to
+ * a float32 total, so nothing overflows. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_VNNI 1
+#define CHUNK 8192
+#define QD(MM)                                                                                       \
+    static inline void qd_##MM(const int8_t *restrict wr, const int16_t *restrict xq,                \
+                               const float *restrict xs, Out out, long m0, long I, long o) {         \
+        const int16_t *xm = xq + m0 * I;                                                             \
+        __m512 f[MM];                                                                                \
+        for (int m = 0; m < MM; m++) f[m] = _mm512_setzero_ps();                                     \
+        long i32 = I / 32 * 32, k = 0;                                                               \
+        while (k < i32) {                                                                            \
+            long end = k + CHUNK < i32 ? k + CHUNK : i32;                                            \
+            __m512i a[MM], b[MM];                                                                    \
+            for (int m = 0; m < MM; m++) a[m] = b[m] = _mm512_setzero_si512();                       \
+            for (; k + 64 <= end; k += 64) {                                                         \
+                __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k)));    \
+                __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k + 32))); \
+                for (int m = 0; m < MM; m++) {                                                       \
+                    a[m] = _mm512_dpwssd_epi32(a[m], w0, _mm512_loadu_si512(xm + m * I + k));        \
+                    b[m] = _mm512_dpwssd_epi32(b[m], w1, _mm512_loadu_si512(xm + m * I + k + 32));   \
+                }                                                                                    \
+            }                                                                                        \
+            for (; k + 32 <= end; k += 32) {                                                         \
+                __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k)));    \
+                for (int m = 0; m < MM; m++)                                                         \
+                    a[m] = _mm512_dpwssd_epi32(a[m], w0, _mm512_loadu_si512(xm + m * I + k));        \
+            }                                                                                        \
+            for (int m = 0; m < MM; m++)                                                             \
+                f[m] = _mm512_add_ps(f[m], _mm512_add_ps(_mm512_cvtepi32_ps(a[m]), _mm512_cvtepi32_ps(b[m]))); \
+        }                                                                                            \
+        for (int m = 0; m < MM; m++) {                                                               \
+            float s = _mm512_reduce_add_ps(f[m]);                                                    \
+            for (long kk = i32; kk < I; kk++) s += (float)(wr[kk] * xm[m * I + kk]);                 \
+            store(out, m0 + m, o, s * xs[m0 + m]);                                                   \
+        }                                                                                            \
+    }
+QD(1)
+QD(2)
+QD(3)
+
+static void run_qd(const int8_t *w, const int16_t *xq, const float *xs, Out out, long M, long I, long o0, long o1) {
+    for (long o = o0; o < o1; o++) {
+        const int8_t *wr = w + o * I;
+        for (long m = 0; m < M;) {
+            switch (M - m) {
+            case 1: qd_1(wr, xq, xs, out, m, I, o); m += 1; break;
+            case 2: qd_2(wr, xq, xs, out, m, I, o); m += 2; break;
+            default: qd_3(wr, xq, xs, out, m, I, o); m += 3; break;
+            }
+        }
+    }
+}
+#else
+#define HAVE_VNNI 0
+#endif
+
+
+enum { W_F32 = 0, W_BF16 = 1, W_INT8 = 2 };
+
+/* The activations in the form the loop for a weight type reads: bfloat16 as given (vdpbf16ps),
+ * int16 with one scale per row (vpdpwssd), or float32 (the generic loops; bfloat16 rows are
+ * converted once, they are few). */
+typedef struct {
+    const uint16_t *bf;
+    const int16_t *q;
+    const float *qs;
+    const float *f;
+    void *mem; /* what act_init allocated */
+} Act;
+
+/* Rounds M rows of x to int16, one scale per row; returns 0, or -1 if a row holds inf or NaN (the
+ * float32 loop then carries them through as PyTorch would). */
+static int quantize_rows(const void *x, int bf16, long M, long I, int16_t *q, float *qs) {
+    for (long m = 0; m < M; m++) {
+        float amax = 0;
+        for (long k = 0; k < I; k++) {
+            float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[m * I + k]) : ((const float *)x)[m * I + k];
+            v = fabsf(v);
+            if (v > amax) amax = v;
+            else if (v != v) return -1;
+        }
+        if (!isfinite(amax)) return -1;
+        qs[m] = amax / 32767.0f;
+        float inv = amax > 0 ? 32767.0f / amax : 0.0f;
+        for (long k = 0; k < I; k++) {
+            float v = bf16 ? bf16_to_f32(((const uint16_t *)x)[m * I + k]) : ((const float *)x)[m * I + k];
+            float r = nearbyintf(v * inv);
+            q[m * I + k] = (int16_t)(r > 32767.0f ? 32767.0f : r < -32767.0f ? -32767.0f : r);
+        }
+    }
+    return 0;
+}
+
+/* Prepares x [M, I] (bfloat16 if bf16, else float32) for products with wtype weights; 0, or -1 for
+ * a failed allocation. Free a->mem afterwards. */
+static int act_init(Act *a, const void *x, long M, long I, int bf16, int wtype) {
+    memset(a, 0, sizeof *a);
+    if (HAVE_DPBF16 && wtype == W_BF16) {
+        a->bf = (const uint16_t *)x;
+        return 0;
+    }
+    if (HAVE_VNNI && wtype == W_INT8) {
+        char *mem = malloc(sizeof(int16_t) * M * I + sizeof(float) * M);
+        if (!mem) return -1;
+        float *qs = (float *)mem;
+        int16_t *q = (int16_t *)(mem + sizeof(float) * M);
+        if (quantize_rows(x, bf16, M, I, q, qs) == 0) {
+            a->q = q, a->qs = qs, a->mem = mem;
+            return 0;
+        }
+        free(mem);
+    }
+    if (!bf16) {
+        a->f = (const float *)x;
+        return 0;
+    }
+    float *f = malloc(sizeof(float) * M * I);
+    if (!f) return -1;
+    for (long i = 0; i < M * I; i++) f[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    a->f = f, a->mem = f;
+    return 0;
+}
+
+/* Outputs [o0, o1) of x @ w.T for the M rows of x (one thread's share). */
+static void product(const void *w, int wtype, const Act *x, Out out, long M, long I, long o0, long o1) {
+    if (o0 >= o1) return;
+#if HAVE_DPBF16
+    if (x->bf) {
+        run_dp((const uint16_t *)w, x->bf, out, M, I, o0, o1);
+        return;
+    }
+#endif
+#if HAVE_VNNI
+    if (x->q) {
+        run_qd((const int8_t *)w, x->q, x->qs, out, M, I, o0, o1);
+        return;
+    }
+#endif
+    if (wtype == W_BF16)
+        run_bf16((const uint16_t *)w, x->f, out, M, I, o0, o1);
+    else if (wtype == W_INT8)
+        run_i8((const int8_t *)w, x->f, out, M, I, o0, o1);
+    else
+        run_f32((const float *)w, x->f, out, M, I, o0, o1);
+}
+
+/* This thread's share [*o0, *o1) of O outputs, in multiples of V so no two threads share a cache
+ * line of the output. */
+static void share(long O, long *o0, long *o1) {
+    long n = omp_get_num_threads(), t = omp_get_thread_num();
+    long blocks = (O + V - 1) / V;
+    *o0 = blocks * t / n * V;
+    *o1 = blocks * (t + 1) / n * V;
+    if (*o1 > O) *o1 = O;
+}
+
+static int bad_types(int wtype, const void *scale, int bf16) {
+    return (wtype == W_INT8) != (scale != NULL) || (wtype == W_BF16 && !bf16) || (wtype == W_F32 && bf16) ||
+           wtype < W_F32 || wtype > W_INT8;
+}
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+/* Exported entries the other file calls. */
+int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y, long M, long O, long I, int bf16,
+             int threads);
+void few_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, float eps, int bf16);
+
+#endif

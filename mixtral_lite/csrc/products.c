@@ -1,0 +1,223 @@
+/* Few-row matrix products on the CPU: y[m, o] = sum_k x[m, k] * w[o, k] for 1-8 rows of x.
+ *
+ * Decoding multiplies one row (or a few) of activations by every weight matrix, so it runs at the
+ * speed the weights stream from memory. These loops read each weight once for all rows, convert
+ * it to float32 in registers (bfloat16: a 16-bit shift; int8: a sign extension) and accumulate in
+ * float32: the same sums as F.linear up to the order of the additions, rounded once at the end.
+ * Built by native.py with -O3 -march=native, so the compiler vectorises the loops for the CPU at
+ * hand (AVX-512, AVX2, NEON); OpenMP spreads the outputs over the threads PyTorch uses, and each
+ * thread writes its own outputs in the caller's dtype.
+ *
+ * Weights: bfloat16 (uint16_t bit patterns), float32 or int8 with one scale per output, [O, I],
+ * row-major (w[o, k] at o * I + k). x [M, I] and y [M, O] are row-major, both bfloat16 or both
+ * float32 (the scale too).
+ *
+ * Entries here: few_rows (one product), few_rows_swiglu (one expert), few_rows_experts (the chosen
+ * experts of every row, weighted and summed). The loops are in kernel.h; decode.c has the entries
+ * for attention, the rotary embedding and norms.
+ */
+#include "kernel.h"
+
+/* Whether int8 products use vpdpwssd on int16 activations (1) or the float32 loop (0). */
+int few_rows_vnni(void) { return HAVE_VNNI; }
+
+/* Whether bfloat16 products use vdpbf16ps (1) or the float32 loop (0). */
+int few_rows_dpbf16(void) { return HAVE_DPBF16; }
+
+/* y = (x @ w.T) [* scale] for M (1..MAXM) rows. wtype: W_F32, W_BF16 or W_INT8 (scale required);
+ * bf16: x, y and scale are bfloat16 (1) or float32 (0). Returns 0, or -1 for bad arguments or a
+ * failed allocation (nothing written). */
+int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y, long M, long O, long I, int bf16,
+             int threads) {
+    if (M < 1 || M > MAXM || bad_types(wtype, scale, bf16)) return -1;
+    Act a;
+    if (act_init(&a, x, M, I, bf16, wtype) != 0) return -1;
+    Out out = {y, scale, O, bf16, NULL};
+#pragma omp parallel num_threads(threads)
+    {
+        long o0, o1;
+        share(O, &o0, &o1);
+        product(w, wtype, &a, out, M, I, o0, o1);
+    }
+    free(a.mem);
+    return 0;
+}
+
+/* One SwiGLU expert's weights: w1, w3 [I, D] and w2 [D, I] of type wtype (int8: with scales s1, s3
+ * [I] and s2 [D]; else NULL). */
+typedef struct {
+    const void *w1, *w3, *w2, *s1, *s3, *s2;
+    int wtype;
+} Expert;
+
+/* Scratch and shared state of a SwiGLU run by a team of threads. */
+typedef struct {
+    void *a, *b; /* [M, I] each, in the activations' dtype */
+    Act h;       /* the gated product, prepared for the w2 product */
+    int failed;
+} Team;
+
+/* Run by every thread of a parallel region: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T for the M rows
+ * of x (prepared as ax). The threads split the I hidden units, then, after a barrier, the D outputs.
+ * Each intermediate is rounded to bfloat16 where PyTorch's bfloat16 ops would round it (both
+ * products, silu, the gated product), so the result is the plain three-product code's, up to the
+ * order of the float32 additions. On return all threads have finished (t->failed: an allocation
+ * failed, y not written). */
+static void swiglu_team(Expert ex, const Act *ax, Team *t, void *y, long M, long D, long I, int bf16) {
+    Out oa = {t->a, ex.s1, I, bf16, NULL}, ob = {t->b, ex.s3, I, bf16, NULL}, oy = {y, ex.s2, D, bf16, NULL};
+    long i0, i1;
+    share(I, &i0, &i1);
+    product(ex.w1, ex.wtype, ax, oa, M, D, i0, i1);
+    product(ex.w3, ex.wtype, ax, ob, M, D, i0, i1);
+    for (long m = 0; m < M; m++)
+        for (long i = i0; i < i1; i++) {
+            long j = m * I + i;
+            if (bf16) {
+                uint16_t *ha = (uint16_t *)t->a;
+                float g = round_bf16(silu(bf16_to_f32(ha[j])));
+                ha[j] = f32_to_bf16(g * bf16_to_f32(((const uint16_t *)t->b)[j]));
+            } else {
+                float *fa = (float *)t->a;
+                fa[j] = silu(fa[j]) * ((const float *)t->b)[j];
+            }
+        }
+#pragma omp barrier
+#pragma omp single
+    {
+        free(t->h.mem);
+        t->failed = act_init(&t->h, t->a, M, I, bf16, ex.wtype) != 0;
+    }
+    if (!t->failed) {
+        long d0, d1;
+        share(D, &d0, &d1);
+        product(ex.w2, ex.wtype, &t->h, oy, M, I, d0, d1);
+    }
+#pragma omp barrier
+}
+
+static int team_init(Team *t, long M, long I, int bf16) {
+    size_t el = bf16 ? 2 : 4;
+    memset(t, 0, sizeof *t);
+    t->a = malloc(el * M * I);
+    t->b = malloc(el * M * I);
+    return t->a && t->b ? 0 : -1;
+}
+
+static void team_free(Team *t) {
+    free(t->a);
+    free(t->b);
+    free(t->h.mem);
+}
+
+static int bad_expert(Expert ex, int bf16) {
+    return bad_types(ex.wtype, ex.s1, bf16) || (ex.s1 == NULL) != (ex.s3 == NULL) || (ex.s1 == NULL) != (ex.s2 == NULL);
+}
+
+/* One SwiGLU expert on M (1..MAXM) rows: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T (see Expert and
+ * swiglu_team), x and y bfloat16 (bf16 = 1) or float32. Returns 0, or -1 for bad arguments or a
+ * failed allocation (nothing written). */
+int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
+                    int wtype, const void *x, void *y, long M, long D, long I, int bf16, int threads) {
+    Expert ex = {w1, w3, w2, s1, s3, s2, wtype};
+    if (M < 1 || M > MAXM || bad_expert(ex, bf16)) return -1;
+    Team t;
+    Act ax;
+    if (team_init(&t, M, I, bf16) != 0 || act_init(&ax, x, M, D, bf16, wtype) != 0) {
+        team_free(&t);
+        return -1;
+    }
+#pragma omp parallel num_threads(threads)
+    swiglu_team(ex, &ax, &t, y, M, D, I, bf16);
+    int failed = t.failed;
+    free(ax.mem);
+    team_free(&t);
+    return failed ? -1 : 0;
+}
+
+/* The mixture of M (1..MAXM) rows: y[m] = sum_j rw[m, j] * expert_{idx[m, j]}(x[m]) over the K chosen
+ * experts of each row, from stacked weights (expert e at e * I * D elements of w1, w3 and w2; scales
+ * at e * I and e * D). Rows that chose the same expert run through it together, so each chosen
+ * expert's weights are read once. Rounding as the plain code's: each expert output rounded to the
+ * dtype, times its float32 weight rounded, added in the order of j, each sum rounded. idx: int64
+ * [M, K] in [0, E); rw: float32 [M, K]; res: a residual [M, D] added last (as PyTorch's add), or
+ * NULL. Returns 0, or -1 for bad arguments or a failed allocation (nothing written). */
+int few_rows_experts(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
+                     int wtype, long E, const int64_t *idx, const float *rw, long K, const void *res, const void *x,
+                     void *y, long M, long D, long I, int bf16, int threads) {
+    Expert base = {w1, w3, w2, s1, s3, s2, wtype};
+    if (M < 1 || M > MAXM || K < 1 || E < 1 || bad_expert(base, bf16)) return -1;
+    long P = M * K; /* (row, choice) pairs */
+    for (long j = 0; j < P; j++)
+        if (idx[j] < 0 || idx[j] >= E) return -1;
+    size_t el = bf16 ? 2 : 4, wel = wtype == W_INT8 ? 1 : el;
+    char *xs = malloc(el * P * D), *ys = malloc(el * P * D);
+    long *pair = malloc(sizeof(long) * P), *start = malloc(sizeof(long) * (E + 1));
+    Team t;
+    Act ax;
+    memset(&ax, 0, sizeof ax);
+    int failed = team_init(&t, M, I, bf16) != 0 || !xs || !ys || !pair || !start;
+    if (!failed) { /* the pairs grouped by expert (stable), their rows gathered and prepared at once */
+        long n = 0;
+        for (long e = 0; e < E; e++) {
+            start[e] = n;
+            for (long j = 0; j < P; j++)
+                if (idx[j] == e) {
+                    memcpy(xs + el * n * D, (const char *)x + el * (j / K) * D, el * D);
+                    pair[n++] = j;
+                }
+        }
+        start[E] = n;
+        failed = act_init(&ax, xs, P, D, bf16, wtype) != 0;
+    }
+    if (!failed) {
+#pragma omp parallel num_threads(threads)
+        for (long e = 0; e < E && !t.failed; e++) {
+            long r0 = start[e], n = start[e + 1] - r0;
+            if (n == 0) continue;
+            Act a = ax; /* the rows of this expert */
+            if (a.bf) a.bf += r0 * D;
+            if (a.q) a.q += r0 * D, a.qs += r0;
+            if (a.f) a.f += r0 * D;
+            Expert ex = base;
+            ex.w1 = (const char *)w1 + wel * e * I * D;
+            ex.w3 = (const char *)w3 + wel * e * I * D;
+            ex.w2 = (const char *)w2 + wel * e * I * D;
+            if (s1) {
+                ex.s1 = (const char *)s1 + el * e * I;
+                ex.s3 = (const char *)s3 + el * e * I;
+                ex.s2 = (const char *)s2 + el * e * D;
+            }
+            swiglu_team(ex, &a, &t, ys + el * r0 * D, n, D, I, bf16);
+        }
+        failed = t.failed;
+    }
+    if (!failed) {
+        float *acc = calloc((size_t)P * D, sizeof(float)); /* acc[j]: the output of pair j, in pair order */
+        if (!acc) failed = 1;
+        for (long r = 0; !failed && r < P; r++)
+            for (long d = 0; d < D; d++) acc[pair[r] * D + d] = at(ys, r * D + d, bf16);
+        for (long m = 0; !failed && m < M; m++)
+            for (long d = 0; d < D; d++) {
+                float sum = 0;
+                for (long j = 0; j < K; j++) {
+                    float v = acc[(m * K + j) * D + d] * rw[m * K + j];
+                    if (bf16) v = round_bf16(v);
+                    sum = j == 0 ? v : sum + v;
+                    if (bf16) sum = round_bf16(sum);
+                }
+                if (res) sum = at(res, m * D + d, bf16) + (bf16 ? round_bf16(sum) : sum);
+                if (bf16)
+                    ((uint16_t *)y)[m * D + d] = f32_to_bf16(sum);
+                else
+                    ((float *)y)[m * D + d] = sum;
+            }
+        free(acc);
+    }
+    free(ax.mem);
+    team_free(&t);
+    free(xs);
+    free(ys);
+    free(pair);
+    free(start);
+    return failed ? -1 : 0;
+}
