@@ -52,6 +52,7 @@ class Linear(nn.Linear):
     several rows (prefill, batched decode) multiply in float32."""
 
     plain_product = True  # forward is x @ weight.T, nothing else (the fused kernels rely on it)
+    scale = None  # no int8 scales (``quant.Int8Linear`` has them); a plain attribute read, no lookup miss
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
@@ -282,10 +283,10 @@ class SparseMoE(nn.Module):
             if scales is None:
                 return None
         x = h.reshape(-1, h.shape[-1])
-        ws = (self.w1, self.w2, self.w3)
-        if not use_native_norm_gate(x, norm.weight, self.gate.weight) or not use_native_experts(x, ws, scales, None):
+        ws, norm_w, gate_w = (self.w1, self.w2, self.w3), norm.weight, self.gate.weight
+        if not use_native_norm_gate(x, norm_w, gate_w) or not use_native_experts(x, ws, scales, None):
             return None
-        n, logits = native_norm_gate(x, norm.weight, norm.eps, self.gate.weight)
+        n, logits = native_norm_gate(x, norm_w, norm.eps, gate_w)
         idx, weights = route_topk(logits, self.top_k)
         return native_experts(n, ws, scales, idx, weights, residual=x).view(h.shape), logits
 
@@ -357,12 +358,10 @@ class Block(nn.Module):
         projections = att._projections(with_output=True)
         if projections is None:
             return None
-        caches = (cache.k[att.layer_idx], cache.v[att.layer_idx])
-        if not use_native_attention_block(x, norm.weight, projections, cos, att.head_dim, caches, mask):
+        caches, norm_w = (cache.k[att.layer_idx], cache.v[att.layer_idx]), norm.weight
+        if not use_native_attention_block(x, norm_w, projections, cos, att.head_dim, caches, mask):
             return None
-        return native_attention_block(
-            x, norm.weight, norm.eps, projections, cos, sin, att.head_dim, caches, slots, mask
-        )
+        return native_attention_block(x, norm_w, norm.eps, projections, cos, sin, att.head_dim, caches, slots, mask)
 
 
 class Output(NamedTuple):
