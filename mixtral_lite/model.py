@@ -103,7 +103,7 @@ def attention(
     per layer on AVX2; AVX-512 BF16: 37 vs 78 us at 160 keys, 84 vs 501 us at 1024). Decoding
     against a cache takes the compiled kernel (``native.py``): the same float32 arithmetic without
     the copies (bfloat16, 8 heads x 160 keys: 15 instead of 91 us)."""
-    if use_native_attention(q, k, v, mask) and not is_causal:
+    if not is_causal and use_native_attention(q, k, v, mask):
         return native_attention(q, k, v, mask)
     if q.dtype in ATTENTION_UPCAST_ON_CPU and q.device.type == "cpu":
         m = None if mask is None else mask.float()

@@ -343,6 +343,7 @@ def native_experts(
     scales = (None, None, None) if ss is None else (ss[0].data_ptr(), ss[2].data_ptr(), ss[1].data_ptr())
     ids = idx.to(torch.int64).contiguous()
     rw = weights.to(torch.float32).contiguous()
+    res = None if residual is None else residual.contiguous()  # held while the kernel reads it
     before = (
         w1.data_ptr(),
         w3.data_ptr(),
@@ -353,7 +354,7 @@ def native_experts(
         ids.data_ptr(),
         rw.data_ptr(),
         idx.shape[1],
-        None if residual is None else residual.contiguous().data_ptr(),
+        None if res is None else res.data_ptr(),
     )
     return _run("few_rows_experts", x, x.shape[1], i, *before)
 
@@ -399,9 +400,10 @@ def native_qkv(
     k, v = torch.empty(b, t, okv, dtype=x.dtype), torch.empty(b, t, okv, dtype=x.dtype)
     int8 = sq is not None
     scales = (sq.data_ptr(), sk.data_ptr(), sv.data_ptr()) if int8 else (None, None, None)
+    sin = sin.contiguous()  # held while the kernel reads it
     rc = _loaded().few_rows_qkv(
         wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), *scales, _INT8 if int8 else _DTYPES[wq.dtype],
-        cos.data_ptr(), sin.contiguous().data_ptr(), head_dim, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+        cos.data_ptr(), sin.data_ptr(), head_dim, q.data_ptr(), k.data_ptr(), v.data_ptr(),
         rows.data_ptr(), b * t, oq, okv, d, _DTYPES[x.dtype], torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
@@ -482,10 +484,11 @@ def native_attention_block(
     int8 = sq is not None
     scales = (sq.data_ptr(), sk.data_ptr(), sv.data_ptr(), so.data_ptr()) if int8 else (None,) * 4
     ids = slots.to(torch.int64).contiguous()
+    sin = sin.contiguous()  # held while the kernel reads it
     h = torch.empty_like(rows)
     rc = _loaded().few_rows_attention_block(
         rows.data_ptr(), norm_w.data_ptr(), eps, wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), wo.data_ptr(),
-        *scales, _INT8 if int8 else _DTYPES[wq.dtype], cos.data_ptr(), sin.contiguous().data_ptr(),
+        *scales, _INT8 if int8 else _DTYPES[wq.dtype], cos.data_ptr(), sin.data_ptr(),
         kc.data_ptr(), vc.data_ptr(), ids.data_ptr(), mask.data_ptr(), h.data_ptr(),
         b, t, d, wq.shape[0] // head_dim, kc.shape[1], head_dim, kc.shape[2], _DTYPES[x.dtype],
         torch.get_num_threads(),
