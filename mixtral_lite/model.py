@@ -35,6 +35,7 @@ from .native import (
     use_native_qkv,
     use_native_rmsnorm,
 )
+from .native_layer import LayerPlan, LayerWeights, weights_key
 from .routing import (
     Routing,
     experts_dense,
@@ -327,6 +328,9 @@ class Block(nn.Module):
         cache: KVCache | None,
         slots: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fused = self._fused_layer(x, cos, sin, mask, cache, slots)  # decoding on the CPU: one kernel call
+        if fused is not None:
+            return fused
         h = self._fused_attention(x, cos, sin, mask, cache, slots)
         if h is None:
             h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, slots)
@@ -337,6 +341,67 @@ class Block(nn.Module):
                 return fused
         y, router_logits = ff(norm(h))
         return h + y, router_logits
+
+    def _fused_layer(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        slots: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Decoding on the CPU: the whole layer (both halves as ``_fused_attention`` and
+        ``SparseMoE.fused_decode``, the router in the kernel) as one call through a ``LayerPlan``
+        built at the first step and rebuilt when a weight or setting changes; None where the layer,
+        the cache or the inputs are not the plain ones."""
+        if mask is None or slots is None or type(cache) is not KVCache or torch.is_grad_enabled():
+            return None
+        if torch.compiler.is_compiling():  # compiled graphs keep PyTorch's ops
+            return None
+        weights = self._layer_weights()
+        if weights is None:
+            return None
+        key = weights_key(x.dtype, weights)
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan.key != key:
+            plan = LayerPlan(key, x.dtype, weights)
+            self.__dict__["_plan"] = plan  # a plain attribute (not a module or tensor)
+        if not plan.ok:
+            return None
+        i = self.attention.layer_idx
+        return plan.run(x, cos, sin, mask, (cache.k[i], cache.v[i]), slots)
+
+    def _layer_weights(self) -> LayerWeights | None:
+        """The weights the one-call layer reads, or None where a part is not the plain Mixtral one
+        (other modules or routers, shared experts, parallelism, training, another expert kernel)."""
+        mods = self._modules
+        att, ff, an, fn = mods["attention"], mods["feed_forward"], mods["attention_norm"], mods["ffn_norm"]
+        if type(att) is not Attention or type(ff) is not SparseMoE or not type(an) is type(fn) is RMSNorm:
+            return None
+        if att.reduce is not None or ff.reduce is not None or ff.shared is not None:
+            return None
+        if not ff.plain or ff.record_routing:
+            return None
+        projections = []
+        for name in ("wq", "wk", "wv", "wo"):  # as Attention._projections, read from the dicts directly
+            m = att._modules[name]
+            if not type(m).__dict__.get("plain_product", False):
+                return None
+            projections.append((_tensor(m, "weight"), m.scale))
+        dispatch = ff.dispatch
+        if dispatch == "auto":
+            scales = None
+        else:
+            native_scales = getattr(dispatch, "native_scales", None)  # quant.Int8Experts
+            scales = native_scales() if native_scales is not None else None
+            if scales is None:
+                return None
+        return LayerWeights(
+            _tensor(an, "weight"), an.eps, tuple(projections), _tensor(fn, "weight"), fn.eps,
+            _tensor(ff._modules["gate"], "weight"), (_tensor(ff, "w1"), _tensor(ff, "w2"), _tensor(ff, "w3")), scales,
+            att.n_heads, att.n_kv_heads, att.head_dim, ff.top_k,
+        )  # fmt: skip
 
     def _fused_attention(
         self,
@@ -362,6 +427,14 @@ class Block(nn.Module):
         if not use_native_attention_block(x, norm_w, projections, cos, att.head_dim, caches, mask):
             return None
         return native_attention_block(x, norm_w, norm.eps, projections, cos, sin, att.head_dim, caches, slots, mask)
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``getattr(module, name)`` for a parameter or buffer, without nn.Module's attribute fallback."""
+    t = module._parameters.get(name)
+    if t is None:
+        t = module._buffers.get(name)
+    return t if t is not None else getattr(module, name)
 
 
 class Output(NamedTuple):

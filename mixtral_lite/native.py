@@ -46,7 +46,7 @@ NATIVE_MAX_ROWS = 8  # rows per product the kernel takes (more: PyTorch / oneDNN
 # 32000x512: 6.7 vs 6.0 ms; 6 rows 251 vs 378 us)
 FLOAT32_MAX_ROWS = 6
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "products.c", CSRC / "decode.c")  # one library; both include csrc/kernel.h
+SOURCES = (CSRC / "products.c", CSRC / "decode.c", CSRC / "layer.c")  # one library; all include csrc/kernel.h
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -169,6 +169,12 @@ def load() -> ctypes.CDLL | None:
         rn = lib.few_rows_rmsnorm
         rn.restype = None
         rn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
+        ro = lib.few_rows_route
+        ro.restype = ctypes.c_int
+        ro.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2
+        ly = lib.few_rows_layer  # its first argument: a ctypes.byref of native_layer's struct
+        ly.restype = ctypes.c_int
+        ly.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 3 + [ctypes.c_int]
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status = f"off ({e})"
         return None

@@ -312,6 +312,10 @@ def test_portable_builds_compute_the_same(tmp_path: Path, arch: str) -> None:
         "        idx = torch.tensor([[0, 2]] * rows)\n"
         "        ye = native.native_experts(x, ws, None, idx, torch.full((rows, 2), 0.5))\n"
         "        assert ((ye.double() - r3).abs() <= 2 * tol * (r3.abs() + 1)).all()\n"
+        "from mixtral_lite.moe import route_topk\n"
+        "from mixtral_lite.native_layer import native_route\n"
+        "logits = torch.randint(0, 3, (500, 8), generator=g).float()\n"
+        "assert torch.equal(native_route(logits, 2)[0], route_topk(logits, 2)[0])\n"
         "print('ok')\n"
     )
     done = _python(code, MIXTRAL_LITE_CACHE=str(tmp_path), MIXTRAL_LITE_MARCH=arch)

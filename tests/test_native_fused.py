@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mixtral_lite import MixtralConfig, model, moe, native, quant
 from mixtral_lite.cache import KVCache
+from mixtral_lite.native_layer import LayerPlan
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel unavailable here")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -215,10 +216,22 @@ def test_decoding_with_and_without_the_fused_calls_agrees(
 
     n = 4 * config.num_hidden_layers  # decode steps x layers
     layers = config.num_hidden_layers
+    real_run = LayerPlan.run
+
+    def layer_run(*a):
+        out = real_run(*a)
+        calls["layer"] = calls.get("layer", 0) + (out is not None)
+        return out
+
+    monkeypatch.setattr(LayerPlan, "run", layer_run)
     with torch.no_grad():
-        whole = run()  # each half of a layer in one call (the MoE half: two, around the top-k)
+        layered = run()  # each layer in one call
         # the prefill (2 x 5 rows) is over the row limit for products, not for attention (5 queries a row)
-        assert calls == {
+        assert calls == {"layer": n, "model.native_attention": layers}
+        calls.clear()
+        monkeypatch.setattr(model.Block, "_fused_layer", lambda *a: None)
+        whole = run()  # each half of a layer in one call (the MoE half: two, around the top-k)
+        assert calls == {  # the one-call layer's own test: tests/test_native_layer.py
             "model.native_attention_block": n,
             "model.native_norm_gate": n,
             "model.native_experts": n,
@@ -231,7 +244,11 @@ def test_decoding_with_and_without_the_fused_calls_agrees(
         assert calls == {"model.native_qkv": n, "model.native_attention": n + layers, ex: n}
         off("use_native_qkv", "use_native_attention", "use_native_experts")
         plain = run()
-    for a, b, c in zip(whole, fused, plain, strict=True):
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for z, a, b, c in zip(layered, whole, fused, plain, strict=True):
+        # the one-call layer's router: the same experts, probabilities from expf (last-bit differences)
+        torch.testing.assert_close(z.float(), a.float(), rtol=tol, atol=tol)
+        assert torch.equal(z.argmax(-1), a.argmax(-1))
         assert torch.equal(a, b)  # the block is the separate calls, bit for bit
         torch.testing.assert_close(b.float(), c.float(), rtol=0.02, atol=0.02)
         assert torch.equal(b.argmax(-1), c.argmax(-1))

@@ -383,9 +383,19 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
-/* Exported entries the other file calls. */
+/* Exported entries the other files call. */
 int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y, long M, long O, long I, int bf16,
              int threads);
 void few_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, float eps, int bf16);
+int few_rows_experts(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
+                     int wtype, long E, const int64_t *idx, const float *rw, long K, const void *res, const void *x,
+                     void *y, long M, long D, long I, int bf16, int threads);
+int few_rows_attention_block(const void *x, const void *norm_w, float eps, const void *wq, const void *wk,
+                             const void *wv, const void *wo, const void *sq, const void *sk, const void *sv,
+                             const void *so, int wtype, const void *cos, const void *sin, void *k_cache,
+                             void *v_cache, const int64_t *slots, const void *mask, void *h, long B, long T, long D,
+                             long H, long KV, long hd, long S, int bf16, int threads);
+int few_rows_norm_gate(const void *x, const void *norm_w, float eps, const void *gate, void *n, void *logits, long M,
+                       long D, long E, int bf16, int threads);
 
 #endif

@@ -1,0 +1,216 @@
+"""A whole decoder layer in one kernel call (decoding on the CPU): attention half, norm, router,
+the chosen experts and both residuals (``csrc/layer.c``).
+
+Checking a layer's dozen weights and building the call's arguments costs more Python time than
+the call itself, so it is done once: a ``LayerPlan`` holds the checked weights and the kernel's
+argument struct, and is rebuilt when its ``key`` changes (any weight replaced, moved or converted:
+the key holds every weight's identity and address, the modules' settings and the activations'
+dtype). What changes every step (the activations, the cache, the mask, the rotary rows) is checked
+at each call.
+
+The router runs in the kernel: softmax in float32 (the C library's ``expf``: the probabilities may
+differ from ``torch.softmax``'s in the last bit), then the top-k with the selection torch.topk's CPU
+kernel makes, so the same experts are chosen, ties included. The rest rounds as the separate fused
+calls (``native.py``) round; the tests tie the two.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import torch
+
+from . import native
+from .native import _DTYPES, _INT8, NATIVE_MAX_ROWS, Projection
+
+_POINTERS = (
+    "attention_norm", "wq", "wk", "wv", "wo", "sq", "sk", "sv", "so",
+    "ffn_norm", "gate", "w1", "w3", "w2", "s1", "s3", "s2",
+)  # fmt: skip
+
+
+class _LayerStruct(ctypes.Structure):
+    """``Layer`` of csrc/layer.c, field for field."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in _POINTERS] + [
+        ("attention_eps", ctypes.c_float),
+        ("ffn_eps", ctypes.c_float),
+        ("wtype_attention", ctypes.c_int),
+        ("wtype_experts", ctypes.c_int),
+        ("bf16", ctypes.c_int),
+        *[(name, ctypes.c_long) for name in ("D", "H", "KV", "hd", "E", "I", "K")],
+    ]
+
+
+class LayerWeights(NamedTuple):
+    """What the one-call layer reads, gathered by ``model.Block``: the two norms' weights and eps,
+    wq wk wv wo as (weight, int8 scale or None), the router's weight, the stacked experts
+    (w1, w2, w3) and their int8 scales (or None), the attention heads and experts per token."""
+
+    attention_norm: torch.Tensor
+    attention_eps: float
+    projections: tuple[Projection, ...]
+    ffn_norm: torch.Tensor
+    ffn_eps: float
+    gate: torch.Tensor
+    experts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    expert_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    top_k: int
+
+
+def weights_key(dtype: torch.dtype, weights: LayerWeights) -> tuple:
+    """Everything a plan depends on, cheap to compare: the activations' dtype, the settings, and
+    each weight's identity and address."""
+    tensors = [weights.attention_norm, weights.ffn_norm, weights.gate, *weights.experts]
+    for w, s in weights.projections:
+        tensors.append(w)
+        if s is not None:
+            tensors.append(s)
+    if weights.expert_scales is not None:
+        tensors.extend(weights.expert_scales)
+    settings = (dtype, weights.attention_eps, weights.ffn_eps, weights.n_heads, weights.n_kv_heads)
+    settings += (weights.head_dim, weights.top_k, weights.expert_scales is None, len(tensors))
+    return settings + tuple(id(t) for t in tensors) + tuple(t.data_ptr() for t in tensors)
+
+
+def _projections_ok(dtype: torch.dtype, d: int, weights: LayerWeights) -> bool:
+    """The rules of ``native.use_native_attention_block`` for the weights alone."""
+    (wq, sq), (wk, _), (wv, _), (wo, so) = weights.projections
+    hd, h, kv = weights.head_dim, weights.n_heads, weights.n_kv_heads
+    int8 = wq.dtype == torch.int8
+    for w, s in weights.projections:
+        if w.dim() != 2 or not w.is_contiguous() or w.dtype != (torch.int8 if int8 else dtype) or (s is None) == int8:
+            return False
+        if s is not None and (s.dtype != dtype or s.shape != w.shape[:1] or not s.is_contiguous()):
+            return False
+    if hd % 2 or kv < 1 or h % kv or wq.shape != (h * hd, d) or wk.shape != (kv * hd, d) or wv.shape != wk.shape:
+        return False
+    return wo.shape == (d, h * hd)
+
+
+def _experts_ok(dtype: torch.dtype, d: int, weights: LayerWeights) -> bool:
+    """The rules of ``native.use_native_experts`` and the router's (``few_rows_route``)."""
+    w1, w2, w3 = weights.experts
+    if w1.dim() != 3 or w1.shape[2] != d or w3.shape != w1.shape or w2.shape != (w1.shape[0], d, w1.shape[1]):
+        return False
+    if not all(w.is_contiguous() for w in weights.experts):
+        return False
+    ss = weights.expert_scales
+    if ss is None:
+        if any(w.dtype != dtype for w in weights.experts):
+            return False
+    elif any(w.dtype != torch.int8 for w in weights.experts) or any(
+        s.dtype != dtype or not s.is_contiguous() for s in ss
+    ):
+        return False
+    e, k = w1.shape[0], weights.top_k
+    gate = weights.gate
+    if gate.dtype != dtype or gate.shape != (e, d) or not gate.is_contiguous():
+        return False
+    return 1 <= k <= min(17, e) and 64 * k > e
+
+
+class LayerPlan:
+    """The checked weights of one layer and the kernel's argument struct; ``ok`` False when the
+    layer cannot run as one call (then the key still saves re-checking it every step)."""
+
+    def __init__(self, key: tuple, dtype: torch.dtype, weights: LayerWeights) -> None:
+        self.key = key
+        self.weights = weights  # held: the struct points into these tensors
+        d = weights.attention_norm.shape[0]
+        norms = (weights.attention_norm, weights.ffn_norm)
+        norms_ok = all(n.dtype == dtype and n.shape == (d,) and n.is_contiguous() for n in norms)
+        self.ok = (
+            dtype in _DTYPES
+            and norms_ok
+            and _projections_ok(dtype, d, weights)
+            and _experts_ok(dtype, d, weights)
+            and all(t.device.type == "cpu" for t in (weights.attention_norm, weights.gate, weights.experts[0]))
+            and native.available()  # looked up at call time: tests switch it off
+        )
+        if not self.ok:
+            return
+        self.dtype, self.d, self.e = dtype, d, weights.gate.shape[0]
+        self.kv, self.hd = weights.n_kv_heads, weights.head_dim
+        (wq, sq), (wk, sk), (wv, sv), (wo, so) = weights.projections
+        w1, w2, w3 = weights.experts
+        ss = weights.expert_scales
+        ptrs = {
+            "attention_norm": weights.attention_norm, "wq": wq, "wk": wk, "wv": wv, "wo": wo,
+            "sq": sq, "sk": sk, "sv": sv, "so": so, "ffn_norm": weights.ffn_norm, "gate": weights.gate,
+            "w1": w1, "w3": w3, "w2": w2, "s1": ss and ss[0], "s3": ss and ss[2], "s2": ss and ss[1],
+        }  # fmt: skip
+        s = _LayerStruct()
+        for name, t in ptrs.items():
+            setattr(s, name, None if t is None else t.data_ptr())
+        s.attention_eps, s.ffn_eps = weights.attention_eps, weights.ffn_eps
+        s.wtype_attention = _INT8 if sq is not None else _DTYPES[wq.dtype]
+        s.wtype_experts = _INT8 if ss is not None else _DTYPES[w1.dtype]
+        s.bf16 = _DTYPES[dtype]
+        s.D, s.H, s.KV, s.hd = d, weights.n_heads, weights.n_kv_heads, weights.head_dim
+        s.E, s.I, s.K = w1.shape[0], w1.shape[1], weights.top_k
+        self.struct = s
+        self.ref = ctypes.byref(s)
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        caches: tuple[torch.Tensor, torch.Tensor],
+        slots: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(layer output [B, T, D], router logits [B * T, E]) for x [B, T, D], writing the new keys
+        and values at ``slots`` [T] of ``caches`` [B, KV, S, hd]; None (nothing written) when these
+        inputs do not fit the kernel (more rows than ``NATIVE_MAX_ROWS``, another dtype or layout)."""
+        dtype = self.dtype
+        if x.dtype != dtype or x.dim() != 3 or not x.is_cpu or x.shape[2] != self.d:
+            return None
+        b, t, d = x.shape
+        if b * t > NATIVE_MAX_ROWS or b * t == 0:
+            return None
+        kc, vc = caches
+        s = kc.shape[2] if kc.dim() == 4 else 0
+        shape = (b, self.kv, s, self.hd)
+        if kc.shape != shape or vc.shape != shape or kc.dtype != dtype or vc.dtype != dtype:
+            return None
+        if not (kc.is_contiguous() and vc.is_contiguous()) or slots.shape != (t,) or slots.dtype != torch.int64:
+            return None
+        if mask.dtype != dtype or mask.shape != (b, 1, t, s) or not mask.is_contiguous():
+            return None
+        rot = (b, 1, t, self.hd)
+        if cos.dtype != dtype or sin.dtype != dtype or cos.shape != rot or sin.shape != rot:
+            return None
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+            return None
+        x, cos, sin, slots = x.contiguous(), cos.contiguous(), sin.contiguous(), slots.contiguous()
+        out = torch.empty_like(x)
+        logits = torch.empty(b * t, self.e, dtype=dtype)
+        rc = native._loaded().few_rows_layer(
+            self.ref, x.data_ptr(), out.data_ptr(), logits.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            kc.data_ptr(), vc.data_ptr(), slots.data_ptr(), mask.data_ptr(), b, t, s, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"native kernel few_rows_layer failed for x {tuple(x.shape)}, slots {slots.tolist()}")
+        return out, logits
+
+
+def native_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe.route_topk`` in the kernel (the router of the one-call layer): logits [N, E] (float32 or
+    bfloat16) -> (idx [N, K] int64, weights [N, K] float32)."""
+    rows = logits.contiguous()
+    n, e = rows.shape
+    idx = torch.empty(n, k, dtype=torch.int64)
+    rw = torch.empty(n, k, dtype=torch.float32)
+    rc = native._loaded().few_rows_route(rows.data_ptr(), n, e, k, _DTYPES[rows.dtype], idx.data_ptr(), rw.data_ptr())
+    if rc != 0:
+        raise ValueError(f"native router: top-{k} of {e} experts is not supported (1 <= k <= 17, k <= E, 64k > E)")
+    return idx, rw
+
+
+__all__ = ["LayerPlan", "LayerWeights", "native_route", "weights_key"]

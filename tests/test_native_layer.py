@@ -1,0 +1,169 @@
+"""The one-call decoder layer (``native_layer.py``, ``csrc/layer.c``): its router chooses the
+experts ``moe.route_topk`` chooses (ties included), the layer equals the two fused halves it
+replaces, its plan follows weight changes, and it is skipped where it does not apply."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from mixtral_lite import MixtralConfig, model, native, quant
+from mixtral_lite.cache import KVCache
+from mixtral_lite.moe import route_topk
+from mixtral_lite.native_layer import LayerPlan, native_route
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel unavailable here")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _check_route(logits: torch.Tensor, k: int) -> None:
+    idx, w = native_route(logits, k)
+    ref_idx, ref_w = route_topk(logits, k)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(w, ref_w, rtol=2e-6, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_router_breaks_ties_as_torch_topk(dtype: torch.dtype) -> None:
+    """Every pattern of 8 logits from {0, 1, 2} (6561 rows full of ties), top-1, 2 and 3."""
+    rows = torch.tensor(list(itertools.product(range(3), repeat=8)), dtype=torch.float32).to(dtype)
+    for k in (1, 2, 3):
+        _check_route(rows, k)
+
+
+@pytest.mark.parametrize("e_k", [(4, 1), (6, 2), (16, 4), (60, 6), (64, 2), (127, 2), (40, 17)])
+def test_router_matches_route_topk(e_k: tuple[int, int]) -> None:
+    """Other expert counts: few distinct values (ties), plain random logits, a row with NaN."""
+    e, k = e_k
+    g = torch.Generator().manual_seed(e * 100 + k)
+    _check_route(torch.randint(0, 4, (3000, e), generator=g).float(), k)
+    _check_route(torch.randn(3000, e, generator=g), k)
+    _check_route(torch.randn(300, e, generator=g).bfloat16(), k)
+    nan = torch.randn(2, e, generator=g)
+    nan[0, e // 2] = float("nan")
+    _check_route(nan, k)
+
+
+def test_router_rejects_what_topk_selects_otherwise() -> None:
+    logits = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="top-2 of 128"):
+        native_route(logits, 2)  # torch.topk sorts partially there: not replicated
+    with pytest.raises(ValueError, match="top-18"):
+        native_route(torch.randn(2, 40), 18)
+
+
+def _decoder(dtype: torch.dtype, int8: bool, seed: int = 0) -> tuple[model.Mixtral, MixtralConfig]:
+    config = MixtralConfig.from_preset("tiny")
+    torch.manual_seed(seed)
+    net = model.Mixtral(config).to(dtype).eval()
+    if int8:
+        quant.quantize_model(net, "int8")
+    return net, config
+
+
+def _step(block: model.Block, config: MixtralConfig, x: torch.Tensor, cache: KVCache, pos: int):
+    b = x.shape[0]
+    positions = torch.full((b, 1), pos)
+    cos, sin = model.rotary_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+    keep = torch.arange(cache.max_seq_len) <= pos
+    mask = torch.zeros(b, 1, 1, cache.max_seq_len, dtype=x.dtype).masked_fill_(~keep, float("-inf"))
+    return block(x, cos, sin, mask, cache, torch.tensor([pos]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("b", [1, 3, 8])
+def test_layer_equals_the_two_fused_halves(dtype: torch.dtype, int8: bool, b: int, monkeypatch) -> None:
+    """Same cache writes and router logits bit for bit (float32 from 7 rows: the halves' router runs
+    on oneDNN, the sums in another order); the output as the halves' up to the last bit of the
+    routing weights (expf against torch's exp)."""
+    net, config = _decoder(dtype, int8)
+    block = net.layers[1]
+    caches = [KVCache(config, b, 16, dtype=dtype) for _ in range(2)]
+    for c in caches:  # an earlier history in the cache
+        for layer in range(config.num_hidden_layers):
+            c.k[layer].normal_(generator=torch.Generator().manual_seed(layer))
+            c.v[layer].normal_(generator=torch.Generator().manual_seed(layer + 50))
+    x = torch.randn(b, 1, config.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    runs = []
+    with torch.no_grad():
+        runs.append(_step(block, config, x, caches[0], 9))
+        assert block._plan.ok
+        monkeypatch.setattr(model.Block, "_fused_layer", lambda *a: None)
+        runs.append(_step(block, config, x, caches[1], 9))
+    (out, logits), (ref, ref_logits) = runs
+    assert torch.equal(caches[0].k[1], caches[1].k[1]) and torch.equal(caches[0].v[1], caches[1].v[1])
+    if dtype == torch.bfloat16 or b <= native.FLOAT32_MAX_ROWS:
+        assert torch.equal(logits, ref_logits)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_plan_follows_weight_changes(monkeypatch) -> None:
+    """Replacing a parameter, assigning ``.data``, editing in place and quantising all reach the
+    next step (the plan is rebuilt where addresses change; in-place edits are read where they are)."""
+    net, config = _decoder(torch.float32, False)
+    block = net.layers[0]
+    x = torch.randn(1, 1, config.hidden_size, generator=torch.Generator().manual_seed(3))
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        cache = KVCache(config, 1, 8)
+        with torch.no_grad():
+            fused = _step(block, config, x, cache, 0)[0]
+            with monkeypatch.context() as m:
+                m.setattr(model.Block, "_fused_layer", lambda *a: None)
+                plain = _step(block, config, x, KVCache(config, 1, 8), 0)[0]
+        return fused, plain
+
+    first, _ = both()
+    plans = [block._plan]
+    att, ff = block.attention, block.feed_forward
+    att.wq.weight = nn.Parameter(att.wq.weight * 2)
+    ff.w2.data = ff.w2.data * 3
+    with torch.no_grad():
+        ff.gate.weight.mul_(-1)  # in place: the same addresses
+    fused, plain = both()
+    plans.append(block._plan)
+    assert plans[1] is not plans[0] and plans[1].ok
+    assert not torch.allclose(fused, first)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    quant.quantize_model(net, "int8")
+    fused, plain = both()
+    assert block._plan is not plans[1] and block._plan.ok
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_layer_is_skipped_where_it_does_not_apply() -> None:
+    net, config = _decoder(torch.float32, False)
+    block = net.layers[0]
+    runs = []
+    real = LayerPlan.run
+    x = torch.randn(1, 1, config.hidden_size)
+    with torch.no_grad():
+        LayerPlan.run = lambda *a: runs.append(1) or real(*a)
+        try:
+            _step(block, config, x, KVCache(config, 1, 8), 0)
+            assert runs == [1]
+            cache = KVCache(config, 9, 8)
+            assert _fused(block, config, torch.randn(9, 1, config.hidden_size), cache) is None  # 9 rows
+            assert _fused(block, config, x.bfloat16(), KVCache(config, 1, 8)) is None  # another dtype
+            block.feed_forward.record_routing = True  # training statistics: the module path
+            assert _fused(block, config, x, KVCache(config, 1, 8)) is None
+            block.feed_forward.record_routing = False
+            block.feed_forward.dispatch = "reference"
+            assert _fused(block, config, x, KVCache(config, 1, 8)) is None
+        finally:
+            LayerPlan.run = real
+    with torch.enable_grad():
+        assert _fused(net.layers[1], config, x, KVCache(config, 1, 8)) is None  # autograd
+
+
+def _fused(block: model.Block, config: MixtralConfig, x: torch.Tensor, cache: KVCache):
+    positions = torch.zeros(x.shape[0], 1, dtype=torch.long)
+    cos, sin = model.rotary_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+    mask = torch.zeros(x.shape[0], 1, 1, cache.max_seq_len, dtype=x.dtype)
+    return block._fused_layer(x, cos, sin, mask, cache, torch.tensor([0]))
