@@ -26,12 +26,14 @@ from .native import (
     native_attention_block,
     native_experts,
     native_norm_gate,
+    native_prefill_attention,
     native_qkv,
     native_rmsnorm,
     use_native_attention,
     use_native_attention_block,
     use_native_experts,
     use_native_norm_gate,
+    use_native_prefill_attention,
     use_native_qkv,
     use_native_rmsnorm,
 )
@@ -106,6 +108,8 @@ def attention(
     the copies (bfloat16, 8 heads x 160 keys: 15 instead of 91 us)."""
     if not is_causal and use_native_attention(q, k, v, mask):
         return native_attention(q, k, v, mask)
+    if use_native_prefill_attention(q, k, v, mask, is_causal):  # many rows: register tiles, no copies
+        return native_prefill_attention(q, k, v, mask)
     if q.dtype in ATTENTION_UPCAST_ON_CPU and q.device.type == "cpu":
         m = None if mask is None else mask.float()
         y = F.scaled_dot_product_attention(

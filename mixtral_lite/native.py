@@ -46,7 +46,7 @@ NATIVE_MAX_ROWS = 8  # rows per product the kernel takes (more: PyTorch / oneDNN
 # 32000x512: 6.7 vs 6.0 ms; 6 rows 251 vs 378 us)
 FLOAT32_MAX_ROWS = 6
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "products.c", CSRC / "decode.c", CSRC / "layer.c")  # one library; all include csrc/kernel.h
+SOURCES = tuple(CSRC / f for f in ("products.c", "decode.c", "layer.c", "attention.c"))  # all include kernel.h
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -169,6 +169,8 @@ def load() -> ctypes.CDLL | None:
         rn = lib.few_rows_rmsnorm
         rn.restype = None
         rn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
+        lib.many_rows_attention.restype = ctypes.c_int
+        lib.many_rows_attention.argtypes = at.argtypes  # the same arguments as few_rows_attention
         ro = lib.few_rows_route
         ro.restype = ctypes.c_int
         ro.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2
@@ -556,6 +558,56 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return y.transpose(1, 2)
 
 
+PREFILL_SCRATCH_MAX = 1 << 29  # bytes of float32 keys (and values) many_rows_attention may copy
+
+
+def use_native_prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+) -> bool:
+    """Whether attention of many query rows (prefill: q [B, H, T, hd], T > ``NATIVE_MAX_ROWS``) against
+    k, v [B, KV, S, hd] should run through the kernel: CPU, float32 or bfloat16 alike, hd a multiple
+    of 16, an additive mask [B, 1, T, S] of q's dtype or causal attention
+    with T == S, at most ``PREFILL_SCRATCH_MAX`` bytes of float32 copies, no autograd, not compiling."""
+    if q.device.type != "cpu" or q.dtype not in _DTYPES or q.dim() != 4 or k.dim() != 4:
+        return False
+    b, h, t, hd = q.shape
+    if k.dtype != q.dtype or v.dtype != q.dtype or t <= NATIVE_MAX_ROWS or hd % 16 or q.stride(-1) != 1:
+        return False
+    if k.shape[0] != b or k.shape[3] != hd or v.shape != k.shape or h % k.shape[1] != 0:
+        return False
+    if mask is None:
+        if not is_causal or k.shape[2] != t:
+            return False
+    elif is_causal or mask.dtype != q.dtype or mask.shape != (b, 1, t, k.shape[2]) or not mask.is_contiguous():
+        return False
+    if k.numel() * 4 * (2 if q.dtype == torch.bfloat16 else 1) > PREFILL_SCRATCH_MAX:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return not torch.compiler.is_compiling() and available()
+
+
+def native_prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)`` (``mask`` None:
+    ``is_causal=True``) in float32 as on float32 copies, one rounding at the end, for many query rows:
+    blocked into small register tiles (``csrc/attention.c``). Returns [B, H, T, hd] as a view of a
+    [B, T, H, hd] tensor."""
+    b, h, t, hd = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    k, v = k.contiguous(), v.contiguous()  # a cache is; keys straight from the projections are views
+    y = torch.empty(b, t, h, hd, dtype=q.dtype)
+    rc = _loaded().many_rows_attention(
+        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), v.data_ptr(),
+        None if mask is None else mask.data_ptr(), y.data_ptr(), b, h, kv, t, s, hd, 1.0 / math.sqrt(hd),
+        _DTYPES[q.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"native kernel many_rows_attention failed for q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return y.transpose(1, 2)
+
+
 def use_native_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether ``(x @ q.T) * scale`` (int8 weights, one scale per output) should run through the
     kernel: as ``use_native``, with x and scale of one dtype and a row-major int8 q."""
@@ -586,6 +638,7 @@ __all__ = [
     "native_int8",
     "native_linear",
     "native_norm_gate",
+    "native_prefill_attention",
     "native_qkv",
     "native_rmsnorm",
     "native_swiglu",
@@ -597,6 +650,7 @@ __all__ = [
     "use_native_experts",
     "use_native_int8",
     "use_native_norm_gate",
+    "use_native_prefill_attention",
     "use_native_qkv",
     "use_native_rmsnorm",
     "use_native_swiglu",

@@ -316,6 +316,9 @@ def test_portable_builds_compute_the_same(tmp_path: Path, arch: str) -> None:
         "from mixtral_lite.native_layer import native_route\n"
         "logits = torch.randint(0, 3, (500, 8), generator=g).float()\n"
         "assert torch.equal(native_route(logits, 2)[0], route_topk(logits, 2)[0])\n"
+        "q, k = torch.randn(1, 4, 40, 32, generator=g), torch.randn(1, 2, 40, 32, generator=g)\n"
+        "ra = F.scaled_dot_product_attention(q.double(), k.double(), k.double(), is_causal=True, enable_gqa=True)\n"
+        "assert ((native.native_prefill_attention(q, k, k, None).double() - ra).abs() < 1e-5).all()\n"
         "print('ok')\n"
     )
     done = _python(code, MIXTRAL_LITE_CACHE=str(tmp_path), MIXTRAL_LITE_MARCH=arch)

@@ -134,13 +134,38 @@ int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *
     return failed ? -1 : 0;
 }
 
+/* The expert e's slice of the stacked weights. */
+static Expert expert_at(Expert base, long e, long D, long I, int bf16) {
+    size_t el = bf16 ? 2 : 4, wel = base.wtype == W_INT8 ? 1 : el;
+    Expert ex = base;
+    ex.w1 = (const char *)base.w1 + wel * e * I * D;
+    ex.w3 = (const char *)base.w3 + wel * e * I * D;
+    ex.w2 = (const char *)base.w2 + wel * e * I * D;
+    if (base.s1) {
+        ex.s1 = (const char *)base.s1 + el * e * I;
+        ex.s3 = (const char *)base.s3 + el * e * I;
+        ex.s2 = (const char *)base.s2 + el * e * D;
+    }
+    return ex;
+}
+
+/* Rows [r0, r0 + n) of a prepared activation block. */
+static Act act_rows(Act a, long r0, long D) {
+    if (a.bf) a.bf += r0 * D;
+    if (a.q) a.q += r0 * D, a.qs += r0;
+    if (a.f) a.f += r0 * D;
+    return a;
+}
+
 /* The mixture of M (1..MAXM) rows: y[m] = sum_j rw[m, j] * expert_{idx[m, j]}(x[m]) over the K chosen
  * experts of each row, from stacked weights (expert e at e * I * D elements of w1, w3 and w2; scales
  * at e * I and e * D). Rows that chose the same expert run through it together, so each chosen
- * expert's weights are read once. Rounding as the plain code's: each expert output rounded to the
- * dtype, times its float32 weight rounded, added in the order of j, each sum rounded. idx: int64
- * [M, K] in [0, E); rw: float32 [M, K]; res: a residual [M, D] added last (as PyTorch's add), or
- * NULL. Returns 0, or -1 for bad arguments or a failed allocation (nothing written). */
+ * expert's weights are read once. Three phases over all chosen experts at once: w1 and w3, the gated
+ * product, w2 (a barrier between them; in each, every thread streams one contiguous share). Rounding as the plain
+ * code's: each expert output rounded to the dtype, times its float32 weight rounded, added in the
+ * order of j, each sum rounded. idx: int64 [M, K] in [0, E); rw: float32 [M, K]; res: a residual
+ * [M, D] added last (as PyTorch's add), or NULL. Returns 0, or -1 for bad arguments or a failed
+ * allocation (nothing written). */
 int few_rows_experts(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
                      int wtype, long E, const int64_t *idx, const float *rw, long K, const void *res, const void *x,
                      void *y, long M, long D, long I, int bf16, int threads) {
@@ -149,47 +174,75 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
     long P = M * K; /* (row, choice) pairs */
     for (long j = 0; j < P; j++)
         if (idx[j] < 0 || idx[j] >= E) return -1;
-    size_t el = bf16 ? 2 : 4, wel = wtype == W_INT8 ? 1 : el;
-    char *xs = malloc(el * P * D), *ys = malloc(el * P * D);
-    long *pair = malloc(sizeof(long) * P), *start = malloc(sizeof(long) * (E + 1));
-    Team t;
+    size_t el = bf16 ? 2 : 4;
+    char *xs = malloc(el * P * D), *ys = malloc(el * P * D), *ha = malloc(el * P * I), *hb = malloc(el * P * I);
+    long *pair = malloc(sizeof(long) * P), *start = malloc(sizeof(long) * (P + 1)), *used = malloc(sizeof(long) * P);
+    Act *hs = calloc((size_t)P, sizeof(Act)); /* the gated products, prepared per used expert */
     Act ax;
     memset(&ax, 0, sizeof ax);
-    int failed = team_init(&t, M, I, bf16) != 0 || !xs || !ys || !pair || !start;
+    int failed = !xs || !ys || !ha || !hb || !pair || !start || !used || !hs;
+    long n_used = 0;
     if (!failed) { /* the pairs grouped by expert (stable), their rows gathered and prepared at once */
         long n = 0;
         for (long e = 0; e < E; e++) {
-            start[e] = n;
+            long n0 = n;
             for (long j = 0; j < P; j++)
                 if (idx[j] == e) {
                     memcpy(xs + el * n * D, (const char *)x + el * (j / K) * D, el * D);
                     pair[n++] = j;
                 }
+            if (n > n0) used[n_used] = e, start[n_used++] = n0;
         }
-        start[E] = n;
+        start[n_used] = n;
         failed = act_init(&ax, xs, P, D, bf16, wtype) != 0;
     }
     if (!failed) {
+        int bad = 0;
 #pragma omp parallel num_threads(threads)
-        for (long e = 0; e < E && !t.failed; e++) {
-            long r0 = start[e], n = start[e + 1] - r0;
-            if (n == 0) continue;
-            Act a = ax; /* the rows of this expert */
-            if (a.bf) a.bf += r0 * D;
-            if (a.q) a.q += r0 * D, a.qs += r0;
-            if (a.f) a.f += r0 * D;
-            Expert ex = base;
-            ex.w1 = (const char *)w1 + wel * e * I * D;
-            ex.w3 = (const char *)w3 + wel * e * I * D;
-            ex.w2 = (const char *)w2 + wel * e * I * D;
-            if (s1) {
-                ex.s1 = (const char *)s1 + el * e * I;
-                ex.s3 = (const char *)s3 + el * e * I;
-                ex.s2 = (const char *)s2 + el * e * D;
+        {
+            long v0, v1; /* w1 and w3 of every used expert, one after the other: each thread a contiguous share */
+            share(n_used * 2 * I, &v0, &v1);
+            for (long v = v0; v < v1;) {
+                long seg = v / I, u = seg / 2, which = seg % 2, i0 = v % I;
+                long i1 = v1 - v < I - i0 ? i0 + (v1 - v) : I, r0 = start[u], n = start[u + 1] - r0;
+                Expert ex = expert_at(base, used[u], D, I, bf16);
+                Act a = act_rows(ax, r0, D);
+                Out o = {(which ? hb : ha) + el * r0 * I, which ? ex.s3 : ex.s1, I, bf16, NULL};
+                product(which ? ex.w3 : ex.w1, wtype, &a, o, n, D, i0, i1);
+                v += i1 - i0;
             }
-            swiglu_team(ex, &a, &t, ys + el * r0 * D, n, D, I, bf16);
+#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
+            for (long u = 0; u < n_used; u++) { /* silu(x @ w1.T) * (x @ w3.T), prepared for w2 */
+                long r0 = start[u], n = start[u + 1] - r0;
+                for (long j = r0 * I; j < (r0 + n) * I; j++) {
+                    if (bf16) {
+                        uint16_t *a16 = (uint16_t *)ha;
+                        float g = round_bf16(silu(bf16_to_f32(a16[j])));
+                        a16[j] = f32_to_bf16(g * bf16_to_f32(((const uint16_t *)hb)[j]));
+                    } else {
+                        float *af = (float *)ha;
+                        af[j] = silu(af[j]) * ((const float *)hb)[j];
+                    }
+                }
+                if (act_init(&hs[u], ha + el * r0 * I, n, I, bf16, wtype) != 0) {
+#pragma omp atomic write
+                    bad = 1;
+                }
+            }
+            if (!bad) { /* w2 of every used expert, one after the other: each thread a contiguous share */
+                share(n_used * D, &v0, &v1);
+                for (long v = v0; v < v1;) {
+                    long u = v / D, d0 = v % D, d1 = v1 - v < D - d0 ? d0 + (v1 - v) : D;
+                    long r0 = start[u], n = start[u + 1] - r0;
+                    Expert ex = expert_at(base, used[u], D, I, bf16);
+                    Out o = {ys + el * r0 * D, ex.s2, D, bf16, NULL};
+                    product(ex.w2, wtype, &hs[u], o, n, I, d0, d1);
+                    v += d1 - d0;
+                }
+            }
         }
-        failed = t.failed;
+        failed = bad;
     }
     if (!failed) {
         float *acc = calloc((size_t)P * D, sizeof(float)); /* acc[j]: the output of pair j, in pair order */
@@ -213,11 +266,15 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
             }
         free(acc);
     }
+    for (long u = 0; hs && u < n_used; u++) free(hs[u].mem);
+    free(hs);
     free(ax.mem);
-    team_free(&t);
     free(xs);
     free(ys);
+    free(ha);
+    free(hb);
     free(pair);
     free(start);
+    free(used);
     return failed ? -1 : 0;
 }
