@@ -171,6 +171,8 @@ def load() -> ctypes.CDLL | None:
         rn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
         lib.many_rows_attention.restype = ctypes.c_int
         lib.many_rows_attention.argtypes = at.argtypes  # the same arguments as few_rows_attention
+        lib.many_rows_rmsnorm.restype = None
+        lib.many_rows_rmsnorm.argtypes = rn.argtypes + [ctypes.c_int]
         ro = lib.few_rows_route
         ro.restype = ctypes.c_int
         ro.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2
@@ -286,10 +288,12 @@ def native_swiglu_int8(x: torch.Tensor, qs: tuple[torch.Tensor, ...], ss: tuple[
 
 def use_native_rmsnorm(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether RMSNorm of x [..., D] with weight w [D] should run through the kernel: CPU, float32 or
-    bfloat16 (x and w alike), at most ``NATIVE_MAX_ROWS`` rows, no autograd, not compiling."""
+    bfloat16 (x and w alike), at most ``NATIVE_MAX_ROWS`` rows in float32 (more: PyTorch's one fused
+    op), any number in bfloat16 (PyTorch: six passes), no autograd, not compiling."""
     if x.device.type != "cpu" or x.dtype != w.dtype or x.dtype not in _DTYPES or w.shape != x.shape[-1:]:
         return False
-    if x.numel() > NATIVE_MAX_ROWS * x.shape[-1] or x.numel() == 0 or not w.is_contiguous():
+    many = x.numel() > NATIVE_MAX_ROWS * x.shape[-1]
+    if (many and x.dtype == torch.float32) or x.numel() == 0 or not w.is_contiguous():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
@@ -302,7 +306,13 @@ def native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor
     rows = x.contiguous()
     y = torch.empty_like(rows)
     d = x.shape[-1]
-    lib.few_rows_rmsnorm(rows.data_ptr(), w.data_ptr(), y.data_ptr(), rows.numel() // d, d, eps, _DTYPES[x.dtype])
+    m = rows.numel() // d
+    if m > NATIVE_MAX_ROWS:  # prefill: the rows over the threads
+        lib.many_rows_rmsnorm(
+            rows.data_ptr(), w.data_ptr(), y.data_ptr(), m, d, eps, _DTYPES[x.dtype], torch.get_num_threads()
+        )
+    else:
+        lib.few_rows_rmsnorm(rows.data_ptr(), w.data_ptr(), y.data_ptr(), m, d, eps, _DTYPES[x.dtype])
     return y
 
 

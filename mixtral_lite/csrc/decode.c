@@ -72,6 +72,15 @@ void few_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, flo
     }
 }
 
+/* RMSNorm of many rows (prefill), few_rows_rmsnorm's rounding, the rows spread over the threads: one
+ * pass where PyTorch's bfloat16 path makes six. */
+void many_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, float eps, int bf16, int threads) {
+    size_t el = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long m = 0; m < M; m++)
+        few_rows_rmsnorm((const char *)x + el * m * D, w, (char *)y + el * m * D, 1, D, eps, bf16);
+}
+
 /* Attention of a few query rows against a cache (decoding), in float32 as PyTorch's
  * scaled_dot_product_attention computes it on float32 copies of bfloat16 inputs: for batch row b,
  * head h and query t, with g = h / (H / KV) the key/value head it shares,

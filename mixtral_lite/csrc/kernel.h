@@ -383,6 +383,38 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static inline float round_bf16(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
+static inline vf splat(float s) { return (vf){0} + s; }
+
+static inline vf select_f(vi m, vf a, vf b) { /* m ? a : b, lane by lane (m: all ones or zero) */
+    vu r = ((vu)m & (vu)a) | (~(vu)m & (vu)b);
+    return (vf)r;
+}
+
+/* exp(x) lane by lane, Cephes' single-precision polynomial (about 1 ulp); exactly 0 below
+ * log(FLT_MIN) (masked scores: -inf), NaN stays NaN. */
+static inline vf vexp(vf x) {
+    const float hi = 88.3762626647949f, lo = -87.3365447505531f;
+    vf xc = select_f(x > splat(hi), splat(hi), x);
+    xc = select_f(xc < splat(lo), splat(lo), xc);
+    vf t = xc * splat(1.44269504088896341f) + splat(0.5f);
+    vi n = __builtin_convertvector(t, vi);                    /* truncation ... */
+    n += __builtin_convertvector(n, vf) > t;                 /* ... to floor (true: -1) */
+    vf fn = __builtin_convertvector(n, vf);
+    vf r = xc - fn * splat(0.693359375f) - fn * splat(-2.12194440e-4f);
+    vf y = splat(1.9875691500e-4f);
+    y = y * r + splat(1.3981999507e-3f);
+    y = y * r + splat(8.3334519073e-3f);
+    y = y * r + splat(4.1665795894e-2f);
+    y = y * r + splat(1.6666665459e-1f);
+    y = y * r + splat(5.0000001201e-1f);
+    y = y * r * r + r + splat(1.0f);
+    vi bits = (n + 127) << 23;
+    vf e = y * (vf)bits;
+    e = select_f(x < splat(lo), splat(0.0f), e);
+    return select_f(x != x, x, e);
+}
+
+
 /* Exported entries the other files call. */
 int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y, long M, long O, long I, int bf16,
              int threads);
