@@ -25,6 +25,7 @@ from .native import (
     native_attention,
     native_attention_block,
     native_experts,
+    native_mask,
     native_norm_gate,
     native_prefill_attention,
     native_qkv,
@@ -32,6 +33,7 @@ from .native import (
     use_native_attention,
     use_native_attention_block,
     use_native_experts,
+    use_native_mask,
     use_native_norm_gate,
     use_native_prefill_attention,
     use_native_qkv,
@@ -83,10 +85,24 @@ def rotary_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, 1, T, hd] for ``positions`` [B, T], in the half-split (Hugging Face) layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
+    freqs = positions.float()[..., None] * _inv_freq(head_dim, theta, positions.device)  # [B, T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+_INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+
+
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """1 / theta^(2i / hd) in float32, computed once per (hd, theta, device) outside compiled graphs."""
+    key = (head_dim, theta, device)
+    cached = None if torch.compiler.is_compiling() else _INV_FREQ.get(key)
+    if cached is not None:
+        return cached
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if not torch.compiler.is_compiling():
+        _INV_FREQ[key] = inv
+    return inv
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -373,7 +389,7 @@ class Block(nn.Module):
             self.__dict__["_plan"] = plan  # a plain attribute (not a module or tensor)
         if not plan.ok:
             return None
-        i = self.attention.layer_idx
+        i = self._modules["attention"].layer_idx
         return plan.run(x, cos, sin, mask, (cache.k[i], cache.v[i]), slots)
 
     def _layer_weights(self) -> LayerWeights | None:
@@ -392,7 +408,7 @@ class Block(nn.Module):
             m = att._modules[name]
             if not type(m).__dict__.get("plain_product", False):
                 return None
-            projections.append((_tensor(m, "weight"), m.scale))
+            projections.append((_tensor(m, "weight"), m._buffers.get("scale")))  # Int8Linear's; Linear: None
         dispatch = ff.dispatch
         if dispatch == "auto":
             scales = None
@@ -515,19 +531,18 @@ class Mixtral(nn.Module):
             positions = slots.expand(b, t) if attention_mask is None else _positions_from_mask(attention_mask)
         valid = torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
         window = self.config.sliding_window
+        h = self.tok_embeddings(input_ids)
         if cache is not None:
             cache.record(slots, positions, valid)
-            mask = build_mask(
-                slots, positions, torch.arange(cache.max_seq_len, device=dev), cache.pos, cache.valid, window
-            )
+            if use_native_mask(slots, positions, cache.pos, cache.valid, h.dtype):  # CPU: one call
+                mask = native_mask(slots, positions, cache.pos, cache.valid, window, h.dtype)
+            else:
+                arange = torch.arange(cache.max_seq_len, device=dev)
+                mask = _additive(build_mask(slots, positions, arange, cache.pos, cache.valid, window), h.dtype)
         elif attention_mask is None and (window is None or window >= t):
             mask = None  # plain causal
         else:
-            mask = build_mask(slots, positions, slots, positions, valid, window)
-
-        h = self.tok_embeddings(input_ids)
-        if mask is not None:  # additive, made once for all layers (SDPA converts a boolean mask per call)
-            mask = torch.zeros(mask.shape, dtype=h.dtype, device=dev).masked_fill_(~mask, float("-inf"))
+            mask = _additive(build_mask(slots, positions, slots, positions, valid, window), h.dtype)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, h.dtype)
         router_logits = []
         for layer in self.layers:
@@ -566,6 +581,11 @@ def build_mask(
     if window is not None:
         mask = mask & ((q_pos[:, :, None] - k_pos[:, None, :]) < window)
     return mask[:, None]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as 0 / -inf, made once for all layers (SDPA converts a boolean mask per call)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -173,6 +173,10 @@ def load() -> ctypes.CDLL | None:
         lib.many_rows_attention.argtypes = at.argtypes  # the same arguments as few_rows_attention
         lib.many_rows_rmsnorm.restype = None
         lib.many_rows_rmsnorm.argtypes = rn.argtypes + [ctypes.c_int]
+        mk = lib.few_rows_mask
+        mk.restype = None
+        mk.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        mk.argtypes += [ctypes.c_int]
         ro = lib.few_rows_route
         ro.restype = ctypes.c_int
         ro.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2
@@ -568,6 +572,41 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return y.transpose(1, 2)
 
 
+def use_native_mask(
+    slots: torch.Tensor, positions: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, dtype: torch.dtype
+) -> bool:
+    """Whether the additive decoding mask (``native_mask``) should be built by the kernel: CPU, slots
+    [T] and positions [B, T] and the cache's positions [B, S] int64, its flags [B, S] bool, all
+    contiguous, float32 or bfloat16, not compiling."""
+    ts = (slots, positions, k_pos, k_valid)
+    if dtype not in _DTYPES or any(t.device.type != "cpu" or not t.is_contiguous() for t in ts):
+        return False
+    if slots.dtype != torch.int64 or positions.dtype != torch.int64 or k_pos.dtype != torch.int64:
+        return False
+    if k_valid.dtype != torch.bool or slots.dim() != 1 or positions.shape != (k_pos.shape[0], slots.shape[0]):
+        return False
+    return k_valid.shape == k_pos.shape and not torch.compiler.is_compiling() and available()
+
+
+def native_mask(
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor,
+    window: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``model.build_mask(slots, positions, arange(S), k_pos, k_valid, window)`` as an additive mask
+    [B, 1, T, S] of ``dtype`` (0 or -inf), in one call instead of a dozen small ops per step."""
+    (b, s), t = k_pos.shape, slots.shape[0]
+    mask = torch.empty(b, 1, t, s, dtype=dtype)
+    _loaded().few_rows_mask(
+        slots.data_ptr(), positions.data_ptr(), k_pos.data_ptr(), k_valid.data_ptr(), b, t, s,
+        window is not None, window or 0, mask.data_ptr(), _DTYPES[dtype],
+    )  # fmt: skip
+    return mask
+
+
 PREFILL_SCRATCH_MAX = 1 << 29  # bytes of float32 keys (and values) many_rows_attention may copy
 
 
@@ -647,6 +686,7 @@ __all__ = [
     "native_experts",
     "native_int8",
     "native_linear",
+    "native_mask",
     "native_norm_gate",
     "native_prefill_attention",
     "native_qkv",
@@ -659,6 +699,7 @@ __all__ = [
     "use_native_attention_block",
     "use_native_experts",
     "use_native_int8",
+    "use_native_mask",
     "use_native_norm_gate",
     "use_native_prefill_attention",
     "use_native_qkv",

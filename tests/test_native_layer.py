@@ -167,3 +167,22 @@ def _fused(block: model.Block, config: MixtralConfig, x: torch.Tensor, cache: KV
     cos, sin = model.rotary_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
     mask = torch.zeros(x.shape[0], 1, 1, cache.max_seq_len, dtype=x.dtype)
     return block._fused_layer(x, cos, sin, mask, cache, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 5])
+def test_decoding_mask_equals_build_mask(dtype: torch.dtype, window: int | None) -> None:
+    """The kernel's additive mask is ``model.build_mask``'s, converted: left padding (invalid slots),
+    a query's own slot, a sliding window, several new tokens."""
+    g = torch.Generator().manual_seed(0)
+    b, s = 3, 20
+    k_valid = torch.rand(b, s, generator=g) < 0.8
+    k_pos = torch.randint(0, 30, (b, s), generator=g)
+    for slots in (torch.tensor([12]), torch.tensor([4, 5, 6])):
+        positions = torch.randint(0, 30, (b, slots.shape[0]), generator=g)
+        assert native.use_native_mask(slots, positions, k_pos, k_valid, dtype)
+        got = native.native_mask(slots, positions, k_pos, k_valid, window, dtype)
+        keep = model.build_mask(slots, positions, torch.arange(s), k_pos, k_valid, window)
+        assert torch.equal(got, model._additive(keep, dtype))
+    assert not native.use_native_mask(slots.int(), positions, k_pos, k_valid, dtype)
+    assert not native.use_native_mask(slots, positions, k_pos, k_valid, torch.float16)

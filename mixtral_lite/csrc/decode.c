@@ -72,6 +72,26 @@ void few_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, flo
     }
 }
 
+/* model.build_mask against a cache, in its additive form and in one pass: mask[b, t, s] = 0 where the
+ * query at slot q_slots[t] sees key slot s (s <= q_slots[t]; slot s real (k_valid[b, s]) or the
+ * query's own; with a window (windowed = 1): q_pos[b, t] - k_pos[b, s] < window), else -inf.
+ * q_pos [B, T], k_pos [B, S] int64, k_valid [B, S] bool bytes, mask [B, T, S] bfloat16 or float32. */
+void few_rows_mask(const int64_t *q_slots, const int64_t *q_pos, const int64_t *k_pos, const uint8_t *k_valid,
+                   long B, long T, long S, int windowed, long window, void *mask, int bf16) {
+    for (long b = 0; b < B; b++)
+        for (long t = 0; t < T; t++) {
+            long qs = q_slots[t], qp = q_pos[b * T + t], row = (b * T + t) * S;
+            for (long s = 0; s < S; s++) {
+                int keep = s <= qs && (k_valid[b * S + s] || s == qs);
+                if (windowed) keep = keep && qp - k_pos[b * S + s] < window;
+                if (bf16)
+                    ((uint16_t *)mask)[row + s] = keep ? 0 : 0xff80; /* -inf */
+                else
+                    ((float *)mask)[row + s] = keep ? 0.0f : -INFINITY;
+            }
+        }
+}
+
 /* RMSNorm of many rows (prefill), few_rows_rmsnorm's rounding, the rows spread over the threads: one
  * pass where PyTorch's bfloat16 path makes six. */
 void many_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, float eps, int bf16, int threads) {
