@@ -22,9 +22,11 @@ A decode step also has fused entries, so a layer is a handful of calls instead o
 PyTorch ops: ``native_qkv`` (the three attention projections and the rotary embedding),
 ``native_attention`` (attention against the cache in float32, no float32 copy of the cache),
 ``native_experts`` (every chosen expert of every row and the weighted sum; rows that chose the same
-expert share one pass over its weights), ``native_swiglu`` and ``native_rmsnorm``. Each rounds where
-the plain ops round (bit for bit in bfloat16 given the same products); the tests tie each to the
-code it replaces.
+expert share one pass over its weights), ``native_swiglu``, ``native_rmsnorm`` and ``native_mask``
+(the step's additive attention mask). Each rounds where the plain ops round (bit for bit in
+bfloat16 given the same products); the tests tie each to the code it replaces. ``native_layer.py``
+runs a whole decoder layer in one call. Prefill has ``native_prefill_attention`` (many query rows
+in register tiles, ``csrc/attention.c``) and RMSNorm of many bfloat16 rows.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-/* Decoding entries beyond single products: RMSNorm, attention against the KV cache, the rotary
- * embedding, the q/k/v projections with it, the attention half of a decoder layer in one call and
- * the MoE half's norm plus router product. Each rounds where the plain PyTorch ops round. */
+/* Decoding entries beyond single products: RMSNorm (and its many-row form for prefill), the step's
+ * attention mask, attention against the KV cache, the rotary embedding, the q/k/v projections with
+ * it, the attention half of a decoder layer in one call and the MoE half's norm plus router
+ * product. Each rounds where the plain PyTorch ops round. */
 #include "kernel.h"
 
 /* RMSNorm of M rows of D values (decoding: a few rows, one thread), in Hugging Face's order of

@@ -1,7 +1,8 @@
-/* The kernel's shared core (included by products.c and decode.c): bfloat16/int8 helpers, the
- * few-row product loops for every weight type and CPU (generic vectors, AVX-512 BF16 pairs,
- * AVX512-VNNI int16 pairs), the activations prepared for them (Act) and the per-thread product.
- * Everything here is static; the exported entries live in the .c files. */
+/* The kernel's shared core (included by every .c file here: products.c, decode.c, layer.c,
+ * attention.c): bfloat16/int8 helpers, the few-row product loops for every weight type and CPU
+ * (generic vectors, AVX-512 BF16 pairs, AVX512-VNNI int16 pairs), the activations prepared for them
+ * (Act), the per-thread product and a vectorised exp. Everything here is static; the exported
+ * entries live in the .c files. */
 #ifndef MIXTRAL_LITE_KERNEL_H
 #define MIXTRAL_LITE_KERNEL_H
 #include <omp.h>

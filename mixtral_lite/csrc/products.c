@@ -14,7 +14,8 @@
  *
  * Entries here: few_rows (one product), few_rows_swiglu (one expert), few_rows_experts (the chosen
  * experts of every row, weighted and summed). The loops are in kernel.h; decode.c has the entries
- * for attention, the rotary embedding and norms.
+ * for attention, the rotary embedding and norms, layer.c the router and the whole layer,
+ * attention.c the attention of many query rows (prefill).
  */
 #include "kernel.h"
 
