@@ -303,6 +303,7 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool
     before = _tensor_bytes(model)
     scale_dtype = model.dtype
     for layer in model.layers:
+        layer.__dict__.pop("_plan", None)  # a decoding plan holds the float weights: let them go
         att = layer.attention
         for name in ("wq", "wk", "wv", "wo"):
             setattr(att, name, Int8Linear.from_linear(getattr(att, name), scale_dtype))

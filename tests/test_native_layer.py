@@ -4,7 +4,9 @@ replaces, its plan follows weight changes, and it is skipped where it does not a
 
 from __future__ import annotations
 
+import gc
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -120,20 +122,23 @@ def test_plan_follows_weight_changes(monkeypatch) -> None:
         return fused, plain
 
     first, _ = both()
-    plans = [block._plan]
+    keys = [block._plan.key]  # plain values (ids, addresses): the test holds no weight
     att, ff = block.attention, block.feed_forward
     att.wq.weight = nn.Parameter(att.wq.weight * 2)
     ff.w2.data = ff.w2.data * 3
     with torch.no_grad():
         ff.gate.weight.mul_(-1)  # in place: the same addresses
     fused, plain = both()
-    plans.append(block._plan)
-    assert plans[1] is not plans[0] and plans[1].ok
+    keys.append(block._plan.key)
+    assert keys[1] != keys[0] and block._plan.ok
     assert not torch.allclose(fused, first)
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    old = weakref.ref(ff.w1)
     quant.quantize_model(net, "int8")
+    gc.collect()
+    assert old() is None  # the plan did not keep the float experts alive
     fused, plain = both()
-    assert block._plan is not plans[1] and block._plan.ok
+    assert block._plan.key not in keys and block._plan.ok
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
 
 
