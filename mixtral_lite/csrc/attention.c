@@ -9,6 +9,12 @@
 
 #define R 8 /* query rows per unit */
 
+static inline int all_masked(vf m) {
+    for (int l = 0; l < V; l++)
+        if (m[l] != -INFINITY) return 0;
+    return 1;
+}
+
 /* Whether key s is visible to the query row at t (mask [T, S] of this batch row, or causal). */
 static inline float bias(const void *mask, long t, long s, long S, int bf16) {
     if (!mask) return s <= t ? 0.0f : -INFINITY;
@@ -37,7 +43,7 @@ int many_rows_attention(const void *q, long qb, long qh, long qt, const void *k,
         free(scratch);
         return -1;
     }
-    long units_t = (T + R - 1) / R, units = B * H * units_t;
+    long units_t = (T + R - 1) / R, units = B * H * units_t, used = 0;
     long *seen = malloc(sizeof(long) * 2 * (size_t)B * T); /* per query row: the keys it sees, [first, end) */
     if (!seen) {
         free(kt);
@@ -48,8 +54,23 @@ int many_rows_attention(const void *q, long qb, long qh, long qt, const void *k,
 #pragma omp parallel num_threads(nt)
     {
 #pragma omp for schedule(static)
-        for (long u = 0; u < heads * blocks; u++) { /* keys transposed into blocks of 16, zero-padded */
-            long hb = u / blocks, jb = u % blocks;
+        for (long bt = 0; bt < B * T; bt++) {
+            long s0 = 0, s1 = S, t = bt % T;
+            const void *mb = mask ? (const char *)mask + (bf16 ? 2 : 4) * (size_t)(bt / T) * T * S : NULL;
+            if (mb) /* whole blocks of 16 masked keys at the end (a cache longer than the prompt) */
+                while (s1 >= V && all_masked(load_any(mb, t * S + s1 - V, bf16))) s1 -= V;
+            while (s1 > 0 && bias(mb, t, s1 - 1, S, bf16) == -INFINITY) s1--;
+            if (mb)
+                while (s0 + V <= s1 && all_masked(load_any(mb, t * S + s0, bf16))) s0 += V;
+            while (s0 < s1 && bias(mb, t, s0, S, bf16) == -INFINITY) s0++;
+            seen[2 * bt] = s0, seen[2 * bt + 1] = s1;
+        }
+#pragma omp single
+        for (long bt = 0; bt < B * T; bt++) /* keys past the last any row sees are never read */
+            if ((seen[2 * bt + 1] + V - 1) / V > used) used = (seen[2 * bt + 1] + V - 1) / V;
+#pragma omp for schedule(static)
+        for (long u = 0; u < heads * used; u++) { /* keys transposed into blocks of 16, zero-padded */
+            long hb = u / used, jb = u % used;
             float *dst = kt + ((size_t)hb * blocks + jb) * hd * V;
             for (long d = 0; d < hd; d++)
                 for (long l = 0; l < V; l++) {
@@ -60,14 +81,6 @@ int many_rows_attention(const void *q, long qb, long qh, long qt, const void *k,
                 for (long s = jb * V; s < jb * V + V && s < S; s++)
                     for (long d = 0; d < hd; d++)
                         vf32[((size_t)hb * S + s) * hd + d] = at(v, ((size_t)hb * S + s) * hd + d, bf16);
-        }
-#pragma omp for schedule(static)
-        for (long bt = 0; bt < B * T; bt++) {
-            long s0 = 0, s1 = S, t = bt % T;
-            const void *mb = mask ? (const char *)mask + (bf16 ? 2 : 4) * (size_t)(bt / T) * T * S : NULL;
-            while (s1 > 0 && bias(mb, t, s1 - 1, S, bf16) == -INFINITY) s1--;
-            while (s0 < s1 && bias(mb, t, s0, S, bf16) == -INFINITY) s0++;
-            seen[2 * bt] = s0, seen[2 * bt + 1] = s1;
         }
         const float *vals = bf16 ? vf32 : (const float *)v;
         float *p = scratch + (size_t)omp_get_thread_num() * R * (Sp + hd), *qf = p + (size_t)R * Sp;
