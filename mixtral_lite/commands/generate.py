@@ -52,7 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt (with --chat)")
     add_sampling_arguments(p, max_new_tokens=128, temperature=0.0)
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of streaming text")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (CUDA graphs on a GPU; on a CPU with the C kernel eager is as fast)",
+    )
     p.add_argument("--quiet-stats", action="store_true", help="do not print timing to stderr")
     p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
