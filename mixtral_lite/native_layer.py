@@ -65,16 +65,12 @@ class LayerWeights(NamedTuple):
 def weights_key(dtype: torch.dtype, weights: LayerWeights) -> tuple:
     """Everything a plan depends on, cheap to compare: the activations' dtype, the settings, and
     each weight's identity and address."""
-    tensors = [weights.attention_norm, weights.ffn_norm, weights.gate, *weights.experts]
-    for w, s in weights.projections:
-        tensors.append(w)
-        if s is not None:
-            tensors.append(s)
-    if weights.expert_scales is not None:
-        tensors.extend(weights.expert_scales)
-    settings = (dtype, weights.attention_eps, weights.ffn_eps, weights.n_heads, weights.n_kv_heads)
-    settings += (weights.head_dim, weights.top_k, weights.expert_scales is None, len(tensors))
-    return settings + tuple(id(t) for t in tensors) + tuple(t.data_ptr() for t in tensors)
+    (wq, sq), (wk, sk), (wv, sv), (wo, so) = weights.projections
+    ts = (weights.attention_norm, weights.ffn_norm, weights.gate, *weights.experts, wq, wk, wv, wo)
+    ts += tuple(s for s in (sq, sk, sv, so) if s is not None) + (weights.expert_scales or ())
+    settings = (dtype, weights.attention_eps, weights.ffn_eps, weights.n_heads, weights.n_kv_heads, weights.head_dim)
+    settings += (weights.top_k, weights.expert_scales is None, sq is None, len(ts))
+    return settings + tuple(map(id, ts)) + tuple([t.data_ptr() for t in ts])
 
 
 def _projections_ok(dtype: torch.dtype, d: int, weights: LayerWeights) -> bool:
@@ -112,6 +108,22 @@ def _experts_ok(dtype: torch.dtype, d: int, weights: LayerWeights) -> bool:
     if gate.dtype != dtype or gate.shape != (e, d) or not gate.is_contiguous():
         return False
     return 1 <= k <= min(17, e) and 64 * k > e
+
+
+_checked: tuple | None = None  # the last inputs every layer of a step shares that passed the checks
+
+
+def _step_inputs_ok(cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor, step: tuple) -> bool:
+    """cos, sin [B, 1, T, hd] and an additive mask [B, 1, T, S] of the dtype, contiguous; slots [T] int64."""
+    b, t, s, hd, dtype = step
+    if slots.shape != (t,) or slots.dtype != torch.int64 or not slots.is_contiguous():
+        return False
+    if mask.dtype != dtype or mask.shape != (b, 1, t, s) or not mask.is_contiguous():
+        return False
+    rot = (b, 1, t, hd)
+    if cos.dtype != dtype or sin.dtype != dtype or cos.shape != rot or sin.shape != rot:
+        return False
+    return cos.is_contiguous() and sin.is_contiguous()
 
 
 class LayerPlan:
@@ -179,16 +191,18 @@ class LayerPlan:
         shape = (b, self.kv, s, self.hd)
         if kc.shape != shape or vc.shape != shape or kc.dtype != dtype or vc.dtype != dtype:
             return None
-        if not (kc.is_contiguous() and vc.is_contiguous()) or slots.shape != (t,) or slots.dtype != torch.int64:
+        if not (kc.is_contiguous() and vc.is_contiguous()):
             return None
-        if mask.dtype != dtype or mask.shape != (b, 1, t, s) or not mask.is_contiguous():
-            return None
-        rot = (b, 1, t, self.hd)
-        if cos.dtype != dtype or sin.dtype != dtype or cos.shape != rot or sin.shape != rot:
-            return None
+        global _checked
+        step = (b, t, s, self.hd, dtype)
+        c = _checked  # the step's shared inputs, as the previous layer checked them
+        if c is None or c[0] is not cos or c[1] is not sin or c[2] is not mask or c[3] is not slots or c[4] != step:
+            if not _step_inputs_ok(cos, sin, mask, slots, step):
+                return None
+            _checked = (cos, sin, mask, slots, step)  # held: their identities stay theirs
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
             return None
-        x, cos, sin, slots = x.contiguous(), cos.contiguous(), sin.contiguous(), slots.contiguous()
+        x = x.contiguous()
         out = torch.empty_like(x)
         logits = torch.empty(b * t, self.e, dtype=dtype)
         rc = native._loaded().few_rows_layer(
