@@ -111,6 +111,37 @@ static inline void store(Out out, long m, long o, float s) {
         ((float *)out.y)[m * out.O + o] = s;
 }
 
+/* f32_to_bf16 lane by lane (round to nearest even, NaN stays NaN): the same bits as the scalar. */
+static inline vu bf16_bits(vf f) {
+    vu u;
+    memcpy(&u, &f, sizeof u);
+    vu nan = (u & 0x7fffffffu) > 0x7f800000u;
+    vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (nan & ((u >> 16) | 0x40u)) | (~nan & r);
+}
+
+/* store() for the 16 outputs o .. o+15 of row m at once, the same operations lane by lane (so the
+ * same bits): the per-output epilogue of a one-row product costs as much as a 512-byte int8 row. */
+static inline void store16(Out out, long m, long o, vf s) {
+    if (out.scale) s *= out.bf16 ? load_bf16((const uint16_t *)out.scale + o) : load_f32((const float *)out.scale + o);
+    if (out.res) {
+        if (out.bf16) {
+            vu b = bf16_bits(s) << 16;
+            vf r;
+            memcpy(&r, &b, sizeof r);
+            s = load_bf16((const uint16_t *)out.res + m * out.O + o) + r;
+        } else {
+            s = load_f32((const float *)out.res + m * out.O + o) + s;
+        }
+    }
+    if (out.bf16) {
+        vh h = __builtin_convertvector(bf16_bits(s), vh);
+        memcpy((uint16_t *)out.y + m * out.O + o, &h, sizeof h);
+    } else {
+        memcpy((float *)out.y + m * out.O + o, &s, sizeof s);
+    }
+}
+
 /* Outputs [o0, o1) for rows m0 .. m0+MM-1 of float32 x: each a dot product along a weight row, two
  * accumulators per row so consecutive multiply-adds do not wait on each other. */
 #define ROWS(T, SFX, MM)                                                                             \
@@ -195,7 +226,32 @@ DP(3)
 
 /* Per weight row, the rows of x three at a time (four measured slower); the weight row stays in the
  * L1 cache between groups. */
+/* The raw sum of one weight row against one bfloat16 row (dp_1 without the epilogue). */
+static inline float dp_row(const uint16_t *restrict wr, const uint16_t *restrict xm, long I) {
+    __m512 a = _mm512_setzero_ps(), b = a;
+    long k = 0;
+    for (; k + 64 <= I; k += 64) {
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xm + k));
+        b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(wr + k + 32), (__m512bh)_mm512_loadu_si512(xm + k + 32));
+    }
+    for (; k + 32 <= I; k += 32)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xm + k));
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    for (long kk = k; kk < I; kk++) s += bf16_to_f32(wr[kk]) * bf16_to_f32(xm[kk]);
+    return s;
+}
+
 static void run_dp(const uint16_t *w, const uint16_t *x, Out out, long M, long I, long o0, long o1) {
+    if (M == 1) { /* one row: sums of 16 outputs, then one vector epilogue (store16) */
+        long o = o0;
+        for (; o + V <= o1; o += V) {
+            vf sums;
+            for (int r = 0; r < V; r++) sums[r] = dp_row(w + (o + r) * I, x, I);
+            store16(out, 0, o, sums);
+        }
+        for (; o < o1; o++) dp_1(w + o * I, x, out, 0, I, o);
+        return;
+    }
     for (long o = o0; o < o1; o++) {
         const uint16_t *wr = w + o * I;
         for (long m = 0; m < M;) {
@@ -259,7 +315,40 @@ QD(1)
 QD(2)
 QD(3)
 
+/* The raw sum of one weight row against one int16 row (qd_1 without the epilogue). */
+static inline float qd_row(const int8_t *restrict wr, const int16_t *restrict xm, long I) {
+    __m512 f = _mm512_setzero_ps();
+    long i32 = I / 32 * 32, k = 0;
+    while (k < i32) {
+        long end = k + CHUNK < i32 ? k + CHUNK : i32;
+        __m512i a = _mm512_setzero_si512(), b = a;
+        for (; k + 64 <= end; k += 64) {
+            a = _mm512_dpwssd_epi32(a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k))),
+                                    _mm512_loadu_si512(xm + k));
+            b = _mm512_dpwssd_epi32(b, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k + 32))),
+                                    _mm512_loadu_si512(xm + k + 32));
+        }
+        for (; k + 32 <= end; k += 32)
+            a = _mm512_dpwssd_epi32(a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k))),
+                                    _mm512_loadu_si512(xm + k));
+        f = _mm512_add_ps(f, _mm512_add_ps(_mm512_cvtepi32_ps(a), _mm512_cvtepi32_ps(b)));
+    }
+    float s = _mm512_reduce_add_ps(f);
+    for (long kk = i32; kk < I; kk++) s += (float)(wr[kk] * xm[kk]);
+    return s;
+}
+
 static void run_qd(const int8_t *w, const int16_t *xq, const float *xs, Out out, long M, long I, long o0, long o1) {
+    if (M == 1) { /* one row: sums of 16 outputs, then one vector epilogue */
+        long o = o0;
+        for (; o + V <= o1; o += V) {
+            vf sums;
+            for (int r = 0; r < V; r++) sums[r] = qd_row(w + (o + r) * I, xq, I);
+            store16(out, 0, o, sums * xs[0]);
+        }
+        for (; o < o1; o++) qd_1(w + o * I, xq, xs, out, 0, I, o);
+        return;
+    }
     for (long o = o0; o < o1; o++) {
         const int8_t *wr = w + o * I;
         for (long m = 0; m < M;) {
