@@ -186,10 +186,13 @@ class Attention(nn.Module):
     def _projections(self, with_output: bool = False) -> tuple[Projection, ...] | None:
         """(weight, int8 scale or None) of wq, wk, wv (and wo) when each is a plain product
         (``plain_product``: ``Linear``, ``quant.Int8Linear``), so the kernel may compute them; else None."""
-        mods = (self.wq, self.wk, self.wv, self.wo) if with_output else (self.wq, self.wk, self.wv)
-        if not all(type(m).__dict__.get("plain_product", False) for m in mods):
-            return None
-        return tuple((m.weight, getattr(m, "scale", None)) for m in mods)
+        projections = []
+        for name in ("wq", "wk", "wv", "wo") if with_output else ("wq", "wk", "wv"):
+            m = self._modules[name]  # read from the dicts directly: this runs for every layer and step
+            if not type(m).__dict__.get("plain_product", False):
+                return None
+            projections.append((_tensor(m, "weight"), m._buffers.get("scale")))  # Int8Linear's; Linear: None
+        return tuple(projections)
 
 
 class FeedForward(nn.Module):
@@ -294,15 +297,9 @@ class SparseMoE(nn.Module):
         the router's top-k (``native.py``; the same roundings as the plain ops), or None where this
         layer is not the plain Mixtral one (other routers, shared experts, parallelism, training,
         another expert kernel)."""
-        if not self.plain or self.record_routing or self.shared is not None or self.reduce is not None:
+        kernel, scales = self.kernel_experts()
+        if not kernel:
             return None
-        if self.dispatch == "auto":
-            scales = None
-        else:
-            native_scales = getattr(self.dispatch, "native_scales", None)  # quant.Int8Experts
-            scales = native_scales() if native_scales is not None else None
-            if scales is None:
-                return None
         x = h.reshape(-1, h.shape[-1])
         ws, norm_w, gate_w = (self.w1, self.w2, self.w3), norm.weight, self.gate.weight
         if not use_native_norm_gate(x, norm_w, gate_w) or not use_native_experts(x, ws, scales, None):
@@ -310,6 +307,17 @@ class SparseMoE(nn.Module):
         n, logits = native_norm_gate(x, norm_w, norm.eps, gate_w)
         idx, weights = route_topk(logits, self.top_k)
         return native_experts(n, ws, scales, idx, weights, residual=x).view(h.shape), logits
+
+    def kernel_experts(self) -> tuple[bool, tuple[torch.Tensor, ...] | None]:
+        """(whether the kernel may run this layer's experts and router, their int8 scales or None):
+        not for other routers, shared experts, parallelism, recorded routing or another expert kernel."""
+        if not self.plain or self.record_routing or self.shared is not None or self.reduce is not None:
+            return False, None
+        if self.dispatch == "auto":
+            return True, None
+        native_scales = getattr(self.dispatch, "native_scales", None)  # quant.Int8Experts
+        scales = native_scales() if native_scales is not None else None
+        return scales is not None, scales
 
     def _experts(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         if self.moe_config.kind == "soft" and self.dispatch != "reference":
@@ -399,26 +407,12 @@ class Block(nn.Module):
         att, ff, an, fn = mods["attention"], mods["feed_forward"], mods["attention_norm"], mods["ffn_norm"]
         if type(att) is not Attention or type(ff) is not SparseMoE or not type(an) is type(fn) is RMSNorm:
             return None
-        if att.reduce is not None or ff.reduce is not None or ff.shared is not None:
+        projections = att._projections(with_output=True)
+        kernel, scales = ff.kernel_experts()
+        if att.reduce is not None or projections is None or not kernel:
             return None
-        if not ff.plain or ff.record_routing:
-            return None
-        projections = []
-        for name in ("wq", "wk", "wv", "wo"):  # as Attention._projections, read from the dicts directly
-            m = att._modules[name]
-            if not type(m).__dict__.get("plain_product", False):
-                return None
-            projections.append((_tensor(m, "weight"), m._buffers.get("scale")))  # Int8Linear's; Linear: None
-        dispatch = ff.dispatch
-        if dispatch == "auto":
-            scales = None
-        else:
-            native_scales = getattr(dispatch, "native_scales", None)  # quant.Int8Experts
-            scales = native_scales() if native_scales is not None else None
-            if scales is None:
-                return None
         return LayerWeights(
-            _tensor(an, "weight"), an.eps, tuple(projections), _tensor(fn, "weight"), fn.eps,
+            _tensor(an, "weight"), an.eps, projections, _tensor(fn, "weight"), fn.eps,
             _tensor(ff._modules["gate"], "weight"), (_tensor(ff, "w1"), _tensor(ff, "w2"), _tensor(ff, "w3")), scales,
             att.n_heads, att.n_kv_heads, att.head_dim, ff.top_k,
         )  # fmt: skip

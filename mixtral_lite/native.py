@@ -322,6 +322,22 @@ def native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor
     return y
 
 
+def experts_weights_ok(
+    dtype: torch.dtype, d: int, ws: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...] | None
+) -> bool:
+    """The weights' share of ``use_native_experts``: stacked w1, w3 [E, I, D], w2 [E, D, I] as ``ws`` =
+    (w1, w2, w3), contiguous, of ``dtype`` (the activations'), or int8 with scales ``ss`` of ``dtype``."""
+    w1, w2, w3 = ws
+    if w1.dim() != 3:
+        return False
+    e, i, dw = w1.shape
+    if dw != d or w3.shape != w1.shape or w2.shape != (e, d, i) or not all(w.is_contiguous() for w in ws):
+        return False
+    if ss is None:
+        return all(w.dtype == dtype for w in ws)
+    return all(w.dtype == torch.int8 for w in ws) and all(s.dtype == dtype and s.is_contiguous() for s in ss)
+
+
 def use_native_experts(
     x: torch.Tensor, ws: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...] | None, idx: torch.Tensor | None
 ) -> bool:
@@ -329,20 +345,11 @@ def use_native_experts(
     (w1, w2, w3); int8 with scales ``ss`` [E, I], [E, D], [E, I]) should run as one kernel call: CPU,
     float32 or bfloat16 activations, at most ``NATIVE_MAX_ROWS`` tokens, contiguous weights, no
     autograd, not compiling."""
-    w1, w2, w3 = ws
-    if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or w1.dim() != 3:
+    if x.device.type != "cpu" or x.dim() != 2 or x.dtype not in _DTYPES or not 0 < x.shape[0] <= NATIVE_MAX_ROWS:
         return False
     if idx is not None and (idx.dim() != 2 or idx.shape[0] != x.shape[0]):
         return False
-    e, i, d = w1.shape
-    if x.shape[1] != d or w3.shape != w1.shape or w2.shape != (e, d, i) or not 0 < x.shape[0] <= NATIVE_MAX_ROWS:
-        return False
-    if not all(w.is_contiguous() for w in ws):
-        return False
-    if ss is None:
-        if w1.dtype != x.dtype or w2.dtype != x.dtype or w3.dtype != x.dtype:
-            return False
-    elif any(w.dtype != torch.int8 for w in ws) or any(s.dtype != x.dtype or not s.is_contiguous() for s in ss):
+    if not experts_weights_ok(x.dtype, x.shape[1], ws, ss):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)):
         return False
@@ -386,25 +393,40 @@ def native_experts(
 Projection = tuple[torch.Tensor, torch.Tensor | None]  # a weight [O, I] and its int8 scales [O] (or None)
 
 
+def projections_ok(dtype: torch.dtype, d: int, projections: tuple[Projection, ...], head_dim: int) -> bool:
+    """The weights' share of ``use_native_qkv``: wq, wk, wv [O, D] (and wo [D, Oq], given four)
+    contiguous, of one type (``dtype``, the activations', or int8 with scales [O] of ``dtype``),
+    outputs a multiple of an even ``head_dim``, k and v alike."""
+    (wq, sq), (wk, _), (wv, _) = projections[:3]
+    int8 = wq.dtype == torch.int8
+    for w, s in projections[:3]:
+        if w.dim() != 2 or w.shape[1] != d or w.shape[0] % head_dim or not w.is_contiguous():
+            return False
+        if w.dtype != (torch.int8 if int8 else dtype) or (s is None) == int8:
+            return False
+        if s is not None and (s.dtype != dtype or s.shape != w.shape[:1] or not s.is_contiguous()):
+            return False
+    if wk.shape != wv.shape or head_dim % 2:
+        return False
+    if len(projections) == 4:
+        wo, so = projections[3]
+        if wo.dtype != wq.dtype or (so is None) != (sq is None) or wo.shape != wq.shape[::-1] or not wo.is_contiguous():
+            return False
+        if so is not None and (so.dtype != dtype or not so.is_contiguous()):
+            return False
+    return True
+
+
 def use_native_qkv(x: torch.Tensor, projections: tuple[Projection, ...], cos: torch.Tensor, head_dim: int) -> bool:
     """Whether the q, k, v projections of x [B, T, D] and the rotary embedding (cos, sin
     [B, 1, T, hd]) should run as one kernel call: CPU, float32 or bfloat16, at most
-    ``NATIVE_MAX_ROWS`` rows, contiguous weights of one type (int8 with scales of x's dtype),
-    k and v alike, no autograd, not compiling."""
+    ``NATIVE_MAX_ROWS`` rows, the weights as ``projections_ok`` (wo too, given four), no autograd,
+    not compiling."""
     if x.device.type != "cpu" or x.dim() != 3 or x.dtype not in _DTYPES or x.shape[0] * x.shape[1] > NATIVE_MAX_ROWS:
         return False
     if cos.dtype != x.dtype or cos.shape != (x.shape[0], 1, x.shape[1], head_dim) or not cos.is_contiguous():
         return False
-    (wq, sq), (wk, sk), (wv, sv) = projections
-    int8 = wq.dtype == torch.int8
-    for w, s in projections:
-        if w.dim() != 2 or w.shape[1] != x.shape[2] or w.shape[0] % head_dim or not w.is_contiguous():
-            return False
-        if w.dtype != (torch.int8 if int8 else x.dtype) or (s is None) == int8:
-            return False
-        if s is not None and (s.dtype != x.dtype or s.shape != w.shape[:1] or not s.is_contiguous()):
-            return False
-    if wk.shape != wv.shape or head_dim % 2:
+    if not projections_ok(x.dtype, x.shape[2], projections, head_dim):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w, _ in projections)):
         return False
@@ -470,13 +492,9 @@ def use_native_attention_block(
     """Whether a decoder layer's attention half (norm, q/k/v with rotary, cache write, attention,
     output projection, residual) should run as one call: the rules of ``use_native_qkv`` for wq, wk,
     wv and wo alike, a contiguous cache [B, KV, S, hd] of x's dtype and an additive mask of x's dtype."""
-    if mask is None or not use_native_qkv(x, projections[:3], cos, head_dim) or not use_native_rmsnorm(x, norm_w):
+    if mask is None or not use_native_qkv(x, projections, cos, head_dim) or not use_native_rmsnorm(x, norm_w):
         return False
-    (wq, sq), (wk, _), (wo, so) = projections[0], projections[1], projections[3]
-    if wo.dtype != wq.dtype or (so is None) != (sq is None) or wo.shape != wq.shape[::-1] or not wo.is_contiguous():
-        return False
-    if so is not None and (so.dtype != x.dtype or not so.is_contiguous()):
-        return False
+    wq, wk = projections[0][0], projections[1][0]
     b, t, _ = x.shape
     kc, vc = caches
     shape = (b, wk.shape[0] // head_dim, kc.shape[2], head_dim) if kc.dim() == 4 else None
@@ -683,6 +701,7 @@ __all__ = [
     "FLOAT32_MAX_ROWS",
     "NATIVE_MAX_ROWS",
     "available",
+    "experts_weights_ok",
     "native_attention",
     "native_attention_block",
     "native_experts",
@@ -696,6 +715,7 @@ __all__ = [
     "native_swiglu",
     "native_swiglu_int8",
     "native_status",
+    "projections_ok",
     "use_native",
     "use_native_attention",
     "use_native_attention_block",

@@ -74,37 +74,20 @@ def weights_key(dtype: torch.dtype, weights: LayerWeights) -> tuple:
 
 
 def _projections_ok(dtype: torch.dtype, d: int, weights: LayerWeights) -> bool:
-    """The rules of ``native.use_native_attention_block`` for the weights alone."""
-    (wq, sq), (wk, _), (wv, _), (wo, so) = weights.projections
+    """``native.projections_ok`` for wq, wk, wv and wo, with the heads' counts."""
+    (wq, _), (wk, _) = weights.projections[:2]
     hd, h, kv = weights.head_dim, weights.n_heads, weights.n_kv_heads
-    int8 = wq.dtype == torch.int8
-    for w, s in weights.projections:
-        if w.dim() != 2 or not w.is_contiguous() or w.dtype != (torch.int8 if int8 else dtype) or (s is None) == int8:
-            return False
-        if s is not None and (s.dtype != dtype or s.shape != w.shape[:1] or not s.is_contiguous()):
-            return False
-    if hd % 2 or kv < 1 or h % kv or wq.shape != (h * hd, d) or wk.shape != (kv * hd, d) or wv.shape != wk.shape:
+    if kv < 1 or h % kv or wq.shape != (h * hd, d) or wk.shape != (kv * hd, d):
         return False
-    return wo.shape == (d, h * hd)
+    return native.projections_ok(dtype, d, weights.projections, hd)
 
 
 def _experts_ok(dtype: torch.dtype, d: int, weights: LayerWeights) -> bool:
-    """The rules of ``native.use_native_experts`` and the router's (``few_rows_route``)."""
-    w1, w2, w3 = weights.experts
-    if w1.dim() != 3 or w1.shape[2] != d or w3.shape != w1.shape or w2.shape != (w1.shape[0], d, w1.shape[1]):
+    """``native.experts_weights_ok``, the router's weight [E, D] of the dtype, and the top-k the
+    kernel's router selects as torch.topk does (``few_rows_route``)."""
+    if not native.experts_weights_ok(dtype, d, weights.experts, weights.expert_scales):
         return False
-    if not all(w.is_contiguous() for w in weights.experts):
-        return False
-    ss = weights.expert_scales
-    if ss is None:
-        if any(w.dtype != dtype for w in weights.experts):
-            return False
-    elif any(w.dtype != torch.int8 for w in weights.experts) or any(
-        s.dtype != dtype or not s.is_contiguous() for s in ss
-    ):
-        return False
-    e, k = w1.shape[0], weights.top_k
-    gate = weights.gate
+    e, k, gate = weights.experts[0].shape[0], weights.top_k, weights.gate
     if gate.dtype != dtype or gate.shape != (e, d) or not gate.is_contiguous():
         return False
     return 1 <= k <= min(17, e) and 64 * k > e

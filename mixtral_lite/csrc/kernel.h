@@ -220,13 +220,12 @@ RUN(int8_t, i8)
             store(out, m0 + m, o, s);                                                                \
         }                                                                                            \
     }
-DP(1)
 DP(2)
 DP(3)
 
 /* Per weight row, the rows of x three at a time (four measured slower); the weight row stays in the
  * L1 cache between groups. */
-/* The raw sum of one weight row against one bfloat16 row (dp_1 without the epilogue). */
+/* The raw sum of one weight row against one bfloat16 row (before the epilogue, store). */
 static inline float dp_row(const uint16_t *restrict wr, const uint16_t *restrict xm, long I) {
     __m512 a = _mm512_setzero_ps(), b = a;
     long k = 0;
@@ -249,14 +248,14 @@ static void run_dp(const uint16_t *w, const uint16_t *x, Out out, long M, long I
             for (int r = 0; r < V; r++) sums[r] = dp_row(w + (o + r) * I, x, I);
             store16(out, 0, o, sums);
         }
-        for (; o < o1; o++) dp_1(w + o * I, x, out, 0, I, o);
+        for (; o < o1; o++) store(out, 0, o, dp_row(w + o * I, x, I));
         return;
     }
     for (long o = o0; o < o1; o++) {
         const uint16_t *wr = w + o * I;
         for (long m = 0; m < M;) {
             switch (M - m) {
-            case 1: dp_1(wr, x, out, m, I, o); m += 1; break;
+            case 1: store(out, m, o, dp_row(wr, x + m * I, I)); m += 1; break;
             case 2: dp_2(wr, x, out, m, I, o); m += 2; break;
             default: dp_3(wr, x, out, m, I, o); m += 3; break;
             }
@@ -311,11 +310,10 @@ static void run_dp(const uint16_t *w, const uint16_t *x, Out out, long M, long I
             store(out, m0 + m, o, s * xs[m0 + m]);                                                   \
         }                                                                                            \
     }
-QD(1)
 QD(2)
 QD(3)
 
-/* The raw sum of one weight row against one int16 row (qd_1 without the epilogue). */
+/* The raw sum of one weight row against one int16 row (before the epilogue, store). */
 static inline float qd_row(const int8_t *restrict wr, const int16_t *restrict xm, long I) {
     __m512 f = _mm512_setzero_ps();
     long i32 = I / 32 * 32, k = 0;
@@ -346,14 +344,14 @@ static void run_qd(const int8_t *w, const int16_t *xq, const float *xs, Out out,
             for (int r = 0; r < V; r++) sums[r] = qd_row(w + (o + r) * I, xq, I);
             store16(out, 0, o, sums * xs[0]);
         }
-        for (; o < o1; o++) qd_1(w + o * I, xq, xs, out, 0, I, o);
+        for (; o < o1; o++) store(out, 0, o, qd_row(w + o * I, xq, I) * xs[0]);
         return;
     }
     for (long o = o0; o < o1; o++) {
         const int8_t *wr = w + o * I;
         for (long m = 0; m < M;) {
             switch (M - m) {
-            case 1: qd_1(wr, xq, xs, out, m, I, o); m += 1; break;
+            case 1: store(out, m, o, qd_row(wr, xq + m * I, I) * xs[m]); m += 1; break;
             case 2: qd_2(wr, xq, xs, out, m, I, o); m += 2; break;
             default: qd_3(wr, xq, xs, out, m, I, o); m += 3; break;
             }
