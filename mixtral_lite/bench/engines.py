@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import KVCache
+from ..model.cache import KVCache
 from .hardware import sync
 
 
@@ -46,7 +46,7 @@ class Ours(Engine):
     def __init__(
         self, model: torch.nn.Module, name: str = "mixtral_lite", *, load_s: float = 0.0, compile: bool = False
     ):
-        from ..generate import compile_decode_step, decode_step
+        from ..generation.generate import compile_decode_step, decode_step
 
         self.model, self.name, self.load_s = model, name + (" compiled" if compile else ""), load_s
         self.device = model.device
@@ -58,7 +58,7 @@ class Ours(Engine):
     def load(
         cls, path: Path, dtype: torch.dtype, device: torch.device, *, quantize: str | None = None, compile: bool = False
     ) -> Ours:
-        from ..loading import load_model
+        from ..weights.loading import load_model
 
         t0 = time.perf_counter()
         model = load_model(path, dtype=dtype, device=device, quantize=quantize, progress=False)
@@ -71,7 +71,7 @@ class Ours(Engine):
 
     @torch.no_grad()
     def prefill_s(self, ids: torch.Tensor) -> float:
-        from ..generate import prefill
+        from ..generation.generate import prefill
 
         cache = self._cache(*ids.shape)
         sync(self.device)
@@ -87,7 +87,7 @@ class Ours(Engine):
 
     @torch.no_grad()
     def greedy(self, ids: torch.Tensor, n: int) -> Run:
-        from ..generate import prefill
+        from ..generation.generate import prefill
 
         b, t = ids.shape
         t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import native
+from ..cpu import build
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 29, repeats: int = 5) -> float:
@@ -123,7 +123,7 @@ def machine_info(device: torch.device) -> dict:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
-        "native_kernel": native.native_status() if device.type == "cpu" else "n/a",
+        "native_kernel": build.status() if device.type == "cpu" else "n/a",
     }
     with contextlib.suppress(ImportError):
         import transformers

@@ -49,7 +49,7 @@ class ChatSession:
     def ask(self, text: str, on_piece: Callable[[str], None]) -> str:
         """Answer ``text``. Ctrl-C (KeyboardInterrupt) inside ``on_piece`` or the model stops the
         answer early and keeps what was shown. A ``UserError`` leaves the conversation unchanged."""
-        from ..generate import stream
+        from ..generation.generate import stream
 
         self.last_result = None
         self.turns.append({"role": "user", "content": text})
@@ -79,7 +79,7 @@ class ChatSession:
     def _fit(self, ids: list[int]) -> list[int]:
         """Drop the oldest question/answer pairs until the prompt leaves room in the context; a
         question too long on its own raises ``UserError`` and drops nothing."""
-        from ..generate import check_prompt_lengths
+        from ..generation.generate import check_prompt_lengths
 
         context = self.model.config.max_position_embeddings
         alone = self.tokenizer.encode_chat(self.system_messages() + self.turns[-1:])
@@ -103,8 +103,8 @@ def read_line(interactive: bool) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import MixtralConfig
-    from ..generate import prepare
-    from ..tokenizer import load_tokenizer
+    from ..generation.generate import prepare
+    from ..generation.tokenizer import load_tokenizer
 
     options = sampling_options(args)
     folder = model_folder(args)

@@ -91,7 +91,7 @@ def load(args: argparse.Namespace, folder: Path):
     """The model, on the device the flags ask for (imports torch and the loader only now)."""
     import torch
 
-    from ..loading import load_model
+    from ..weights.loading import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.device_map else "cpu")
     return load_model(folder, dtype=args.dtype, device=device, device_map=args.device_map, quantize=args.quantize)
@@ -134,8 +134,8 @@ def ensure_utf8(stream) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import MixtralConfig
-    from ..generate import decode_step, generate, prepare, stream
-    from ..tokenizer import load_tokenizer
+    from ..generation.generate import decode_step, generate, prepare, stream
+    from ..generation.tokenizer import load_tokenizer
 
     options = sampling_options(args)
     if args.system is not None and not args.chat:
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     if parallel is None:
         model, decode_fn = load(args, folder), decode_step
         if args.compile:
-            from ..generate import compile_decode_step
+            from ..generation.generate import compile_decode_step
 
             decode_fn = compile_decode_step(model.device)
     elif args.compile:

@@ -18,12 +18,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..checkpoint import INDEX_FILE, match_tensors, open_checkpoint
-from ..loading import model_tensors
-from ..model import Mixtral
 from ..params import count_parameters
+from ..weights.checkpoint import INDEX_FILE, open_checkpoint
+from ..weights.loading import plan_load
 
 HELP = "describe a checkpoint folder without loading the weights"
 
@@ -43,10 +40,7 @@ def describe(path: str | Path) -> dict[str, Any]:
     """Everything ``info`` prints, as a dict; weights are never read."""
     with open_checkpoint(path, strict=False) as ckpt:
         config = ckpt.config
-        with torch.device("meta"):
-            model = Mixtral(config)
-        expected, aliases = model_tensors(model)
-        plan = match_tensors(ckpt, expected, aliases)
+        plan = plan_load(ckpt, strict=False).tensors
         if ckpt.layout == "mistral":
             layout = f"original Mistral ({ckpt.files[0].name} + params.json)"
         elif ckpt.index_file is not None:

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from ..config import MixtralConfig, available_presets
-from ..data import ByteTokenizer, TokenData, load_text_tokenizer, train_sentencepiece
 from ..errors import UserError
-from ..train import BALANCE_CHOICES, TrainConfig, check_run, read_state, train
+from ..training.data import ByteTokenizer, TokenData, load_text_tokenizer, train_sentencepiece
+from ..training.train import BALANCE_CHOICES, TrainConfig, check_run, read_state, train
 
 HELP = "train a model (any MoE variant) on a text file"
 

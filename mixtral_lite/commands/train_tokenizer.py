@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..data import SentencePieceTokenizer, train_sentencepiece
+from ..training.data import SentencePieceTokenizer, train_sentencepiece
 
 HELP = "train a SentencePiece tokenizer on a text file"
 

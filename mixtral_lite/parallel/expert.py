@@ -24,7 +24,7 @@ import re
 import torch
 
 from ..config import MixtralConfig
-from ..moe import dispatch_experts
+from ..model.experts import Experts, dispatch_experts
 from .dist import ParallelError
 
 _EXPERTS = re.compile(r"layers\.\d+\.feed_forward\.w[123]\Z")
@@ -52,30 +52,22 @@ def expert_parallel_slices(name: str, config: MixtralConfig, ep: int, ep_rank: i
 class LocalExperts:
     """``SparseMoE.dispatch`` under expert parallelism: run only the experts of this rank.
 
-    ``w1``, ``w2``, ``w3`` hold experts ``[first, first + w1.shape[0])``; ``idx`` holds global ids.
-    Pairs routed elsewhere add nothing, so summing every rank's output over the group gives the
-    single-process result (``experts_reference`` over all experts; the tests tie the two).
+    The layer's stacks hold experts ``[first, first + n)``; ``idx`` holds global ids. Pairs routed
+    elsewhere add nothing, so summing every rank's output over the group gives the single-process
+    result (``experts_reference`` over all experts; the tests tie the two).
     """
 
     def __init__(self, first: int, impl: str = "auto") -> None:
         self.first = first
         self.impl = impl
 
-    def __call__(
-        self,
-        x: torch.Tensor,
-        w1: torch.Tensor,
-        w2: torch.Tensor,
-        w3: torch.Tensor,
-        idx: torch.Tensor,
-        weights: torch.Tensor,
-    ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, experts: Experts, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         local = idx - self.first  # [N, K]
-        token, slot = torch.nonzero((local >= 0) & (local < w1.shape[0]), as_tuple=True)  # [P]
+        token, slot = torch.nonzero((local >= 0) & (local < experts.n_experts), as_tuple=True)  # [P]
         out = torch.zeros_like(x)  # [N, D]
         if token.numel():
             y = dispatch_experts(
-                x[token], w1, w2, w3, local[token, slot, None], weights[token, slot, None], self.impl
+                x[token], experts, local[token, slot, None], weights[token, slot, None], self.impl
             )  # [P, D]: one pair per row, K = 1
             out.index_add_(0, token, y)
         return out

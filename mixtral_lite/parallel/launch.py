@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import MixtralConfig
-from ..model import Mixtral
+from ..model.mixtral import Mixtral
 from .dist import (
     DEFAULT_TIMEOUT_S,
     ParallelError,

@@ -15,12 +15,10 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ..checkpoint import Copy, interleaved_to_half, match_tensors, open_checkpoint
-from ..errors import UserError
-from ..loading import assign_tensors, model_tensors, problems_summary, resolve_dtype
-from ..model import Mixtral
+from ..model.mixtral import Mixtral
+from ..weights.checkpoint import Copy, interleaved_to_half, open_checkpoint
+from ..weights.loading import assign_tensors, plan_load, resolve_dtype, storage_dtype
 from .dist import ParallelState
 from .shard import check_parallel, configure, local_shape, param_slices
 
@@ -42,19 +40,15 @@ def load_parallel(
         config = ckpt.config
         check_parallel(config, state.tp, state.ep)
         dtype = resolve_dtype(dtype, [device])
-        with torch.device("meta"):
-            model = Mixtral(config)
-        expected, aliases = model_tensors(model)
-        plan = match_tensors(ckpt, expected, aliases)
-        if plan.problems:
-            raise UserError(problems_summary(ckpt.folder, plan.problems))
+        plan = plan_load(ckpt)
+        model, expected = plan.model, plan.expected
         params = {name for name, _ in model.named_parameters()}
         slices = {
             name: param_slices(name, tuple(t.shape), config, state) if name in params else _whole(t)
             for name, t in expected.items()
         }
-        tensors = _stream_slices(ckpt, plan.copies, expected, slices, dtype, device)
-    assign_tensors(model, tensors, aliases)
+        tensors = _stream_slices(ckpt, plan.tensors.copies, expected, slices, dtype, device)
+    assign_tensors(model, tensors, plan.aliases)
     return configure(model, state).eval()
 
 
@@ -86,8 +80,7 @@ def _stream_slices(
                 part = interleaved_to_half(part, part.shape[0] // (src.shape[0] // c.rope_heads))
             dest = out.get(c.name)
             if dest is None:
-                meta = expected[c.name]
-                want = dtype if isinstance(meta, nn.Parameter) and meta.is_floating_point() else meta.dtype
+                want = storage_dtype(expected[c.name], dtype)
                 dest = out[c.name] = torch.empty(local_shape(cut), dtype=want, device=device)
             dest[dest_index].copy_(part)
         del src

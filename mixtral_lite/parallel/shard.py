@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import MixtralConfig
-from ..model import Attention, Mixtral, SparseMoE
+from ..model.mixtral import Attention, Mixtral, SparseMoE
 from .dist import AllReduce, ParallelError, ParallelState
 from .expert import LocalExperts, check_expert_parallel, expert_parallel_slices, expert_range
 from .tensor import check_tensor_parallel, head_split, tensor_parallel_slices

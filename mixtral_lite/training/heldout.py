@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import Mixtral
-from .tokenizer import Tokenizer
+from ..generation.tokenizer import Tokenizer
+from ..model.mixtral import Mixtral
 
 
 @torch.no_grad()

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .config import MixtralConfig
-from .errors import UserError
+from ..config import MixtralConfig
+from ..errors import UserError
 from .keymap import hf_items, map_key_chunks
 
 # safetensors dtype names -> torch dtypes.
@@ -81,7 +81,7 @@ class Copy:
 
 
 @dataclass
-class Plan:
+class TensorPlan:
     copies: list[Copy]  # in file read order
     problems: list[str]
     naming: list[str]  # which key tables matched, for display
@@ -376,7 +376,7 @@ def _read_pth(ckpt: Checkpoint, strict: bool) -> None:
 # ---- matching file keys to the model -----------------------------------------------------------
 
 
-def match_tensors(ckpt: Checkpoint, expected: dict[str, torch.Tensor], aliases: dict[str, str]) -> Plan:
+def match_tensors(ckpt: Checkpoint, expected: dict[str, torch.Tensor], aliases: dict[str, str]) -> TensorPlan:
     """Map every file tensor onto the model's tensors and check shapes, dtypes and coverage.
 
     ``expected`` maps our names to (meta) tensors giving shape and dtype; ``aliases`` maps a tied
@@ -438,7 +438,7 @@ def match_tensors(ckpt: Checkpoint, expected: dict[str, torch.Tensor], aliases: 
         problems.append(f"missing keys: {_some(missing)}")
     order = {key: (str(info.file), info.offset, i) for i, (key, info) in enumerate(ckpt.tensors.items())}
     copies.sort(key=lambda c: order[c.key])
-    return Plan(copies, problems, list(naming))
+    return TensorPlan(copies, problems, list(naming))
 
 
 def _check(info: TensorInfo, target: torch.Tensor, expert: int | None, dim: int, count: int, name: str) -> str | None:
@@ -504,7 +504,7 @@ def half_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
 __all__ = [
     "Checkpoint",
     "Copy",
-    "Plan",
+    "TensorPlan",
     "TensorInfo",
     "open_checkpoint",
     "match_tensors",

@@ -11,7 +11,7 @@ at each call.
 The router runs in the kernel: softmax in float32 (the C library's ``expf``: the probabilities may
 differ from ``torch.softmax``'s in the last bit), then the top-k with the selection torch.topk's CPU
 kernel makes, so the same experts are chosen, ties included. The rest rounds as the separate fused
-calls (``native.py``) round; the tests tie the two.
+entries (``native.py``) round; the tests tie the two.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from . import native
+from .build import loaded
 from .native import _DTYPES, _INT8, NATIVE_MAX_ROWS, Projection
 
 _POINTERS = (
@@ -44,7 +45,7 @@ class _LayerStruct(ctypes.Structure):
 
 
 class LayerWeights(NamedTuple):
-    """What the one-call layer reads, gathered by ``model.Block``: the two norms' weights and eps,
+    """What the one-call layer reads, gathered by ``modules.CpuBlock``: the two norms' weights and eps,
     wq wk wv wo as (weight, int8 scale or None), the router's weight, the stacked experts
     (w1, w2, w3) and their int8 scales (or None), the attention heads and experts per token."""
 
@@ -93,7 +94,21 @@ def _experts_ok(dtype: torch.dtype, d: int, weights: LayerWeights) -> bool:
     return 1 <= k <= min(17, e) and 64 * k > e
 
 
-_checked: tuple | None = None  # the last inputs every layer of a step shares that passed the checks
+class StepInputs:
+    """The inputs every layer of a decode step shares (rotary rows, mask, slots), checked by the
+    first layer and remembered by identity, so the other layers skip the checks. One per model."""
+
+    def __init__(self) -> None:
+        self.checked: tuple | None = None
+
+    def ok(self, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor, step: tuple) -> bool:
+        c = self.checked
+        if c is not None and c[0] is cos and c[1] is sin and c[2] is mask and c[3] is slots and c[4] == step:
+            return True
+        if not _step_inputs_ok(cos, sin, mask, slots, step):
+            return False
+        self.checked = (cos, sin, mask, slots, step)  # held: their identities stay theirs
+        return True
 
 
 def _step_inputs_ok(cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor, step: tuple) -> bool:
@@ -125,7 +140,7 @@ class LayerPlan:
             and _projections_ok(dtype, d, weights)
             and _experts_ok(dtype, d, weights)
             and all(t.device.type == "cpu" for t in (weights.attention_norm, weights.gate, weights.experts[0]))
-            and native.available()  # looked up at call time: tests switch it off
+            and native.available()
         )
         if not self.ok:
             return
@@ -159,6 +174,7 @@ class LayerPlan:
         mask: torch.Tensor,
         caches: tuple[torch.Tensor, torch.Tensor],
         slots: torch.Tensor,
+        shared: StepInputs,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(layer output [B, T, D], router logits [B * T, E]) for x [B, T, D], writing the new keys
         and values at ``slots`` [T] of ``caches`` [B, KV, S, hd]; None (nothing written) when these
@@ -176,19 +192,14 @@ class LayerPlan:
             return None
         if not (kc.is_contiguous() and vc.is_contiguous()):
             return None
-        global _checked
-        step = (b, t, s, self.hd, dtype)
-        c = _checked  # the step's shared inputs, as the previous layer checked them
-        if c is None or c[0] is not cos or c[1] is not sin or c[2] is not mask or c[3] is not slots or c[4] != step:
-            if not _step_inputs_ok(cos, sin, mask, slots, step):
-                return None
-            _checked = (cos, sin, mask, slots, step)  # held: their identities stay theirs
+        if not shared.ok(cos, sin, mask, slots, (b, t, s, self.hd, dtype)):
+            return None
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
             return None
         x = x.contiguous()
         out = torch.empty_like(x)
         logits = torch.empty(b * t, self.e, dtype=dtype)
-        rc = native._loaded().few_rows_layer(
+        rc = loaded().few_rows_layer(
             self.ref, x.data_ptr(), out.data_ptr(), logits.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             kc.data_ptr(), vc.data_ptr(), slots.data_ptr(), mask.data_ptr(), b, t, s, torch.get_num_threads(),
         )  # fmt: skip
@@ -198,16 +209,16 @@ class LayerPlan:
 
 
 def native_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``moe.route_topk`` in the kernel (the router of the one-call layer): logits [N, E] (float32 or
+    """``routing.route_topk`` in the kernel (the router of the one-call layer): logits [N, E] (float32 or
     bfloat16) -> (idx [N, K] int64, weights [N, K] float32)."""
     rows = logits.contiguous()
     n, e = rows.shape
     idx = torch.empty(n, k, dtype=torch.int64)
     rw = torch.empty(n, k, dtype=torch.float32)
-    rc = native._loaded().few_rows_route(rows.data_ptr(), n, e, k, _DTYPES[rows.dtype], idx.data_ptr(), rw.data_ptr())
+    rc = loaded().few_rows_route(rows.data_ptr(), n, e, k, _DTYPES[rows.dtype], idx.data_ptr(), rw.data_ptr())
     if rc != 0:
         raise ValueError(f"native router: top-{k} of {e} experts is not supported (1 <= k <= 17, k <= E, 64k > E)")
     return idx, rw
 
 
-__all__ = ["LayerPlan", "LayerWeights", "native_route", "weights_key"]
+__all__ = ["LayerPlan", "LayerWeights", "StepInputs", "native_route", "weights_key"]

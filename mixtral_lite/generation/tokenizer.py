@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 ROLES = ("system", "user", "assistant")
 

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import MixtralConfig
+from ..config import MixtralConfig
+from ..errors import UserError
+from ..model.mixtral import Mixtral, SparseMoE
+from ..model.routing import Routing, expert_load, update_bias
 from .data import TokenData
-from .errors import UserError
 from .losses import balance_loss, layer_stats, summarize, z_loss
-from .model import Mixtral, SparseMoE
-from .routing import Routing, expert_load, update_bias
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.json"
@@ -327,7 +327,7 @@ def save_training(
     tokenizer_file: str | Path | None,
 ) -> Path:
     """Model (HF layout), tokenizer, resumable state and a readable log into ``out_dir``."""
-    from .saving import save_pretrained
+    from ..weights.saving import save_pretrained
 
     out = Path(out_dir)
     save_pretrained(model, out)
@@ -349,12 +349,12 @@ def read_state(folder: str | Path) -> dict[str, Any]:
 def _restore(
     folder: Path, model: Mixtral, optimizer: torch.optim.Optimizer, data_gen: torch.Generator, signature: list[int]
 ) -> tuple[int, list[float], list[dict[str, Any]]]:
-    from .loading import load_model
+    from ..weights.loading import load_model
 
     state = read_state(folder)
     if list(state["data_signature"]) != signature:
         raise UserError(f"--resume: {folder}: was trained on other data (or another tokenizer) than --data gives")
-    saved = load_model(folder)
+    saved = load_model(folder, cpu_kernels=False)  # training keeps the reference modules
     if saved.config != model.config:
         raise UserError(f"--resume: {folder}: its config.json differs from the model config of this run")
     model.load_state_dict(saved.state_dict())

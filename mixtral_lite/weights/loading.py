@@ -9,18 +9,19 @@ held: peak host memory is the model in the target dtype (when it lives on the CP
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, Copy, match_tensors, open_checkpoint
+from ..cpu import install_cpu_kernels
+from ..errors import UserError
+from ..model.mixtral import Mixtral
+from ..model.quant import quantize_model
+from .checkpoint import Checkpoint, Copy, TensorPlan, match_tensors, open_checkpoint
 from .device_map import check_device, device_of, resolve_device_map
-from .errors import UserError
-from .layout import cpu_layout
-from .model import Mixtral
-from .quant import quantize_model
 
 DTYPES = {
     "float32": torch.float32,
@@ -42,13 +43,15 @@ def load_model(
     device_map: str | list | dict | None = None,
     quantize: str | None = None,
     progress: bool | None = None,
+    cpu_kernels: bool = True,
 ) -> Mixtral:
     """Load a checkpoint folder (Hugging Face or original Mistral layout) into a ``Mixtral``.
 
     ``dtype``: default bfloat16 when any weight goes to a GPU, float32 on the CPU; weights are cast
     one tensor at a time. ``device``: "cpu", "cuda" or "cuda:N". ``device_map``: "auto" or an
-    explicit map (see ``mixtral_lite.device_map``); excludes ``device``. ``quantize`` is passed to
-    ``mixtral_lite.quant.quantize_model``. ``progress``: None shows a bar on a terminal for loads
+    explicit map (see ``weights.device_map``); excludes ``device``. ``quantize`` is passed to
+    ``model.quant.quantize_model``. ``cpu_kernels``: install the CPU kernels
+    (``mixtral_lite.install_cpu_kernels``) when every weight is on the CPU. ``progress``: None shows a bar on a terminal for loads
     longer than a moment, True always, False never. Raises ``UserError`` before returning anything
     when a file, key, shape or dtype is wrong.
     """
@@ -62,19 +65,45 @@ def load_model(
         else:
             devices = [check_device(device)] * config.num_hidden_layers
         dtype = resolve_dtype(dtype, devices)
-        with torch.device("meta"):
-            model = Mixtral(config)
-        expected, aliases = model_tensors(model)
-        plan = match_tensors(ckpt, expected, aliases)
-        if plan.problems:
-            raise UserError(problems_summary(ckpt.folder, plan.problems))
+        plan = plan_load(ckpt)
+        expected = plan.expected
         placement = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
-        tensors = _stream(ckpt, plan.copies, expected, placement, dtype, progress)
-    assign_tensors(model, tensors, aliases)
+        tensors = _stream(ckpt, plan.tensors.copies, expected, placement, dtype, progress)
+    model = plan.model
+    assign_tensors(model, tensors, plan.aliases)
     model.eval()
     if quantize is not None:
         quantize_model(model, quantize)
-    return cpu_layout(model)  # CPU weights in the layout their dtype multiplies fastest
+    if cpu_kernels and all(d.type == "cpu" for d in devices):
+        install_cpu_kernels(model)
+    return model
+
+
+@dataclass
+class LoadPlan:
+    """A checkpoint matched against a model built on the meta device, before any weight is read."""
+
+    model: Mixtral  # on the meta device
+    expected: dict[str, torch.Tensor]  # the tensors a checkpoint must fill (``model_tensors``)
+    aliases: dict[str, str]  # tied names
+    tensors: TensorPlan  # file tensors -> model tensors, and the problems found
+
+
+def plan_load(ckpt: Checkpoint, *, strict: bool = True) -> LoadPlan:
+    """Build the model on the meta device and match every file tensor to it; ``strict``: any
+    problem (missing, unexpected or misshapen tensor) is a ``UserError`` naming the folder."""
+    with torch.device("meta"):
+        model = Mixtral(ckpt.config)
+    expected, aliases = model_tensors(model)
+    tensors = match_tensors(ckpt, expected, aliases)
+    if strict and tensors.problems:
+        raise UserError(problems_summary(ckpt.folder, tensors.problems))
+    return LoadPlan(model, expected, aliases, tensors)
+
+
+def storage_dtype(meta: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """Floating parameters take the load's ``dtype``; buffers keep the dtype the model declares."""
+    return dtype if isinstance(meta, nn.Parameter) and meta.is_floating_point() else meta.dtype
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, devices: list[torch.device]) -> torch.dtype:
@@ -125,8 +154,7 @@ def _stream(
                 dest = out.get(c.name)
                 if dest is None:
                     meta = expected[c.name]
-                    # Floating parameters take ``dtype``; buffers keep the dtype the model declares.
-                    want = dtype if isinstance(meta, nn.Parameter) and meta.is_floating_point() else meta.dtype
+                    want = storage_dtype(meta, dtype)
                     dest = out[c.name] = torch.empty(meta.shape, dtype=want, device=placement[c.name])
                 part = src if c.count == 1 else src.chunk(c.count, c.dim)[c.index]
                 target = dest if c.expert is None else dest[c.expert]
@@ -188,4 +216,4 @@ def problems_summary(folder: Path, problems: list[str]) -> str:
     return f"{folder}: " + "; ".join(problems[:3]) + more
 
 
-__all__ = ["load_model", "resolve_dtype", "model_tensors"]
+__all__ = ["LoadPlan", "load_model", "model_tensors", "plan_load", "resolve_dtype", "storage_dtype"]

@@ -21,8 +21,8 @@ import re
 import torch
 from torch import nn
 
-from .config import MixtralConfig
-from .errors import UserError
+from ..config import MixtralConfig
+from ..errors import UserError
 
 HEADROOM = 0.1  # share of each device's free memory kept for activations, the KV cache and kernels
 
@@ -50,7 +50,7 @@ def module_bytes(config: MixtralConfig, dtype: torch.dtype) -> list[int]:
 
     Sizes come from the model built on the meta device, so every variant is sized exactly.
     """
-    from .model import Mixtral
+    from ..model.mixtral import Mixtral
 
     with torch.device("meta"):
         model = Mixtral(config)

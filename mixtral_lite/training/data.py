@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 BYTE_OFFSET = 3  # ids 0, 1, 2: unk, bos, eos
 BYTE_VOCAB_SIZE = BYTE_OFFSET + 256

@@ -22,24 +22,16 @@ REDUCED = (torch.bfloat16, torch.float16)
 SPLIT_MAX_ROWS = 8  # rows up to which a product is split over the threads (more: BLAS's own GEMM)
 SPLIT_MIN_OUT = 256  # outputs per thread below which splitting costs more than it saves
 
-# The thread count a compiled graph is traced for (``torch.get_num_threads`` cannot be traced);
-# ``generate.compile_decode_step`` sets it before each call, and dynamo guards on its value.
-traced_threads = 1
-
-
-def threads() -> int:
-    return traced_threads if torch.compiler.is_compiling() else torch.get_num_threads()
-
 
 def split_parts(x: torch.Tensor, w: torch.Tensor) -> int:
     """Blocks to cut ``w`` [O, I] into for ``x`` (1 = do not split)."""
     if x.device.type != "cpu" or x.dtype != w.dtype or w.dim() != 2:
         return 1
-    if x.dtype != torch.float32 and not (torch.compiler.is_compiling() and x.dtype in REDUCED):
+    if x.dtype != torch.float32 or torch.compiler.is_compiling():
         return 1
     if x.numel() > SPLIT_MAX_ROWS * x.shape[-1]:
         return 1
-    n = threads()
+    n = torch.get_num_threads()
     if n < 2 or w.shape[0] % n or w.shape[0] // n < SPLIT_MIN_OUT:
         return 1
     return n

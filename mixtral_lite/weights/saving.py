@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
-from .errors import UserError
 from .keymap import hf_items
 from .loading import model_tensors
 

@@ -1,207 +1,33 @@
-"""Few-row CPU products through a small C kernel (``csrc/``), built on first use.
+"""The C kernel's entry points (``csrc/``): few-row products and the fused pieces of a decode step.
 
-Decoding multiplies 1-8 rows of activations by each weight matrix, so it runs at the speed the
-weights stream from memory. PyTorch's CPU kernels for that shape read well below the bandwidth
-(measured, 2 AMD EPYC cores with AVX-512 BF16: bfloat16 ``F.linear`` of one row by 1792x512 in
-190-270 us, 7-9 GB/s); the C loop reads the weight once for all rows, converts bfloat16 or int8 in
-registers (or multiplies bfloat16 pairs directly with AVX512-BF16) and spreads the outputs over
-PyTorch's threads: the same product in 56-95 us (20-33 GB/s), float32 in 120-160 us.
+Decoding multiplies 1-8 rows of activations by each weight matrix, so its speed is the speed at
+which the weights stream from memory; PyTorch's CPU kernels for that shape read well below the
+bandwidth (docs/performance.md has the measurements). The C loops read each weight once for all
+rows, convert bfloat16 or int8 in registers and spread the outputs over PyTorch's threads.
 
-The kernel is compiled once per CPU with the system C compiler (``cc -O3 -march=native -fopenmp``,
-about a second; ``$MIXTRAL_LITE_MARCH`` replaces ``native``) into ``$MIXTRAL_LITE_CACHE`` (default
-``~/.cache/mixtral_lite``) and loaded with ``ctypes``. Without a compiler, or with
-``MIXTRAL_LITE_NATIVE=0``, everything runs on PyTorch's kernels; ``native_status()`` says which and
-why.
-
-``native_linear(x, w)`` equals ``F.linear(x, w)`` and ``native_int8(x, q, scale)`` the dequantised
-product, up to the order of the float32 additions (one final rounding to bfloat16, as PyTorch's);
-with AVX512-VNNI the int8 product rounds the activations to int16 (one scale per row, error at
-most max|x| / 65534 per element). Training (autograd) and ``torch.compile`` keep PyTorch's kernels.
-
-A decode step also has fused entries, so a layer is a handful of calls instead of dozens of small
-PyTorch ops: ``native_qkv`` (the three attention projections and the rotary embedding),
-``native_attention`` (attention against the cache in float32, no float32 copy of the cache),
-``native_experts`` (every chosen expert of every row and the weighted sum; rows that chose the same
-expert share one pass over its weights), ``native_swiglu``, ``native_rmsnorm`` and ``native_mask``
-(the step's additive attention mask). Each rounds where the plain ops round (bit for bit in
-bfloat16 given the same products); the tests tie each to the code it replaces. ``native_layer.py``
-runs a whole decoder layer in one call. Prefill has ``native_prefill_attention`` (many query rows
-in register tiles, ``csrc/attention.c``) and RMSNorm of many bfloat16 rows.
+Each entry ``native_X`` has a rule ``use_native_X`` (whether these tensors fit it: CPU, float32 or
+bfloat16, a few rows, contiguous weights, no autograd, not compiling) and equals the plain ops it
+replaces up to the order of float32 additions, rounding where they round (bit for bit in bfloat16
+given the same products); with AVX512-VNNI the int8 product rounds the activations to int16 (one
+scale per row, error at most max|x| / 65534 per element). The tests tie each entry to its plain
+ops. ``layer.py`` runs a whole decoder layer in one call; ``modules.py`` puts the entries to use.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
+
+from .build import available
+from .build import loaded as _loaded
 
 NATIVE_MAX_ROWS = 8  # rows per product the kernel takes (more: PyTorch / oneDNN)
 # float32 from 7 rows on: oneDNN's product is as fast (measured, 8 rows x 1792x512: 343 vs 380 us,
 # 32000x512: 6.7 vs 6.0 ms; 6 rows 251 vs 378 us)
 FLOAT32_MAX_ROWS = 6
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / f for f in ("products.c", "decode.c", "layer.c", "attention.c"))  # all include kernel.h
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
-
-
-def march() -> str:
-    """The ``-march`` the kernel is built for: ``native`` (this CPU), or ``$MIXTRAL_LITE_MARCH``
-    (e.g. ``x86-64-v3`` for AVX2 machines sharing one cache directory)."""
-    return os.environ.get("MIXTRAL_LITE_MARCH") or "native"
-
-
-def _flags() -> list[str]:
-    return [*FLAGS, f"-march={march()}"]
-
-
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's weight types (int8: 2)
 _INT8 = 2
-
-_lib: ctypes.CDLL | None = None
-_status: str | None = None  # None: not tried yet
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MIXTRAL_LITE_CACHE") or Path.home() / ".cache" / "mixtral_lite")
-
-
-def _cpu_key() -> str:
-    """What the compiled code depends on: the source, the flags, the compiler and the CPU's features
-    (``-march=native``: a library built on another CPU may use instructions this one lacks)."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    h = hashlib.sha256()
-    sources = [f.read_bytes() for f in (*SOURCES, CSRC / "kernel.h")]
-    for part in (*sources, " ".join(_flags()).encode(), platform.machine().encode(), flags.encode()):
-        h.update(part)
-    h.update(_compiler_version().encode())
-    return h.hexdigest()[:16]
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def _compiler_version() -> str:
-    cc = _compiler()
-    if cc is None:
-        return ""
-    try:
-        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _build(target: Path) -> None:
-    """Compile the kernel into ``target`` (atomically: a half-written library is never loaded)."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [cc, *_flags(), *map(str, SOURCES), "-o", str(out), "-lm"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {', '.join(f.name for f in SOURCES)}: {done.stderr.strip()[-500:]}")
-        os.replace(out, target)
-    for old in target.parent.glob(f"few_rows-{march()}-*.so"):  # builds of older sources
-        if old != target:
-            old.unlink(missing_ok=True)
-
-
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel (building it on first use), or None when it cannot be had here."""
-    global _lib, _status
-    if _status is not None:
-        return _lib
-    if os.environ.get("MIXTRAL_LITE_NATIVE", "1") == "0":
-        _status = "off (MIXTRAL_LITE_NATIVE=0)"
-        return None
-    if platform.system() != "Linux":
-        _status = f"off (built on Linux only, this is {platform.system()})"
-        return None
-    try:
-        target = cache_dir() / "native" / f"few_rows-{march()}-{_cpu_key()}.so"
-        if not target.exists():
-            _build(target)
-        lib = ctypes.CDLL(str(target))
-        fn = lib.few_rows
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
-        sw = lib.few_rows_swiglu
-        sw.restype = ctypes.c_int
-        ptrs = [ctypes.c_void_p] * 6  # w1 w3 w2 and their scales (int8)
-        sw.argtypes = ptrs + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
-        ex = lib.few_rows_experts
-        ex.restype = ctypes.c_int
-        ex.argtypes = ptrs + [ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
-        ex.argtypes += [ctypes.c_void_p]  # residual
-        ex.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
-        qkv = lib.few_rows_qkv
-        qkv.restype = ctypes.c_int
-        qkv.argtypes = ptrs + [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4
-        qkv.argtypes += [ctypes.c_long] * 4 + [ctypes.c_int] * 2
-        ng = lib.few_rows_norm_gate
-        ng.restype = ctypes.c_int
-        ng.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3
-        ng.argtypes += [ctypes.c_int] * 2
-        blk = lib.few_rows_attention_block
-        blk.restype = ctypes.c_int
-        blk.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 8 + [ctypes.c_int]
-        blk.argtypes += [ctypes.c_void_p] * 7 + [ctypes.c_long] * 7 + [ctypes.c_int] * 2
-        at = lib.few_rows_attention
-        at.restype = ctypes.c_int
-        at.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_void_p] * 4 + [ctypes.c_long] * 6
-        at.argtypes += [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-        rn = lib.few_rows_rmsnorm
-        rn.restype = None
-        rn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
-        lib.many_rows_attention.restype = ctypes.c_int
-        lib.many_rows_attention.argtypes = at.argtypes  # the same arguments as few_rows_attention
-        lib.many_rows_rmsnorm.restype = None
-        lib.many_rows_rmsnorm.argtypes = rn.argtypes + [ctypes.c_int]
-        mk = lib.few_rows_mask
-        mk.restype = None
-        mk.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-        mk.argtypes += [ctypes.c_int]
-        ro = lib.few_rows_route
-        ro.restype = ctypes.c_int
-        ro.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2
-        ly = lib.few_rows_layer  # its first argument: a ctypes.byref of native_layer's struct
-        ly.restype = ctypes.c_int
-        ly.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 3 + [ctypes.c_int]
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _status = f"off ({e})"
-        return None
-    _lib, _status = lib, f"on ({target})"
-    return _lib
-
-
-def available() -> bool:
-    """Whether the kernel is built and loaded (building it on first use)."""
-    return load() is not None
-
-
-def native_status() -> str:
-    """``on (path of the library)`` or ``off (why)``; builds the kernel if not tried yet."""
-    load()
-    assert _status is not None
-    return _status
 
 
 def use_native(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -218,13 +44,6 @@ def use_native(x: torch.Tensor, w: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or not w.is_contiguous():
         return False
     return available()
-
-
-def _loaded() -> ctypes.CDLL:
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"native kernel unavailable: {native_status()}")
-    return lib
 
 
 def _run(fn: str, x: torch.Tensor, out_features: int, k: int, *before: int | None) -> torch.Tensor:
@@ -714,7 +533,6 @@ __all__ = [
     "native_rmsnorm",
     "native_swiglu",
     "native_swiglu_int8",
-    "native_status",
     "projections_ok",
     "use_native",
     "use_native_attention",

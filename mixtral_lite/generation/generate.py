@@ -21,13 +21,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import gemv
-from .cache import KVCache
-from .config import MixtralConfig
+from ..config import MixtralConfig
+from ..cpu import install_cpu_kernels
+from ..cpu.layout import cpu_layout
+from ..errors import UserError
+from ..model.cache import KVCache
+from ..weights.device_map import layer_devices
 from .detok import Detokenizer, continuation_text
-from .device_map import layer_devices
-from .errors import UserError
-from .layout import cpu_layout
 from .sampling import SamplingParams, make_generator, sample
 from .tokenizer import Tokenizer
 
@@ -112,8 +112,9 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
     ``decode_fn``. On CUDA the default mode is "reduce-overhead" (CUDA graphs): the cache tensors
     are marked as static addresses, so the graph writes them in place. A new cache length (prompt
     plus new tokens) compiles once more. On the CPU the first call with a model stores its weight
-    matrices row-major (``layout.cpu_layout(model, compiled=True)``: same values, other strides),
-    the layout the generated matrix-vector kernels read fastest."""
+    matrices row-major (``cpu.layout.cpu_layout(model, compiled=True)``: same values, other
+    strides), the layout the generated matrix-vector kernels read fastest; the compiled graph runs
+    PyTorch's ops, not the C kernel."""
     device = torch.device(device)
     if mode is None and device.type == "cuda":
         mode = "reduce-overhead"
@@ -126,9 +127,8 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
         @scalars
         def cpu_step(model, tokens, cache, slot, positions):
             if model not in laid_out:  # row-major weights: what the generated kernels read fastest
-                cpu_layout(model, compiled=True)
+                cpu_layout(model, kernel=False, compiled=True)
                 laid_out.add(model)
-            gemv.traced_threads = torch.get_num_threads()  # products split over this many threads
             return compiled(model, tokens, cache, slot, positions)
 
         return cpu_step
@@ -400,6 +400,8 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
     if min(lengths) != t:
         mask = torch.tensor([[0] * (t - n) + [1] * n for n in lengths], device=device)  # [B, T]
 
+    if device.type == "cpu" and not hasattr(model, "cpu_kernels"):  # CPU inference: decided once per model
+        install_cpu_kernels(model)
     layers = model.layers
     cache = KVCache(
         model.config,

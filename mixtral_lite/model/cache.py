@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import MixtralConfig
+from ..config import MixtralConfig
 
 
 class KVCache:

@@ -3,7 +3,7 @@
 Axis legend: N tokens, D hidden, E experts, K experts per token, G groups, M experts per group,
 I expert intermediate size.
 
-Every router returns a ``Routing``. Mixtral's own rule (``moe.route_topk``) stays the fast path of
+Every router returns a ``Routing``. Mixtral's own rule (``route_topk``) is the plain path of
 ``SparseMoE``; the others are:
 
 - ``route_scores``: DeepSeek's generalisation of top-k: softmax or sigmoid scores, an optional
@@ -29,8 +29,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .config import MixtralConfig, MoEConfig
-from .moe import route_topk
+from ..config import MixtralConfig, MoEConfig
+
+
+def route_topk(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's router: softmax over all experts in float32, top-k, renormalise to sum 1.
+
+    Returns (idx [N, K] long, weights [N, K] float32).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, idx = torch.topk(probs, k, dim=-1)
+    return idx, weights / weights.sum(dim=-1, keepdim=True)
 
 
 class Routing(NamedTuple):
@@ -168,7 +177,7 @@ def experts_dense(
 ) -> torch.Tensor:
     """Soft routing's dense mixture: every expert on every token, out = sum_e weights[:, e] * expert_e(x).
 
-    x [N, D]; w1, w3 [E, I, D]; w2 [E, D, I]; weights [N, E]. ``moe.experts_reference`` with
+    x [N, D]; w1, w3 [E, I, D]; w2 [E, D, I]; weights [N, E]. ``experts.experts_reference`` with
     idx = all experts is the reference.
     """
     h = F.silu(torch.einsum("nd,eid->eni", x, w1)) * torch.einsum("nd,eid->eni", x, w3)  # [E, N, I]
@@ -184,7 +193,7 @@ def experts_padded(
 
     A loop over experts costs one backward op per expert, each touching a full-size gradient
     buffer; here backward is a handful of large ops, which matters with many small experts
-    (fine-grained routing). Padding costs FLOPs when the load is uneven. ``moe.experts_reference``
+    (fine-grained routing). Padding costs FLOPs when the load is uneven. ``experts.experts_reference``
     is the reference.
     """
     n, k = idx.shape

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from .routing import Routing, expert_load
+from ..model.routing import Routing, expert_load
 
 
 def switch_loss(routings: Sequence[Routing]) -> torch.Tensor:

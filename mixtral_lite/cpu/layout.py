@@ -21,8 +21,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import native
-
 COLUMN_MAJOR_DTYPES = (torch.float32,)
 
 
@@ -41,18 +39,16 @@ def column_major(w: torch.Tensor, block: int = 256) -> torch.Tensor:
     return out
 
 
-def wants_column_major(name: str, dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+def wants_column_major(name: str, dim: int, dtype: torch.dtype, device: torch.device, *, kernel: bool) -> bool:
     """The rule: float32 weight matrices on the CPU, except the embedding table and routers, unless
-    the compiled few-row kernel (``native.py``) runs the decoding products: it reads rows."""
-    if device.type != "cpu" or dim not in (2, 3) or dtype not in COLUMN_MAJOR_DTYPES:
-        return False
-    if native.available():
+    the C kernel (``native.py``) runs the decoding products (``kernel``): it reads rows."""
+    if device.type != "cpu" or dim not in (2, 3) or dtype not in COLUMN_MAJOR_DTYPES or kernel:
         return False
     return not (name.startswith("tok_embeddings") or name.endswith("gate.weight"))
 
 
 @torch.no_grad()
-def cpu_layout(model: nn.Module, *, compiled: bool = False) -> nn.Module:
+def cpu_layout(model: nn.Module, *, kernel: bool, compiled: bool = False) -> nn.Module:
     """Store the CPU weight matrices of ``model`` in the layout its dtype multiplies fastest.
 
     Touches 2-D and 3-D floating parameters on the CPU (attention, experts, dense feed-forward,
@@ -67,7 +63,7 @@ def cpu_layout(model: nn.Module, *, compiled: bool = False) -> nn.Module:
             continue
         if tied and name == "output.weight":
             continue
-        if not compiled and wants_column_major(name, p.dim(), p.dtype, p.device):
+        if not compiled and wants_column_major(name, p.dim(), p.dtype, p.device, kernel=kernel):
             if not is_column_major(p):
                 p.data = column_major(p.data)
         elif not p.is_contiguous():

@@ -1,0 +1,108 @@
+"""The fastest CPU product for each shape: what the accelerated modules call instead of ``F.linear``.
+
+A few rows (decoding) go through the C kernel (``native.py``); many float32 rows through oneDNN
+(``onednn.py``); few float32 rows without the kernel through one weight block per thread
+(``gemv.py``); on a CPU without bfloat16/float16 matrix units, several reduced-precision rows
+multiply in float32 (docs/performance.md has the measurements behind each rule). Each function
+equals its reference (``F.linear``, ``model.quant.linear_int8``, ``model.experts.swiglu``) up to
+the order of float32 additions; the tests tie them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .gemv import split_linear, split_parts
+from .native import (
+    native_int8,
+    native_linear,
+    native_swiglu,
+    native_swiglu_int8,
+    use_native,
+    use_native_int8,
+    use_native_swiglu,
+    use_native_swiglu_int8,
+)
+from .onednn import onednn_linear, use_onednn
+
+
+def has_matrix_units(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (oneDNN on AVX-512 BF16, AMX, FP16)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+# Reduced-precision dtypes whose CPU products of several rows run in float32: without matrix units
+# a bfloat16 product costs about one matrix-vector product per row, while converting the weight to
+# float32 costs about as much as 2-3 rows.
+UPCAST_ON_CPU = tuple(d for d in (torch.bfloat16, torch.float16) if not has_matrix_units(d))
+UPCAST_MIN_ROWS = 4
+# Rows from which int8 products convert the weight and multiply like ``linear`` instead: the cost
+# of PyTorch's int8 kernel grows with the rows.
+INT8_UPCAST_MIN_ROWS = 32
+HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
+_FAST_ACT = (torch.bfloat16, torch.float16)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` (no bias) on the CPU by the fastest route for x's rows and dtype."""
+    if use_native(x, w):  # decoding: a few rows at memory speed
+        return native_linear(x, w)
+    if x.dtype in UPCAST_ON_CPU and x.numel() >= UPCAST_MIN_ROWS * x.shape[-1]:
+        return F.linear(x.float(), w.float()).to(x.dtype)
+    if use_onednn(x, w):  # many float32 rows
+        return onednn_linear(x, w)
+    parts = split_parts(x, w)
+    if parts > 1:  # few float32 rows without the kernel: one block of the weight per thread
+        return split_linear(x, w, parts)
+    return F.linear(x, w)
+
+
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., I] @ (q * scale)^T -> [..., O] in x's dtype, reading the int8 weights directly.
+
+    Float32 activations go through bfloat16 for PyTorch's int8 kernel (it has no float32 path); the
+    per-weight rounding error of int8 is the larger of the two. Many rows (prefill) convert the
+    weight instead and multiply like ``linear``.
+    """
+    if use_native_int8(x, q, scale):  # decoding: the C kernel
+        return native_int8(x, q, scale)
+    if not HAS_INT8_MM or not q.is_contiguous():
+        return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    rows = x.numel() // x.shape[-1]
+    if rows < INT8_UPCAST_MIN_ROWS and x.dtype == scale.dtype and x.dtype in _FAST_ACT and x.is_contiguous():
+        if x.dim() == 2:
+            return torch._weight_int8pack_mm(x, q, scale)
+        y = torch._weight_int8pack_mm(x.view(rows, x.shape[-1]), q, scale)
+        return y.view(*x.shape[:-1], q.shape[0])
+    if rows >= INT8_UPCAST_MIN_ROWS:  # int8 -> bfloat16/float16 is exact (|q| <= 127)
+        units = x.dtype in _FAST_ACT and x.dtype not in UPCAST_ON_CPU
+        w = q.to(x.dtype) if units else q.float()
+        return (linear(x.to(w.dtype), w).float() * scale.float()).to(x.dtype)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    act = x2 if x2.dtype in _FAST_ACT else x2.to(torch.bfloat16)
+    y = torch._weight_int8pack_mm(act.contiguous(), q, scale.to(act.dtype))
+    return y.to(x.dtype).view(*shape[:-1], q.shape[0])
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """``experts.swiglu``: one kernel call for a few rows, else three fast products."""
+    if use_native_swiglu(x, w1, w2, w3):
+        return native_swiglu(x, w1, w2, w3)
+    return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+
+
+def swiglu_int8(x: torch.Tensor, qs: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One int8 expert (q1, q2, q3 with scales s1, s2, s3): one kernel call for a few rows."""
+    if use_native_swiglu_int8(x, qs, ss):
+        return native_swiglu_int8(x, qs, ss)
+    (q1, q2, q3), (s1, s2, s3) = qs, ss
+    return linear_int8(F.silu(linear_int8(x, q1, s1)) * linear_int8(x, q3, s3), q2, s2)
+
+
+__all__ = ["HAS_INT8_MM", "UPCAST_ON_CPU", "has_matrix_units", "linear", "linear_int8", "swiglu", "swiglu_int8"]

@@ -1,0 +1,1 @@
+"""Generation: the prefill/decode loop, sampling, the tokenizer and the streaming detokeniser."""

@@ -1,0 +1,437 @@
+"""The Mixtral decoder, top to bottom: norm, rotary embedding, attention, MoE feed-forward, block,
+model.
+
+Axis legend: B batch, T new tokens, S keys (cache slots), H query heads, KV key/value heads,
+hd head dim, D hidden, E experts, K experts per token, V vocabulary.
+
+Module names follow the original Mistral checkpoints (``wq wk wv wo``, ``w1 w2 w3``, ``gate``);
+``weights/keymap.py`` holds the one table that maps file keys to them. The model is pure: no sampling,
+tokenizer or cache allocation lives here; a ``KVCache`` is created by generation and passed in.
+
+This is the reference: plain PyTorch, no accelerator. Faster versions of these modules (the CPU
+kernels of ``mixtral_lite.cpu``) subclass them and are installed onto a model once; each is tested
+against the module it replaces here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MixtralConfig
+from .cache import KVCache
+from .experts import dispatch_experts, swiglu
+from .routing import (
+    Routing,
+    experts_dense,
+    experts_padded,
+    is_mixtral_routing,
+    route_hard,
+    route_hierarchical,
+    route_scores,
+    route_soft,
+    route_topk,
+)
+
+
+class Linear(nn.Linear):
+    """A bias-free ``nn.Linear`` (the checkpoints have no biases)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise in float32, round to x's dtype, then scale (Hugging Face's order of rounding)."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same value
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, hd] for ``positions`` [B, T], in the half-split (Hugging Face) layout."""
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def inverse_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """1 / theta^(2i / hd) in float32, [hd / 2]."""
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through ``scaled_dot_product_attention``.
+
+    ``n_heads`` / ``n_kv_heads`` are the heads this module holds (all of them, or one rank's share
+    under tensor parallelism); ``reduce`` combines partial outputs across ranks (identity here).
+    """
+
+    def __init__(self, config: MixtralConfig, layer_idx: int) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = hd
+        self.wq = Linear(d, self.n_heads * hd)
+        self.wk = Linear(d, self.n_kv_heads * hd)
+        self.wv = Linear(d, self.n_kv_heads * hd)
+        self.wo = Linear(self.n_heads * hd, d)
+        self.reduce = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.head_dim
+        q = self.wq(x).view(b, t, self.n_heads, hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.wk(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # [B, KV, T, hd]
+        v = self.wv(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, slots, k, v)  # [B, KV, S, hd]
+        y = self.attend(q, k, v, mask, is_causal=mask is None and t > 1)  # [B, H, T, hd]
+        y = self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
+        return y if self.reduce is None else self.reduce(y)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, is_causal: bool
+    ) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd) + mask) v, each group of query heads sharing its key/value head."""
+        gqa = self.n_heads != self.n_kv_heads
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+
+
+class FeedForward(nn.Module):
+    """A dense SwiGLU feed-forward (used by dense layers of DeepSeekMoE-style models)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = Linear(dim, hidden)
+        self.w2 = Linear(hidden, dim)
+        self.w3 = Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x)), None
+
+
+class SparseMoE(nn.Module):
+    """Router + stacked SwiGLU experts (w1, w3 [E, I, D]; w2 [E, D, I]).
+
+    ``dispatch`` selects how the chosen experts run (see ``experts.dispatch_experts``); ``reduce``
+    combines partial outputs across ranks under tensor or expert parallelism (identity here). The
+    module is itself the dispatch's ``Experts``: ``expert(x, e)`` is one expert's product.
+
+    ``config.moe.kind`` picks the router (see ``routing``); Mixtral's own rule is the plain path.
+    Variants may add ``group_gate`` (hierarchical), ``shared`` (always-on shared experts, one SwiGLU
+    of n_shared * I) and the ``expert_bias`` buffer [E] (auxiliary-loss-free balancing).
+    With ``record_routing`` set (training), each forward keeps its ``Routing`` in ``last_routing``.
+    """
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        e, d, i = config.num_experts, config.hidden_size, config.intermediate_size
+        self.top_k = config.num_experts_per_tok
+        self.gate = Linear(d, e)
+        self.w1 = nn.Parameter(torch.empty(e, i, d))
+        self.w2 = nn.Parameter(torch.empty(e, d, i))
+        self.w3 = nn.Parameter(torch.empty(e, i, d))
+        self.dispatch = "auto"
+        self.reduce = None
+        moe = config.moe
+        self.moe_config = moe
+        self.plain = is_mixtral_routing(moe)
+        self.group_gate = Linear(d, moe.num_groups) if moe.kind == "hierarchical" else None
+        self.shared = FeedForward(d, moe.n_shared_experts * i) if moe.n_shared_experts else None
+        if moe.bias_balancing:
+            self.register_buffer("expert_bias", torch.zeros(e))
+        self.record_routing = False
+        self.last_routing: Routing | None = None
+
+    @property
+    def n_experts(self) -> int:
+        """Experts this module holds (all, or one rank's share under expert parallelism)."""
+        return self.w1.shape[0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        r = self.routing(x)
+        if self.record_routing:
+            self.last_routing = r
+        y = self.mixture(x, r)
+        if self.shared is not None:
+            y = y + self.shared(x)[0]
+        if self.reduce is not None:
+            y = self.reduce(y)
+        return y.view(shape), r.logits
+
+    def routing(self, x: torch.Tensor) -> Routing:
+        """The full routing decision for x [N, D] (every kind; capacity applies in training mode)."""
+        moe = self.moe_config
+        logits = self.gate(x)
+        if moe.kind == "hard":
+            # Capacity depends on how many tokens share the batch, later ones included: dropping is
+            # a training-time device, inference keeps every token so decoding stays causal.
+            return route_hard(logits, moe.capacity_factor if self.training else None)
+        if moe.kind == "soft":
+            return route_soft(logits)
+        if moe.kind == "hierarchical":
+            return route_hierarchical(self.group_gate(x), logits, self.top_k, moe.top_k_groups)
+        if self.plain:
+            return Routing(logits, *route_topk(logits, self.top_k))
+        return route_scores(
+            logits,
+            self.top_k,
+            score_func=moe.score_func,
+            bias=self.expert_bias if moe.bias_balancing else None,
+            n_group=moe.n_group,
+            topk_group=moe.topk_group,
+            scaling=moe.routed_scaling_factor,
+        )
+
+    def mixture(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """The routed experts' weighted sum for x [N, D]: soft routing mixes every expert, hard
+        routing skips the tokens over capacity, the rest go through ``experts``."""
+        if self.moe_config.kind == "soft" and self.dispatch != "reference":
+            return experts_dense(x, *self.stacks(), r.weights)
+        if r.kept is None:
+            return self.experts(x, r.idx, r.weights)
+        rows = r.kept.nonzero()[:, 0]  # tokens within capacity; the others add nothing
+        return x.new_zeros(x.shape).index_copy(0, rows, self.experts(x[rows], r.idx[rows], r.weights[rows]))
+
+    def experts(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every chosen expert (idx [N, K]) of every row of x [N, D], weighted (weights [N, K])."""
+        if self.dispatch == "auto" and torch.is_grad_enabled() and self.w1.requires_grad and self.n_experts >= 16:
+            # Training with many small experts: batched products beat a per-expert loop, whose
+            # backward touches a full-size buffer per expert (docs/performance.md).
+            return experts_padded(x, self.w1, self.w2, self.w3, idx, weights)
+        return dispatch_experts(x, self, idx, weights, self.dispatch)
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e`` on rows x [M, D]."""
+        return swiglu(x, self.w1[e], self.w2[e], self.w3[e])
+
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The float expert stacks (w1, w2, w3)."""
+        return self.w1, self.w2, self.w3
+
+
+class Block(nn.Module):
+    def __init__(self, config: MixtralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        moe = config.moe
+        if layer_idx < moe.first_k_dense:  # DeepSeekMoE: the first layers keep a dense FFN
+            dense = moe.dense_intermediate_size or config.intermediate_size * moe.num_experts_per_tok
+            self.feed_forward: nn.Module = FeedForward(config.hidden_size, dense)
+        else:
+            self.feed_forward = SparseMoE(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        slots: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, slots)
+        y, router_logits = self.feed_forward(self.ffn_norm(h))
+        return h + y, router_logits
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor  # [B, T, V] (or [B, 1, V] with last_only)
+    router_logits: tuple[torch.Tensor, ...]  # per MoE layer, [B*T, E]
+
+
+class Mixtral(nn.Module):
+    """A Mixtral-style sparse MoE decoder.
+
+    ``model(input_ids)`` returns logits [B, T, V]. For incremental decoding pass a ``KVCache`` and
+    the cache ``slots`` [T] the new tokens occupy; ``positions`` [B, T] are their rotary positions
+    (default: the slots) and ``attention_mask`` [B, T] marks real tokens (0 for left padding).
+    """
+
+    def __init__(self, config: MixtralConfig) -> None:
+        super().__init__()
+        self.config = config
+        # ``_weight`` skips nn.Embedding's own init (reset_parameters below initialises every weight;
+        # normal_ on the meta device would import torch._dynamo, ~80 MB and seconds, on every load).
+        embedding = torch.empty(config.vocab_size, config.hidden_size)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, _weight=embedding)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # per device, made on first use
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init: N(0, std) for matrices, ones for norms (a no-op on the meta device)."""
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        return_router_logits: bool = False,
+    ) -> torch.Tensor | Output:
+        """Logits [B, T, V] for ``input_ids`` [B, T] (``Output`` with the router logits when asked)."""
+        b, t = input_ids.shape
+        dev = input_ids.device
+        if cache is not None and slots is None:
+            raise ValueError("slots: required with a cache (the cache positions of the new tokens)")
+        if slots is None:
+            slots = torch.arange(t, device=dev)
+        if positions is None:
+            positions = slots.expand(b, t) if attention_mask is None else _positions_from_mask(attention_mask)
+        valid = None if attention_mask is None else attention_mask.bool()  # None: every token is real
+        h = self.tok_embeddings(input_ids)
+        if cache is not None:
+            cache.record(slots, positions, _all_real(positions) if valid is None else valid)
+        mask = self.attention_mask(slots, positions, valid, cache, h.dtype)
+        cos, sin = rotary_cos_sin(positions, self.inverse_frequencies(dev), h.dtype)
+        router_logits = []
+        for layer in self.layers:
+            layer_dev = layer.attention_norm.weight.device
+            if h.device != layer_dev:  # layers split across devices: move the activations along
+                h, cos, sin = h.to(layer_dev), cos.to(layer_dev), sin.to(layer_dev)
+                mask = None if mask is None else mask.to(layer_dev)
+                slots = slots.to(layer_dev)
+            h, r = layer(h, cos, sin, mask, cache, slots)
+            if r is not None:
+                router_logits.append(r)
+        if last_only:
+            h = h[:, -1:]
+        h = h.to(self.norm.weight.device)
+        logits = self.output(self.norm(h))
+        if return_router_logits:
+            return Output(logits, tuple(router_logits))
+        return logits
+
+    def attention_mask(
+        self,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None,
+        cache: KVCache | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """The additive mask [B, 1, T, S] every layer shares, or None for plain causal attention
+        (no cache, no padding, no window that cuts in). ``valid`` [B, T]: real tokens (None: all)."""
+        window = self.config.sliding_window
+        if cache is not None:
+            arange = torch.arange(cache.max_seq_len, device=slots.device)
+            return _additive(build_mask(slots, positions, arange, cache.pos, cache.valid, window), dtype)
+        if valid is None and (window is None or window >= slots.shape[0]):
+            return None
+        valid = _all_real(positions) if valid is None else valid
+        return _additive(build_mask(slots, positions, slots, positions, valid, window), dtype)
+
+    def inverse_frequencies(self, device: torch.device) -> torch.Tensor:
+        """The rotary embedding's frequencies on ``device``, computed once (outside compiled graphs)."""
+        inv = None if torch.compiler.is_compiling() else self._inv_freq.get(device)
+        if inv is None:
+            inv = inverse_frequencies(self.config.head_dim, self.config.rope_theta, device)
+            if not torch.compiler.is_compiling():
+                self._inv_freq[device] = inv
+        return inv
+
+
+def build_mask(
+    q_slots: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_slots: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, S]: causal in slot order, real keys only, within the window.
+
+    A query always sees its own slot, so padded rows never end up with no key at all.
+    """
+    causal = k_slots[None, None, :] <= q_slots[None, :, None]  # [1, T, S]
+    own = k_slots[None, None, :] == q_slots[None, :, None]
+    mask = causal & (k_valid[:, None, :] | own)  # [B, T, S]
+    if window is not None:
+        mask = mask & ((q_pos[:, :, None] - k_pos[:, None, :]) < window)
+    return mask[:, None]
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as 0 / -inf, made once for all layers (SDPA converts a boolean mask per call)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _all_real(positions: torch.Tensor) -> torch.Tensor:
+    return torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+
+
+def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left padding: each row's real tokens get positions 0, 1, ...; pads get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+__all__ = [
+    "Attention",
+    "Block",
+    "FeedForward",
+    "Linear",
+    "Mixtral",
+    "Output",
+    "RMSNorm",
+    "SparseMoE",
+    "apply_rotary",
+    "build_mask",
+    "rotary_cos_sin",
+]

@@ -1,0 +1,200 @@
+"""Weight-only int8 quantisation of the experts and the attention projections, as module swaps.
+
+Each output channel (row) of a weight gets one scale: s = max|w_row| / 127 and q = round(w / s),
+so w ~ q * s with an error of at most s / 2 per weight. Activations stay in the model's dtype.
+Decoding reads every active weight once per token, so halving the bytes of the largest weights
+(the experts) is what speeds it up.
+
+``quantize_model`` swaps every ``Linear`` it quantises for an ``Int8Linear`` and every
+``SparseMoE`` for an ``Int8MoE`` (gpt-fast's way): the router, the dispatch and everything else
+stay the reference model's; only the per-expert product changes. These modules are the plain
+PyTorch reference (the product applies the scale after multiplying by the int8 weights cast to the
+activations' dtype); the CPU kernels (``mixtral_lite.cpu``) install faster products over them.
+
+A quantised model is for inference: the quantised weights are int8 buffers (``weight`` and
+``scale``; stacked experts ``w1`` and ``w1_scale``...).
+
+Axis legend: O output features, I input features, E experts, N tokens, K experts per token,
+D hidden size, F expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+from .experts import StackedExperts, experts_reference
+from .mixtral import Linear, SparseMoE
+
+MODES = ("int8",)
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
+
+
+def quantize_per_channel(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., O, I] -> (q int8 [..., O, I], scale [..., O] in ``scale_dtype``).
+
+    q is rounded against the scale as stored (after its cast), so ``q * scale`` is the closest
+    int8 grid to w that the stored scale can express.
+    """
+    if w.dim() > 2:  # one slice at a time: a float32 copy of a whole expert stack can be large
+        parts = [quantize_per_channel(w_e, scale_dtype) for w_e in w]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    w32 = w.detach().float()
+    scale = (w32.abs().amax(dim=-1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
+    q = torch.round(w32 / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q [..., O, I] int8, scale [..., O] -> float32 weights [..., O, I]."""
+    return q.float() * scale.float()[..., None]
+
+
+def linear_int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The exact product: dequantise to float32, multiply in float32, cast to x's dtype."""
+    return F.linear(x.float(), dequantize(q, scale)).to(x.dtype)
+
+
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., I] @ (q * scale)^T -> [..., O] in x's dtype: the int8 weights cast to x's dtype
+    (exact: |q| <= 127), the scale applied to the product's outputs."""
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with int8 weights [O, I] and per-output-channel scales [O]."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("weight", q.contiguous())
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scale_dtype: torch.dtype) -> Int8Linear:
+        if linear.bias is not None:
+            raise ValueError("Int8Linear: layers with a bias are not quantised here")
+        return cls(*quantize_per_channel(linear.weight, scale_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_int8(x, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8MoE(SparseMoE):
+    """A ``SparseMoE`` whose stacked experts are int8 (``w1 w2 w3`` buffers [E, ...] with scales
+    ``w1_scale`` [E, I], ``w2_scale`` [E, D], ``w3_scale`` [E, I]); routing and dispatch are
+    ``SparseMoE``'s, the per-expert product reads the int8 weights."""
+
+    def __init__(self, moe: SparseMoE, scale_dtype: torch.dtype) -> None:
+        nn.Module.__init__(self)
+        if moe.moe_config.kind == "soft":
+            raise UserError("quantize int8: soft routing (every expert on every token) is not supported")
+        for name in ("top_k", "moe_config", "plain", "dispatch", "reduce"):
+            setattr(self, name, getattr(moe, name))
+        self.gate, self.group_gate, self.shared = moe.gate, moe.group_gate, moe.shared
+        if "expert_bias" in moe._buffers:
+            self.register_buffer("expert_bias", moe.expert_bias)
+        for name in ("w1", "w2", "w3"):
+            q, s = quantize_per_channel(getattr(moe, name), scale_dtype)
+            self.register_buffer(name, q)
+            self.register_buffer(f"{name}_scale", s)
+        self.record_routing = False
+        self.last_routing = None
+
+    def scales(self) -> Triple:
+        return self.w1_scale, self.w2_scale, self.w3_scale
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        h = F.silu(linear_int8(x, self.w1[e], self.w1_scale[e])) * linear_int8(x, self.w3[e], self.w3_scale[e])
+        return linear_int8(h, self.w2[e], self.w2_scale[e])
+
+    def stacks(self) -> Triple:
+        """The experts dequantised to the scales' dtype (for the dispatches that read whole stacks)."""
+        return tuple(q.to(s.dtype) * s[..., None] for q, s in zip((self.w1, self.w2, self.w3), self.scales()))
+
+    def extra_repr(self) -> str:
+        return f"experts={self.n_experts}, top_k={self.top_k}, int8"
+
+
+def experts_int8_reference(x: torch.Tensor, moe: Int8MoE, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Dequantise every expert to float32 and run the plain per-expert loop in float32."""
+    w1, w2, w3 = (dequantize(q, s) for q, s in zip((moe.w1, moe.w2, moe.w3), moe.scales(), strict=True))
+    return experts_reference(x.float(), StackedExperts(w1, w2, w3), idx, weights).to(x.dtype)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool = True) -> nn.Module:
+    """Quantise ``model`` in place: every layer's expert weights and attention projections (and
+    dense / shared feed-forward layers) to int8 with per-output-channel scales, and the output
+    head too (``include_output``; not when it is tied to the embeddings): at batch 1 it is a
+    quarter of the bytes read per token. The router, norms and embeddings stay as they are.
+
+    The CPU kernels are installed for the modules a model has when they are installed: quantise
+    first (``load_model(quantize=...)`` does), or uninstall them, quantise and install again.
+    Returns the model.
+    """
+    if mode not in MODES:
+        raise UserError(f"quantize: expected one of {', '.join(MODES)}, got {mode!r}")
+    if getattr(model, "quantized", None):
+        raise UserError(f"quantize: the model is already quantised ({model.quantized})")
+    if getattr(model, "cpu_kernels", None) is not None:
+        raise UserError(
+            "quantize: the model has the CPU kernels installed; quantise first, or call "
+            "mixtral_lite.uninstall_cpu_kernels(model), quantise, then install_cpu_kernels(model)"
+        )
+    before = _tensor_bytes(model)
+    scale_dtype = model.dtype
+    for layer in model.layers:
+        att = layer.attention
+        for name in ("wq", "wk", "wv", "wo"):
+            setattr(att, name, Int8Linear.from_linear(getattr(att, name), scale_dtype))
+        ff = layer.feed_forward
+        if isinstance(ff, SparseMoE):
+            layer.feed_forward = ff = Int8MoE(ff, scale_dtype)
+            dense = [ff.shared] if ff.shared is not None else []
+        else:
+            dense = [ff]
+        for mlp in dense:
+            for name in ("w1", "w2", "w3"):
+                setattr(mlp, name, Int8Linear.from_linear(getattr(mlp, name), scale_dtype))
+    if include_output and not model.config.tie_word_embeddings and isinstance(model.output, Linear):
+        model.output = Int8Linear.from_linear(model.output, scale_dtype)
+    model.quantized = mode
+    model.quantization = {"mode": mode, "bytes_before": before, "bytes_after": _tensor_bytes(model)}
+    return model
+
+
+def quantization_report(model: nn.Module) -> str:
+    """One line: the weight memory before and after quantisation."""
+    info = getattr(model, "quantization", None)
+    if info is None:
+        return "not quantised"
+    b, a = info["bytes_before"], info["bytes_after"]
+    saved = (b - a) / 2**20
+    return (
+        f"{info['mode']}: weights {b / 2**20:.0f} MiB -> {a / 2**20:.0f} MiB (saved {saved:.0f} MiB, {1 - a / b:.0%})"
+    )
+
+
+def _tensor_bytes(model: nn.Module) -> int:
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+__all__ = [
+    "MODES",
+    "Int8Linear",
+    "Int8MoE",
+    "dequantize",
+    "experts_int8_reference",
+    "linear_int8",
+    "linear_int8_reference",
+    "quantization_report",
+    "quantize_model",
+    "quantize_per_channel",
+]

@@ -1,0 +1,1 @@
+"""Training: the loop, token data, balance losses, held-out loss and classic EM for mixtures."""
