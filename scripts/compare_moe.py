@@ -35,10 +35,10 @@ from pathlib import Path
 import torch
 
 from mixtral_lite import Mixtral, MixtralConfig
-from mixtral_lite.data import ByteTokenizer, TokenData
+from mixtral_lite.model.routing import fine_grained
 from mixtral_lite.params import count_parameters
-from mixtral_lite.routing import fine_grained
-from mixtral_lite.train import TrainConfig, make_optimizer, moe_layers, train, train_step
+from mixtral_lite.training.data import ByteTokenizer, TokenData
+from mixtral_lite.training.train import TrainConfig, make_optimizer, moe_layers, train, train_step
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 I_EXPERT, K = 128, 2

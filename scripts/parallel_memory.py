@@ -49,7 +49,7 @@ def make_checkpoint(folder: Path) -> None:
     from safetensors.torch import save_file
 
     from mixtral_lite import Mixtral, MixtralConfig
-    from mixtral_lite.keymap import hf_items
+    from mixtral_lite.weights.keymap import hf_items
 
     config = MixtralConfig.from_hf_dict(SMALL)
     with torch.device("meta"):
@@ -90,8 +90,8 @@ def measure(folder: str, tp: int, ep: int, dtype: str, device: str) -> None:
     """One configuration, in this process (under torchrun for tp * ep > 1): print one JSON line per rank."""
     import torch.distributed as dist
 
-    from mixtral_lite.loading import load_model
     from mixtral_lite.parallel import init_parallel, load_parallel, shutdown
+    from mixtral_lite.weights.loading import load_model
 
     state = init_parallel(tp, ep, device)
     before = _status()

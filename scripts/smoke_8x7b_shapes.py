@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mixtral_lite import Mixtral, MixtralConfig, count_parameters, load_model  # noqa: E402
 from mixtral_lite.commands.info import describe, format_report  # noqa: E402
-from mixtral_lite.keymap import hf_items  # noqa: E402
-from mixtral_lite.saving import parse_size, write_safetensors  # noqa: E402
+from mixtral_lite.weights.keymap import hf_items  # noqa: E402
+from mixtral_lite.weights.saving import parse_size, write_safetensors  # noqa: E402
 
 # Hub tensor shapes of one Mixtral-8x7B layer and the ends (REFERENCE.md).
 HUB_SHAPES = {

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from mixtral_lite import Mixtral, load_model
-from mixtral_lite.checkpoint import half_to_interleaved
-from mixtral_lite.keymap import map_key
-from mixtral_lite.saving import write_safetensors
+from mixtral_lite.weights.checkpoint import half_to_interleaved
+from mixtral_lite.weights.keymap import map_key
+from mixtral_lite.weights.saving import write_safetensors
 
 
 def hf_tiny_config(**overrides):

@@ -13,8 +13,8 @@ from helpers import make_hf_model, save_mistral_layout
 from safetensors.torch import load_file, save_file
 
 from mixtral_lite import load_model
-from mixtral_lite.checkpoint import Checkpoint
 from mixtral_lite.errors import UserError
+from mixtral_lite.weights.checkpoint import Checkpoint
 
 Q1 = "model.layers.1.self_attn.q_proj.weight"
 

@@ -10,7 +10,7 @@ import torch
 
 from mixtral_lite import Mixtral, MixtralConfig
 from mixtral_lite.bench import Options, active_weight_bytes, format_table, run_benchmark
-from mixtral_lite.quant import quantize_model
+from mixtral_lite.model.quant import quantize_model
 
 
 def test_active_weight_bytes_by_hand() -> None:

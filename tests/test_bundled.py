@@ -10,7 +10,7 @@ import torch
 from mixtral_lite import count_parameters, load_model, load_tokenizer
 from mixtral_lite.cli import main
 from mixtral_lite.commands.generate import BUNDLED
-from mixtral_lite.heldout import heldout_loss
+from mixtral_lite.training.heldout import heldout_loss
 
 
 @pytest.fixture(scope="module")

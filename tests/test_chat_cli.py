@@ -13,9 +13,9 @@ from gen_fixtures import make_model_folder, one_thread  # noqa: F401 (autouse fi
 
 from mixtral_lite.commands.chat import ChatSession
 from mixtral_lite.errors import UserError
-from mixtral_lite.generate import generate
-from mixtral_lite.loading import load_model
-from mixtral_lite.tokenizer import load_tokenizer
+from mixtral_lite.generation.generate import generate
+from mixtral_lite.generation.tokenizer import load_tokenizer
+from mixtral_lite.weights.loading import load_model
 
 NEW = 8
 

@@ -6,7 +6,7 @@ import pytest
 from gen_fixtures import MISTRAL_V1, MISTRAL_V2, MISTRAL_V3, mistral_common_ids, write_tokenizer_json
 
 from mixtral_lite.errors import UserError
-from mixtral_lite.tokenizer import load_tokenizer
+from mixtral_lite.generation.tokenizer import load_tokenizer
 
 
 def conv(*pairs):

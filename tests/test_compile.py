@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_lite import KVCache, Mixtral, MixtralConfig, gemv, native
-from mixtral_lite.generate import compile_decode_step, decode_step, prefill
-from mixtral_lite.layout import cpu_layout, is_column_major
-from mixtral_lite.quant import quantize_model
+from mixtral_lite import KVCache, Mixtral, MixtralConfig
+from mixtral_lite.cpu import build, gemv, install_cpu_kernels
+from mixtral_lite.cpu.layout import is_column_major
+from mixtral_lite.generation.generate import compile_decode_step, decode_step, prefill
+from mixtral_lite.model.quant import quantize_model
 
 CONFIG = dict(
     vocab_size=64,
@@ -68,17 +69,18 @@ def test_compiled_int8_decode_step_matches_eager() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_split_products_match_eager(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two threads, without the compiled few-row kernel: the products split over them (float32
-    also eager, bfloat16 only compiled) and both experts of a token in one product; the compiled
-    step stores the weights row-major."""
+def test_compiled_step_matches_eager_without_the_kernel(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads, without the C kernel: eager decoding splits float32 products over them (and
+    runs both experts of a token in one product); the compiled step runs PyTorch's ops on the
+    weights stored row-major, and gives the same logits."""
     torch._dynamo.reset()
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(gemv, "SPLIT_MIN_OUT", 1)
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(build, "available", lambda: False)
     try:
-        model = cpu_layout(_model().to(dtype))
+        model = _model().to(dtype)
+        install_cpu_kernels(model)
         assert is_column_major(model.layers[0].feed_forward.w1) == (dtype == torch.float32)
         eager = _steps(model, decode_step, 1, 3)
         compiled = _steps(model, compile_decode_step("cpu"), 1, 3)

@@ -11,9 +11,10 @@ import torch
 from helpers import load_hf_folder, make_hf_model
 
 from mixtral_lite import KVCache
-from mixtral_lite.generate import compile_decode_step, decode_step, prefill
-from mixtral_lite.moe import HAS_GROUPED_MM, dispatch_experts, experts_reference, route_topk
-from mixtral_lite.quant import Int8Experts, quantize_model, quantize_per_channel
+from mixtral_lite.generation.generate import compile_decode_step, decode_step, prefill
+from mixtral_lite.model.experts import HAS_GROUPED_MM, StackedExperts, dispatch_experts, experts_reference
+from mixtral_lite.model.quant import quantize_model
+from mixtral_lite.model.routing import route_topk
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEV = torch.device("cuda")
@@ -72,29 +73,32 @@ def test_dispatch_matches_reference_on_cuda(impl: str, dtype: torch.dtype, n: in
     idx, weights = route_topk(torch.randn(n, 8, generator=g).to(DEV), 2)
     if impl == "sorted" and dtype == torch.float32 and not HAS_GROUPED_MM:
         pytest.skip("no grouped_mm")
-    ref = experts_reference(x.float(), w1.float(), w2.float(), w3.float(), idx, weights)
-    out = dispatch_experts(x, w1, w2, w3, idx, weights, impl)
+    ref = experts_reference(x.float(), StackedExperts(w1.float(), w2.float(), w3.float()), idx, weights)
+    out = dispatch_experts(x, StackedExperts(w1, w2, w3), idx, weights, impl)
     tol = 1e-3 if dtype == torch.float32 else 0.02 * ref.abs().max().item()
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=tol)
 
 
 def test_int8_experts_on_cuda() -> None:
+    from mixtral_lite import MixtralConfig
+    from mixtral_lite.model.mixtral import SparseMoE
+    from mixtral_lite.model.quant import Int8MoE, experts_int8_reference
+
     g = torch.Generator().manual_seed(0)
-
-    class Layer(torch.nn.Module):
-        pass
-
-    layer = Layer()
-    for name, shape in (("w1", (8, 64, 32)), ("w2", (8, 32, 64)), ("w3", (8, 64, 32))):
-        q, s = quantize_per_channel(torch.randn(*shape, generator=g) * 0.2, torch.bfloat16)
-        layer.register_buffer(name, q.to(DEV))
-        layer.register_buffer(f"{name}_scale", s.to(DEV))
+    config = MixtralConfig.from_dict(
+        dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, moe={"num_experts": 8, "num_experts_per_tok": 2})
+    )  # fmt: skip
+    moe = SparseMoE(config)
+    with torch.no_grad():
+        for w in (moe.w1, moe.w2, moe.w3, moe.gate.weight):
+            w.copy_(torch.randn(*w.shape, generator=g) * 0.2)
+    layer = Int8MoE(moe, torch.bfloat16).to(DEV)
     x = torch.randn(5, 32, generator=g).to(DEV, torch.bfloat16)
     idx, weights = route_topk(torch.randn(5, 8, generator=g).to(DEV), 2)
-    args = (x, layer.w1, layer.w2, layer.w3, idx, weights)
-    ref = Int8Experts(layer, "reference")(*args).float()
+    ref = experts_int8_reference(x, layer, idx, weights).float()
     for impl in ("auto", "gather", "dense", "sorted"):
-        out = Int8Experts(layer, impl)(*args).float()
+        out = dispatch_experts(x, layer, idx, weights, impl).float()
         torch.testing.assert_close(out, ref, rtol=0, atol=0.02 * ref.abs().max().item())
 
 

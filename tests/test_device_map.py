@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mixtral_lite import Mixtral, MixtralConfig, count_parameters
-from mixtral_lite.device_map import (
+from mixtral_lite.errors import UserError
+from mixtral_lite.weights.device_map import (
     check_device,
     device_of,
     layer_devices,
@@ -15,7 +16,6 @@ from mixtral_lite.device_map import (
     plan_device_map,
     resolve_device_map,
 )
-from mixtral_lite.errors import UserError
 
 GB = 10**9
 M8x7B = MixtralConfig.from_preset("mixtral-8x7b")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_lite.moe import (
+from mixtral_lite.model.experts import (
     HAS_GROUPED_MM,
+    StackedExperts,
     experts_gather,
     experts_per_token,
     experts_reference,
     experts_sorted,
-    route_topk,
 )
+from mixtral_lite.model.routing import route_topk
 
 E, D, H = 8, 32, 48  # experts, hidden, expert intermediate size
 
@@ -57,8 +58,8 @@ def test_dispatch_equals_reference(impl, n, k, only):
     x, idx, weights = _routing(n, k, only=only)
     if only is not None:
         assert set(idx.unique().tolist()) <= set(only)  # some experts really get no token
-    expected = experts_reference(x, w1, w2, w3, idx, weights)
-    got = FAST[impl](x, w1, w2, w3, idx, weights)
+    expected = experts_reference(x, StackedExperts(w1, w2, w3), idx, weights)
+    got = FAST[impl](x, StackedExperts(w1, w2, w3), idx, weights)
     assert (got - expected).abs().max().item() <= 1e-5
 
 

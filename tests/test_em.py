@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral_lite.em import fit_gate, fit_hierarchical, fit_mixture, gate_objective, weighted_least_squares
+from mixtral_lite.training.em import fit_gate, fit_hierarchical, fit_mixture, gate_objective, weighted_least_squares
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixtral_lite import gemv, native
-from mixtral_lite.layout import column_major
-from mixtral_lite.moe import experts_per_token, experts_reference, linear
+from mixtral_lite.cpu import build, gemv, modules
+from mixtral_lite.cpu.layout import column_major
+from mixtral_lite.cpu.products import linear
+from mixtral_lite.model.experts import StackedExperts, experts_reference
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def two_threads(monkeypatch: pytest.MonkeyPatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(gemv, "SPLIT_MIN_OUT", 1)
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(build, "available", lambda: False)
     yield
     torch.set_num_threads(before)
 
@@ -61,7 +62,7 @@ def test_split_parts_keeps_small_blocks_whole() -> None:
 def test_linear_takes_the_split_and_agrees(two_threads, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = gemv.split_linear
-    monkeypatch.setattr("mixtral_lite.moe.split_linear", lambda *a: calls.append(a[2]) or real(*a))
+    monkeypatch.setattr("mixtral_lite.cpu.products.split_linear", lambda *a: calls.append(a[2]) or real(*a))
     x, w = torch.randn(1, 1, 24), torch.randn(40, 24)
     torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert calls == [2]
@@ -75,7 +76,7 @@ def test_experts_pair_equals_reference(pair: tuple[int, int]) -> None:
     x = torch.randn(1, d, generator=g)
     idx = torch.tensor([pair])
     weights = torch.tensor([[0.7, 0.3]])
-    ref = experts_reference(x, w1, w2, w3, idx, weights)
+    ref = experts_reference(x, StackedExperts(w1, w2, w3), idx, weights)
     order = sorted(range(2), key=lambda k: pair[k])
     y = gemv.experts_pair(x, w1, w2, w3, [pair[k] for k in order], [weights[0, k].item() for k in order])
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
@@ -84,7 +85,7 @@ def test_experts_pair_equals_reference(pair: tuple[int, int]) -> None:
 @pytest.mark.parametrize("col", [False, True])
 def test_per_token_dispatch_with_pairs_equals_reference(two_threads, col: bool, monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr("mixtral_lite.moe.experts_pair", lambda *a: calls.append(a[4]) or gemv.experts_pair(*a))
+    monkeypatch.setattr("mixtral_lite.cpu.modules.experts_pair", lambda *a: calls.append(a[4]) or gemv.experts_pair(*a))
     g = torch.Generator().manual_seed(2)
     e, d, i, n = 8, 16, 24, 5
     w1, w3, w2 = torch.randn(e, i, d, generator=g), torch.randn(e, i, d, generator=g), torch.randn(e, d, i, generator=g)
@@ -93,6 +94,7 @@ def test_per_token_dispatch_with_pairs_equals_reference(two_threads, col: bool, 
     x = torch.randn(n, d, generator=g)
     idx = torch.stack([torch.randperm(e, generator=g)[:2] for _ in range(n)])  # ids in either order
     weights = torch.softmax(torch.randn(n, 2, generator=g), -1)
-    ref = experts_reference(x, w1, w2, w3, idx, weights)
-    torch.testing.assert_close(experts_per_token(x, w1, w2, w3, idx, weights), ref, rtol=1e-5, atol=1e-5)
+    ref = experts_reference(x, StackedExperts(w1, w2, w3), idx, weights)
+    out = modules._experts_in_pairs(x, (w1, w2, w3), idx, weights)  # CpuSparseMoE's few-token path
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert calls == [sorted(row) for row in idx.tolist()]  # every token, its ids ascending

@@ -11,12 +11,12 @@ import pytest
 import torch
 from gen_fixtures import MISTRAL_V1, greedy_margins, make_model_folder, one_thread  # noqa: F401 (autouse fixture)
 
-from mixtral_lite.cache import KVCache
 from mixtral_lite.errors import UserError
-from mixtral_lite.generate import decode_step, generate, prefill, stream
-from mixtral_lite.loading import load_model
-from mixtral_lite.sampling import apply_repetition_penalty
-from mixtral_lite.tokenizer import load_tokenizer
+from mixtral_lite.generation.generate import decode_step, generate, prefill, stream
+from mixtral_lite.generation.sampling import apply_repetition_penalty
+from mixtral_lite.generation.tokenizer import load_tokenizer
+from mixtral_lite.model.cache import KVCache
+from mixtral_lite.weights.loading import load_model
 
 PROMPTS = ["The quick brown fox", "Xin chào thế giới 🦙", "a", "Once upon a time, in a land far away, there was"]
 
@@ -264,7 +264,7 @@ def test_bad_arguments_raise_user_error(tiny, kwargs, message):
 def test_stop_string_in_held_text(tiny):
     """Text that could start a stop string is held back; once the stop string completes, nothing
     after it comes out, even what the detokeniser still held."""
-    from mixtral_lite.generate import _RowText
+    from mixtral_lite.generation.generate import _RowText
 
     _, _, tok = tiny
     ids = tok.encode("one two three 🦙 four", bos=False)

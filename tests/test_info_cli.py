@@ -12,8 +12,8 @@ from helpers import make_hf_model, save_mistral_layout
 from safetensors.torch import load_file, save_file
 
 from mixtral_lite import MixtralConfig, count_parameters
-from mixtral_lite.checkpoint import Checkpoint
 from mixtral_lite.cli import main
+from mixtral_lite.weights.checkpoint import Checkpoint
 
 N_TENSORS = 3 + 2 * (4 + 2 + 1 + 4 * 3)  # embed, norm, head; per layer: attention, norms, gate, 4 experts x 3
 

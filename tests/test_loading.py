@@ -14,10 +14,10 @@ from helpers import make_hf_model, save_mistral_layout
 from safetensors.torch import save_file
 
 from mixtral_lite import KVCache, Mixtral, count_parameters, load_model
-from mixtral_lite.checkpoint import half_to_interleaved, interleaved_to_half, read_safetensors_header
-from mixtral_lite.device_map import layer_devices
 from mixtral_lite.errors import UserError
-from mixtral_lite.model import apply_rotary, rotary_cos_sin
+from mixtral_lite.model.mixtral import apply_rotary, inverse_frequencies, rotary_cos_sin
+from mixtral_lite.weights.checkpoint import half_to_interleaved, interleaved_to_half, read_safetensors_header
+from mixtral_lite.weights.device_map import layer_devices
 
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
 TOL = 1e-4  # float32 logits of O(10): only summation order differs between the implementations
@@ -111,7 +111,7 @@ def test_rope_permutation_direction(hf, tmp_path):
     scores_orig = torch.einsum("thd,shd->hts", q0, k0.repeat_interleave(heads // kv, 1))
 
     att = model.layers[0].attention
-    cos, sin = rotary_cos_sin(pos[None], hd, 10000.0, torch.float32)
+    cos, sin = rotary_cos_sin(pos[None], inverse_frequencies(hd, 10000.0), torch.float32)
     with torch.no_grad():
         q1 = apply_rotary(att.wq(x).view(1, t, heads, hd).transpose(1, 2), cos, sin)[0]  # [H, T, hd]
         k1 = apply_rotary(att.wk(x).view(1, t, kv, hd).transpose(1, 2), cos, sin)[0]
@@ -147,10 +147,14 @@ def test_tied_embeddings_without_lm_head(tmp_path):
         assert max_diff(logits(model), hf(IDS).logits) <= TOL
 
 
-def test_from_pretrained_same_as_load_model(hf, tmp_path):
+def test_cpu_kernels_installed_by_default(hf, tmp_path):
+    """load_model installs the CPU kernels for a CPU model (``cpu_kernels=False``: the reference
+    modules); both give the same logits."""
     hf.save_pretrained(tmp_path)
-    a, b = load_model(tmp_path, dtype="bf16"), Mixtral.from_pretrained(tmp_path, dtype="bf16")
-    assert torch.equal(logits(a), logits(b))
+    a, b = load_model(tmp_path, dtype="bf16"), load_model(tmp_path, dtype="bf16", cpu_kernels=False)
+    assert type(a).__name__ == "CpuMixtral" and type(b) is Mixtral
+    assert "accelerated" in str(a.cpu_kernels) and not hasattr(b, "cpu_kernels")
+    torch.testing.assert_close(logits(a).float(), logits(b).float(), rtol=0.03, atol=0.03)
 
 
 def test_explicit_device_map_on_cpu(hf, hf_logits, tmp_path):
@@ -261,7 +265,7 @@ def _variant_config():
 
 def test_own_names_for_mixtral_lite_checkpoints(tmp_path):
     """A variant checkpoint (model_type mixtral_lite) may use our own parameter names: each maps to itself."""
-    from mixtral_lite.saving import write_safetensors
+    from mixtral_lite.weights.saving import write_safetensors
 
     model = Mixtral(_variant_config()).eval()
     write_safetensors(tmp_path / "model.safetensors", model.state_dict().items())
@@ -274,7 +278,7 @@ def test_own_names_for_mixtral_lite_checkpoints(tmp_path):
 def test_own_names_refused_for_plain_mixtral(tmp_path):
     """model_type mixtral means hub names: our own names there are unexpected keys."""
     from mixtral_lite import MixtralConfig
-    from mixtral_lite.saving import write_safetensors
+    from mixtral_lite.weights.saving import write_safetensors
 
     model = Mixtral(MixtralConfig.from_preset("tiny"))
     write_safetensors(tmp_path / "model.safetensors", model.state_dict().items())

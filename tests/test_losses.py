@@ -9,7 +9,8 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from mixtral_lite import Mixtral, MixtralConfig
-from mixtral_lite.losses import (
+from mixtral_lite.model.routing import Routing, route_hard, route_scores, route_soft
+from mixtral_lite.training.losses import (
     deepseek_balance_loss,
     importance_loss,
     layer_stats,
@@ -19,7 +20,6 @@ from mixtral_lite.losses import (
     switch_loss,
     z_loss,
 )
-from mixtral_lite.routing import Routing, route_hard, route_scores, route_soft
 
 
 @pytest.mark.parametrize("e, k, layers", [(8, 2, 3), (4, 1, 1), (6, 3, 2), (16, 4, 4)])

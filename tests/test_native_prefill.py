@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixtral_lite import MixtralConfig, model, native
-from mixtral_lite.cache import KVCache
+from mixtral_lite import MixtralConfig
+from mixtral_lite.cpu import build, install_cpu_kernels, modules, native
+from mixtral_lite.model import mixtral as model
+from mixtral_lite.model.cache import KVCache
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel unavailable here")
+pytestmark = pytest.mark.skipif(not build.available(), reason="native kernel unavailable here")
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -38,7 +40,9 @@ def test_causal_equals_sdpa(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     assert native.use_native_prefill_attention(q, k, v, None, True)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, enable_gqa=True)
     _check(native.native_prefill_attention(q, k, v, None), ref, dtype)
-    _check(model.attention(q, k, v, None, is_causal=True, gqa=h != kv), ref, dtype)
+    att = modules.CpuAttention.__new__(modules.CpuAttention)  # attend() reads the head counts only
+    att.n_heads, att.n_kv_heads = h, kv
+    _check(att.attend(q, k, v, None, is_causal=True), ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -79,24 +83,25 @@ def test_rules() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_model_prefill_with_and_without_the_kernel(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whole-model prefill (no cache: causal; with a cache: masked) gives SDPA's logits."""
+    """Whole-model prefill (no cache: causal; with a cache: masked) with the kernels installed gives
+    the reference model's (SDPA's) logits."""
     config = MixtralConfig.from_preset("tiny")
     torch.manual_seed(0)
     net = model.Mixtral(config).to(dtype).eval()
     ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     calls = []
     real = native.native_prefill_attention
-    monkeypatch.setattr(model, "native_prefill_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(modules, "native_prefill_attention", lambda *a: calls.append(1) or real(*a))
 
     def run() -> list[torch.Tensor]:
         cache = KVCache(config, 2, 30, dtype=dtype)
         return [net(ids), net(ids, cache=cache, slots=torch.arange(24))]
 
     with torch.no_grad():
+        plain = run()  # the reference modules
+        install_cpu_kernels(net)
         fast = run()
         assert len(calls) == 2 * config.num_hidden_layers
-        monkeypatch.setattr(model, "use_native_prefill_attention", lambda *a: False)
-        plain = run()
     tol = 1e-4 if dtype == torch.float32 else 0.03
     for a, b in zip(fast, plain, strict=True):
         torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)

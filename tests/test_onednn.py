@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mixtral_lite import moe, onednn
-from mixtral_lite.layout import column_major
-from mixtral_lite.model import Linear
+from mixtral_lite.cpu import install_cpu_kernels, onednn, products
+from mixtral_lite.cpu.layout import column_major
+from mixtral_lite.model.mixtral import Linear
 
 pytestmark = pytest.mark.skipif(not onednn.HAS_ONEDNN_LINEAR, reason="this PyTorch build has no oneDNN")
 
@@ -48,14 +48,15 @@ def test_linear_takes_onednn_and_agrees(monkeypatch: pytest.MonkeyPatch) -> None
         calls.append(tuple(x.shape))
         return onednn.onednn_linear(x, w)
 
-    monkeypatch.setattr(moe, "onednn_linear", spy)
+    monkeypatch.setattr(products, "onednn_linear", spy)
     w = _rand(40, 64, seed=1)
     x = _rand(2, 16, 64)
-    torch.testing.assert_close(moe.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(products.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert calls == [(2, 16, 64)]
-    moe.linear(_rand(1, 64), w)  # one row: not oneDNN
+    products.linear(_rand(1, 64), w)  # one row: not oneDNN
     assert len(calls) == 1
     layer = Linear(64, 40)
+    install_cpu_kernels(layer)  # a CpuLinear
     with torch.no_grad():
         layer.weight.copy_(w)
         torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
@@ -65,6 +66,6 @@ def test_linear_takes_onednn_and_agrees(monkeypatch: pytest.MonkeyPatch) -> None
 def test_training_keeps_f_linear() -> None:
     x = _rand(16, 32).requires_grad_()
     w = _rand(8, 32, seed=1).requires_grad_()
-    moe.linear(x, w).sum().backward()
+    products.linear(x, w).sum().backward()
     assert x.grad is not None and w.grad is not None
     torch.testing.assert_close(w.grad, x.detach().sum(0).expand(8, -1), rtol=1e-5, atol=1e-5)

@@ -23,9 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixtral_lite import KVCache, Mixtral, MixtralConfig
-from mixtral_lite.checkpoint import half_to_interleaved
-from mixtral_lite.loading import load_model
-from mixtral_lite.moe import dispatch_experts, experts_reference, route_topk
+from mixtral_lite.model.experts import StackedExperts, dispatch_experts, experts_reference
+from mixtral_lite.model.routing import route_topk
 from mixtral_lite.parallel import (
     LocalExperts,
     ParallelError,
@@ -37,6 +36,8 @@ from mixtral_lite.parallel import (
     shard_model,
 )
 from mixtral_lite.parallel.expert import expert_range
+from mixtral_lite.weights.checkpoint import half_to_interleaved
+from mixtral_lite.weights.loading import load_model
 
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -84,9 +85,9 @@ def test_local_experts_sum_to_reference(impl):
     w1, w2, w3 = (torch.randn(*s, generator=g) * 0.3 for s in ((e, i, d), (e, d, i), (e, i, d)))
     x = torch.randn(n, d, generator=g)
     idx, weights = route_topk(torch.randn(n, e, generator=g), 2)
-    expected = experts_reference(x, w1, w2, w3, idx, weights)
+    expected = experts_reference(x, StackedExperts(w1, w2, w3), idx, weights)
     got = sum(
-        dispatch_experts(x, w1[lo:hi], w2[lo:hi], w3[lo:hi], idx, weights, LocalExperts(lo, impl))
+        dispatch_experts(x, StackedExperts(w1[lo:hi], w2[lo:hi], w3[lo:hi]), idx, weights, LocalExperts(lo, impl))
         for lo, hi in ((0, 4), (4, 8))
     )
     assert (got - expected).abs().max().item() <= 1e-5
@@ -104,9 +105,9 @@ def test_rank_partials_sum_to_full_layer(tp, ep, kv):
     full.reset_parameters(std=0.3)
     x = torch.randn(2, 5, 32)
     pos = torch.arange(5).expand(2, 5)
-    from mixtral_lite.model import rotary_cos_sin
+    from mixtral_lite.model.mixtral import inverse_frequencies, rotary_cos_sin
 
-    cos, sin = rotary_cos_sin(pos, config.head_dim, config.rope_theta, x.dtype)
+    cos, sin = rotary_cos_sin(pos, inverse_frequencies(config.head_dim, config.rope_theta), x.dtype)
     with torch.no_grad():
         want_attn = full.layers[0].attention(x, cos, sin, None)
         want_moe = full.layers[0].feed_forward(x)[0]

@@ -8,22 +8,26 @@ import pytest
 import torch
 from helpers import make_hf_model
 
-from mixtral_lite import KVCache, native
+from mixtral_lite import KVCache, MixtralConfig
+from mixtral_lite.cpu import build, install_cpu_kernels
+from mixtral_lite.cpu.products import HAS_INT8_MM, linear_int8
 from mixtral_lite.errors import UserError
-from mixtral_lite.generate import decode_step, prefill
-from mixtral_lite.loading import load_model
-from mixtral_lite.moe import route_topk
-from mixtral_lite.quant import (
-    HAS_INT8_MM,
-    Int8Experts,
+from mixtral_lite.generation.generate import decode_step, prefill
+from mixtral_lite.model.experts import dispatch_experts
+from mixtral_lite.model.mixtral import SparseMoE
+from mixtral_lite.model.quant import (
     Int8Linear,
+    Int8MoE,
     dequantize,
-    linear_int8,
+    experts_int8_reference,
     linear_int8_reference,
     quantization_report,
     quantize_model,
     quantize_per_channel,
 )
+from mixtral_lite.model.quant import linear_int8 as linear_int8_plain
+from mixtral_lite.model.routing import route_topk
+from mixtral_lite.weights.loading import load_model
 
 E, D, F_ = 4, 64, 96  # experts, hidden, expert intermediate size
 
@@ -70,8 +74,8 @@ def test_linear_int8_dequantise_path_matches_reference() -> None:
     """The path used off the CPU (or without the int8 kernel): dequantise in the activation dtype."""
     q, s = quantize_per_channel(_rand(80, 64, std=0.05), torch.float32)
     x = _rand(5, 64, seed=1)
-    fallback = torch.nn.functional.linear(x, q.float()) * s  # what linear_int8 does off the CPU
-    torch.testing.assert_close(fallback, linear_int8_reference(x, q, s), rtol=1e-5, atol=1e-5)
+    plain = linear_int8_plain(x, q, s)  # the reference module's product
+    torch.testing.assert_close(plain, linear_int8_reference(x, q, s), rtol=1e-5, atol=1e-5)
 
 
 def test_int8_linear_module() -> None:
@@ -86,42 +90,45 @@ def test_int8_linear_module() -> None:
         Int8Linear.from_linear(torch.nn.Linear(4, 4), torch.float32)
 
 
-class _Layer(torch.nn.Module):
-    """Stands in for a quantised SparseMoE: int8 w1 w2 w3 and their scales as buffers."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        ws = {
-            "w1": _rand(E, F_, D, std=0.1),
-            "w2": _rand(E, D, F_, seed=1, std=0.1),
-            "w3": _rand(E, F_, D, seed=2, std=0.1),
-        }
-        for name, w in ws.items():
-            q, s = quantize_per_channel(w, dtype)
-            self.register_buffer(name, q)
-            self.register_buffer(f"{name}_scale", s)
+def _layer(dtype: torch.dtype, accelerated: bool) -> Int8MoE:
+    config = MixtralConfig.from_dict(
+        dict(vocab_size=32, hidden_size=D, intermediate_size=F_, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, moe={"num_experts": E, "num_experts_per_tok": 2})
+    )  # fmt: skip
+    moe = SparseMoE(config)
+    with torch.no_grad():
+        for i, w in enumerate((moe.w1, moe.w2, moe.w3, moe.gate.weight)):
+            w.copy_(_rand(*w.shape, seed=i, std=0.1))
+    layer = Int8MoE(moe, dtype)
+    if accelerated:
+        install_cpu_kernels(layer)
+    return layer
 
 
 @pytest.mark.parametrize("impl", ["per_token", "sorted", "gather", "dense", "auto"])
+@pytest.mark.parametrize("accelerated", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1, 2, 9])
-def test_int8_experts_match_reference(impl: str, dtype: torch.dtype, n: int) -> None:
-    layer = _Layer(dtype)
+def test_int8_experts_match_reference(impl: str, accelerated: bool, dtype: torch.dtype, n: int) -> None:
+    """Every dispatch of the int8 layer (the reference module, and with the CPU kernels installed)
+    against dequantise-then-float32."""
+    layer = _layer(dtype, accelerated)
     x = _rand(n, D, seed=3).to(dtype)
     idx, weights = route_topk(_rand(n, E, seed=4), 2)
-    args = (x, layer.w1, layer.w2, layer.w3, idx, weights)
-    ref = Int8Experts(layer, "reference")(*args)
-    out = Int8Experts(layer, impl)(*args)
+    ref = experts_int8_reference(x, layer, idx, weights)
+    layer.dispatch = impl
+    with torch.no_grad():
+        out = layer.experts(x, idx, weights)
     assert out.shape == (n, D) and out.dtype == dtype
     # float32 activations through the bfloat16 int8 kernel, or bfloat16 throughout: 2% of the scale
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.02 * ref.float().abs().max().item())
 
 
 def test_int8_experts_rejects_unknown_impl() -> None:
-    layer = _Layer(torch.float32)
+    layer = _layer(torch.float32, False)
     idx, weights = route_topk(_rand(1, E), 2)
-    with pytest.raises(ValueError, match="expected auto"):
-        Int8Experts(layer, "fast")(_rand(1, D), layer.w1, layer.w2, layer.w3, idx, weights)
+    with pytest.raises(ValueError, match="expected one of auto"):
+        dispatch_experts(_rand(1, D), layer, idx, weights, "fast")
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +171,8 @@ def test_quantised_decode_matches_full_forward(folder, kernel: bool, monkeypatch
     kernel. With it, decoding keeps them in float32 while the 12-row forward still rounds them to
     bfloat16: the two then differ by that rounding (measured up to 0.018 on logits of size ~1)."""
     if not kernel:
-        monkeypatch.setattr(native, "available", lambda: False)
-    elif not native.available():
+        monkeypatch.setattr(build, "available", lambda: False)
+    elif not build.available():
         pytest.skip("native kernel unavailable here")
     model = load_model(folder, dtype=torch.float32, quantize="int8", progress=False)
     ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -193,9 +200,9 @@ def test_output_head_kept_on_request(folder) -> None:
 
 @pytest.mark.skipif(not HAS_INT8_MM, reason="torch._weight_int8pack_mm is not available")
 def test_fast_kernel_used_on_cpu(monkeypatch) -> None:
-    """On the CPU (without the compiled kernel, tests/test_native.py) the product calls PyTorch's
-    int8 kernel, never a float copy of the weights."""
-    monkeypatch.setattr(native, "available", lambda: False)
+    """On the CPU (without the C kernel, tests/test_native.py) the accelerated product calls
+    PyTorch's int8 kernel, never a float copy of the weights."""
+    monkeypatch.setattr(build, "available", lambda: False)
     calls = []
     real = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(a[1].dtype) or real(*a))

@@ -7,11 +7,9 @@ import torch
 
 from mixtral_lite import Mixtral, MixtralConfig
 from mixtral_lite.config import ConfigError
-from mixtral_lite.losses import load_stats
-from mixtral_lite.model import FeedForward, SparseMoE
-from mixtral_lite.moe import experts_reference, route_topk
-from mixtral_lite.params import count_parameters
-from mixtral_lite.routing import (
+from mixtral_lite.model.experts import StackedExperts, experts_reference
+from mixtral_lite.model.mixtral import FeedForward, SparseMoE
+from mixtral_lite.model.routing import (
     expert_capacity,
     expert_load,
     experts_dense,
@@ -22,8 +20,11 @@ from mixtral_lite.routing import (
     route_hierarchical,
     route_scores,
     route_soft,
+    route_topk,
     update_bias,
 )
+from mixtral_lite.params import count_parameters
+from mixtral_lite.training.losses import load_stats
 
 VARIANTS = {
     "mixtral": {},
@@ -130,7 +131,7 @@ def test_soft_dense_mixture_matches_reference():
     w2 = torch.randn(e, d, i, generator=g)
     r = route_soft(torch.randn(n, e, generator=g))
     assert r.idx.shape == (n, e) and torch.allclose(r.weights.sum(-1), torch.ones(n))
-    ref = experts_reference(x, w1, w2, w3, r.idx, r.weights)
+    ref = experts_reference(x, StackedExperts(w1, w2, w3), r.idx, r.weights)
     assert (experts_dense(x, w1, w2, w3, r.weights) - ref).abs().max().item() < 1e-4
 
 
@@ -238,9 +239,9 @@ def test_variant_modules_exist():
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_save_load_identical_logits(name, tmp_path):
-    from mixtral_lite.layout import cpu_layout
-    from mixtral_lite.loading import load_model
-    from mixtral_lite.saving import save_pretrained
+    from mixtral_lite.cpu import install_cpu_kernels
+    from mixtral_lite.weights.loading import load_model
+    from mixtral_lite.weights.saving import save_pretrained
 
     model = make_model(name, seed=3).eval()
     if name == "deepseek":
@@ -248,13 +249,17 @@ def test_variant_save_load_identical_logits(name, tmp_path):
             model.layers[1].feed_forward.expert_bias.copy_(torch.linspace(-0.2, 0.2, 8))
     save_pretrained(model, tmp_path)
     loaded = load_model(tmp_path)
-    cpu_layout(model)  # the loader stores CPU weights in the fastest layout: same values, other strides
+    install_cpu_kernels(model)  # as the loader does: the same products on both sides
     assert loaded.config == model.config
     ids = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
     if name == "deepseek":
         assert torch.equal(loaded.layers[1].feed_forward.expert_bias, model.layers[1].feed_forward.expert_bias)
+
+
+def _reference(x, w1, w2, w3, idx, weights):
+    return experts_reference(x, StackedExperts(w1, w2, w3), idx, weights)
 
 
 def test_experts_padded_matches_reference_values_and_gradients():
@@ -266,7 +271,7 @@ def test_experts_padded_matches_reference_values_and_gradients():
     idx[idx == 5] = 4  # expert 5 gets no token
     weights = torch.rand(n, k, generator=g)
     outs, grads = [], []
-    for fn in (experts_padded, experts_reference):
+    for fn in (experts_padded, _reference):
         y = fn(x, *params, idx, weights)
         (y * torch.linspace(-1, 1, d)).sum().backward()
         outs.append(y.detach())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixtral_lite.errors import UserError
-from mixtral_lite.sampling import (
+from mixtral_lite.generation.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     make_generator,

@@ -8,10 +8,10 @@ import shutil
 import pytest
 from gen_fixtures import MISTRAL_V1, one_thread, write_tokenizer_json  # noqa: F401 (autouse fixture)
 
-from mixtral_lite import detok
-from mixtral_lite.detok import Detokenizer, continuation_text
 from mixtral_lite.errors import UserError
-from mixtral_lite.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from mixtral_lite.generation import detok
+from mixtral_lite.generation.detok import Detokenizer, continuation_text
+from mixtral_lite.generation.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 
 TEXTS = [
     "Hello world",

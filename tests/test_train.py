@@ -10,9 +10,9 @@ import torch
 
 from mixtral_lite import MixtralConfig
 from mixtral_lite.cli import main
-from mixtral_lite.data import ByteTokenizer, SentencePieceTokenizer, TokenData, train_sentencepiece, windows
 from mixtral_lite.errors import UserError
-from mixtral_lite.train import TrainConfig, lr_at, train
+from mixtral_lite.training.data import ByteTokenizer, SentencePieceTokenizer, TokenData, train_sentencepiece, windows
+from mixtral_lite.training.train import TrainConfig, lr_at, train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TEXT = (
@@ -108,8 +108,8 @@ def test_resume_on_other_data_is_an_error(tmp_path):
 
 
 def test_cli_train_then_load_and_resume(tmp_path, capsys):
-    from mixtral_lite.loading import load_model
-    from mixtral_lite.tokenizer import load_tokenizer
+    from mixtral_lite.generation.tokenizer import load_tokenizer
+    from mixtral_lite.weights.loading import load_model
 
     text = _write(tmp_path, TEXT)
     cfg_file = tmp_path / "cfg.json"

@@ -11,8 +11,9 @@ What may change afterwards, and what happens then:
   accelerated modules check their inputs' and weights' dtype, device and layout per call and defer
   to the reference otherwise; the one-call layer rebuilds its plan when a weight's identity or
   address changes.
-- quantising: requires installing again. ``quantize_model`` refuses a model with the kernels
-  installed; ``uninstall_cpu_kernels``, quantise, then install.
+- quantising: caught. ``quantize_model`` takes the kernels off (``model.cpu_kernels.uninstall``)
+  and installs them again for the int8 modules.
+- anything else that swaps modules by hand: install again (``install_cpu_kernels`` re-decides).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ class CpuKernels:
     installed: dict[str, int] = field(default_factory=dict)  # reference class name -> modules swapped
     skipped: dict[str, int] = field(default_factory=dict)  # "Class (reason)" -> modules left as they are
     layout: str = ""
+
+    def install(self, model: nn.Module) -> CpuKernels:
+        """Install again (for a model whose modules changed); the model's new report."""
+        return install_cpu_kernels(model)
+
+    def uninstall(self, model: nn.Module) -> None:
+        uninstall_cpu_kernels(model)
 
     def __str__(self) -> str:
         parts = [f"C kernel {self.kernel}"]

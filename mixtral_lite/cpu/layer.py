@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import native
+from . import build, native
 from .build import loaded
 from .native import _DTYPES, _INT8, NATIVE_MAX_ROWS, Projection
 
@@ -140,7 +140,7 @@ class LayerPlan:
             and _projections_ok(dtype, d, weights)
             and _experts_ok(dtype, d, weights)
             and all(t.device.type == "cpu" for t in (weights.attention_norm, weights.gate, weights.experts[0]))
-            and native.available()
+            and build.available()
         )
         if not self.ok:
             return

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .build import available
+from . import build
 from .build import loaded as _loaded
 
 NATIVE_MAX_ROWS = 8  # rows per product the kernel takes (more: PyTorch / oneDNN)
@@ -43,7 +43,7 @@ def use_native(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling() or not w.is_contiguous():
         return False
-    return available()
+    return build.available()
 
 
 def _run(fn: str, x: torch.Tensor, out_features: int, k: int, *before: int | None) -> torch.Tensor:
@@ -122,7 +122,7 @@ def use_native_rmsnorm(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
-    return not torch.compiler.is_compiling() and available()
+    return not torch.compiler.is_compiling() and build.available()
 
 
 def native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -172,7 +172,7 @@ def use_native_experts(
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in ws)):
         return False
-    return not torch.compiler.is_compiling() and available()
+    return not torch.compiler.is_compiling() and build.available()
 
 
 def native_experts(
@@ -249,7 +249,7 @@ def use_native_qkv(x: torch.Tensor, projections: tuple[Projection, ...], cos: to
         return False
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w, _ in projections)):
         return False
-    return not torch.compiler.is_compiling() and available()
+    return not torch.compiler.is_compiling() and build.available()
 
 
 def native_qkv(
@@ -376,7 +376,7 @@ def use_native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         return False
     if q.stride(-1) != 1 or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return False
-    return not torch.compiler.is_compiling() and available()
+    return not torch.compiler.is_compiling() and build.available()
 
 
 def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -424,7 +424,7 @@ def use_native_mask(
         return False
     if k_valid.dtype != torch.bool or slots.dim() != 1 or positions.shape != (k_pos.shape[0], slots.shape[0]):
         return False
-    return k_valid.shape == k_pos.shape and not torch.compiler.is_compiling() and available()
+    return k_valid.shape == k_pos.shape and not torch.compiler.is_compiling() and build.available()
 
 
 def native_mask(
@@ -472,7 +472,7 @@ def use_native_prefill_attention(
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    return not torch.compiler.is_compiling() and available()
+    return not torch.compiler.is_compiling() and build.available()
 
 
 def native_prefill_attention(
@@ -507,7 +507,7 @@ def use_native_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bo
         return False
     if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
         return False
-    return available()
+    return build.available()
 
 
 def native_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -519,7 +519,6 @@ def native_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 __all__ = [
     "FLOAT32_MAX_ROWS",
     "NATIVE_MAX_ROWS",
-    "available",
     "experts_weights_ok",
     "native_attention",
     "native_attention_block",

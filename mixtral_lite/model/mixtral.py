@@ -433,5 +433,6 @@ __all__ = [
     "SparseMoE",
     "apply_rotary",
     "build_mask",
+    "inverse_frequencies",
     "rotary_cos_sin",
 ]

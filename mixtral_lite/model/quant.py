@@ -134,19 +134,16 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool
     head too (``include_output``; not when it is tied to the embeddings): at batch 1 it is a
     quarter of the bytes read per token. The router, norms and embeddings stay as they are.
 
-    The CPU kernels are installed for the modules a model has when they are installed: quantise
-    first (``load_model(quantize=...)`` does), or uninstall them, quantise and install again.
-    Returns the model.
+    A model with the CPU kernels installed (``model.cpu_kernels``) has them taken off before and
+    installed again after, for the quantised modules. Returns the model.
     """
     if mode not in MODES:
         raise UserError(f"quantize: expected one of {', '.join(MODES)}, got {mode!r}")
     if getattr(model, "quantized", None):
         raise UserError(f"quantize: the model is already quantised ({model.quantized})")
-    if getattr(model, "cpu_kernels", None) is not None:
-        raise UserError(
-            "quantize: the model has the CPU kernels installed; quantise first, or call "
-            "mixtral_lite.uninstall_cpu_kernels(model), quantise, then install_cpu_kernels(model)"
-        )
+    kernels = getattr(model, "cpu_kernels", None)
+    if kernels is not None:  # installed for the float modules: decided again for the int8 ones
+        kernels.uninstall(model)
     before = _tensor_bytes(model)
     scale_dtype = model.dtype
     for layer in model.layers:
@@ -166,6 +163,8 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool
         model.output = Int8Linear.from_linear(model.output, scale_dtype)
     model.quantized = mode
     model.quantization = {"mode": mode, "bytes_before": before, "bytes_after": _tensor_bytes(model)}
+    if kernels is not None:
+        kernels.install(model)
     return model
 
 
