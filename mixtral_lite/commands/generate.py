@@ -30,6 +30,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--device-map", help="split layers across devices: 'auto' or '0-15=cuda:0,16-31=cuda:1'")
     p.add_argument("--quantize", help="quantize the weights after loading (e.g. int8)")
+    p.add_argument("--verbose", action="store_true", help="print which CPU kernels were installed, and why not (stderr)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:
@@ -93,8 +94,13 @@ def load(args: argparse.Namespace, folder: Path):
 
     from ..weights.loading import load_model
 
+    from ..cpu import cpu_kernels_status
+
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.device_map else "cpu")
-    return load_model(folder, dtype=args.dtype, device=device, device_map=args.device_map, quantize=args.quantize)
+    model = load_model(folder, dtype=args.dtype, device=device, device_map=args.device_map, quantize=args.quantize)
+    if getattr(args, "verbose", False):
+        print(cpu_kernels_status(model), file=sys.stderr)
+    return model
 
 
 def start_parallel(args: argparse.Namespace, config):
