@@ -106,7 +106,9 @@ def test_dense_topk_matches_reference(n: int) -> None:
     w1, w2, w3 = _experts()
     x, idx, weights = _routing(n)
     out = experts_dense_topk(x, StackedExperts(w1, w2, w3), idx, weights)
-    torch.testing.assert_close(out, experts_reference(x, StackedExperts(w1, w2, w3), idx, weights), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out, experts_reference(x, StackedExperts(w1, w2, w3), idx, weights), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("fn", [experts_sorted, experts_per_token])

@@ -179,7 +179,9 @@ def test_qkv_equals_projections_then_rotary(dtype: torch.dtype, int8: bool, bt: 
 def test_qkv_rules() -> None:
     projections = _projections(torch.float32, False)
     x = _rand(1, 1, 96)
-    cos, _ = model.rotary_cos_sin(torch.zeros(1, 1, dtype=torch.long), model.inverse_frequencies(16, 1e6), torch.float32)
+    cos, _ = model.rotary_cos_sin(
+        torch.zeros(1, 1, dtype=torch.long), model.inverse_frequencies(16, 1e6), torch.float32
+    )
     assert native.use_native_qkv(x, projections, cos, 16)
     assert not native.use_native_qkv(_rand(1, 9, 96), projections, cos, 16)  # many rows
     assert not native.use_native_qkv(x, projections, cos.bfloat16(), 16)

@@ -30,7 +30,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--device-map", help="split layers across devices: 'auto' or '0-15=cuda:0,16-31=cuda:1'")
     p.add_argument("--quantize", help="quantize the weights after loading (e.g. int8)")
-    p.add_argument("--verbose", action="store_true", help="print which CPU kernels were installed, and why not (stderr)")
+    p.add_argument(
+        "--verbose", action="store_true", help="print which CPU kernels were installed, and why not (stderr)"
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:
@@ -92,9 +94,8 @@ def load(args: argparse.Namespace, folder: Path):
     """The model, on the device the flags ask for (imports torch and the loader only now)."""
     import torch
 
-    from ..weights.loading import load_model
-
     from ..cpu import cpu_kernels_status
+    from ..weights.loading import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.device_map else "cpu")
     model = load_model(folder, dtype=args.dtype, device=device, device_map=args.device_map, quantize=args.quantize)

@@ -34,7 +34,6 @@ def _flags() -> list[str]:
     return [*FLAGS, f"-march={march()}"]
 
 
-
 _lib: ctypes.CDLL | None = None
 _status: str | None = None  # None: not tried yet
 
@@ -108,7 +107,10 @@ def load() -> ctypes.CDLL | None:
     try:
         target = cache_dir() / "native" / f"few_rows-{march()}-{_cpu_key()}.so"
         if not target.exists():
-            print(f"mixtral_lite: building the CPU kernel into {target.parent} (once per CPU and version)", file=sys.stderr)
+            print(
+                f"mixtral_lite: building the CPU kernel into {target.parent} (once per CPU and version)",
+                file=sys.stderr,
+            )
             _build(target)
         lib = ctypes.CDLL(str(target))
         fn = lib.few_rows
@@ -173,8 +175,6 @@ def status() -> str:
     load()
     assert _status is not None
     return _status
-
-
 
 
 def loaded() -> ctypes.CDLL:

@@ -102,7 +102,10 @@ def _experts_in_pairs(
     idx, order = idx.sort(-1)  # ascending expert ids (the sum of two products is the same either way)
     weights = weights.gather(-1, order)
     w1, w2, w3 = ws
-    rows = [experts_pair(x[n : n + 1], w1, w2, w3, e, w) for n, (e, w) in enumerate(zip(idx.tolist(), weights.tolist()))]
+    rows = [
+        experts_pair(x[n : n + 1], w1, w2, w3, e, w)
+        for n, (e, w) in enumerate(zip(idx.tolist(), weights.tolist(), strict=True))
+    ]
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
@@ -197,7 +200,9 @@ class CpuBlock(Block):
             return None
         if not use_native_attention_block(x, norm.weight, projections, cos, att.head_dim, caches, mask):
             return None
-        return native_attention_block(x, norm.weight, norm.eps, projections, cos, sin, att.head_dim, caches, slots, mask)
+        return native_attention_block(
+            x, norm.weight, norm.eps, projections, cos, sin, att.head_dim, caches, slots, mask
+        )
 
 
 def _projections(att: Attention) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...] | None:

@@ -115,7 +115,9 @@ class Int8MoE(SparseMoE):
 
     def stacks(self) -> Triple:
         """The experts dequantised to the scales' dtype (for the dispatches that read whole stacks)."""
-        return tuple(q.to(s.dtype) * s[..., None] for q, s in zip((self.w1, self.w2, self.w3), self.scales()))
+        return tuple(
+            q.to(s.dtype) * s[..., None] for q, s in zip((self.w1, self.w2, self.w3), self.scales(), strict=True)
+        )
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, top_k={self.top_k}, int8"

@@ -51,9 +51,9 @@ def load_model(
     one tensor at a time. ``device``: "cpu", "cuda" or "cuda:N". ``device_map``: "auto" or an
     explicit map (see ``weights.device_map``); excludes ``device``. ``quantize`` is passed to
     ``model.quant.quantize_model``. ``cpu_kernels``: install the CPU kernels
-    (``mixtral_lite.install_cpu_kernels``) when every weight is on the CPU. ``progress``: None shows a bar on a terminal for loads
-    longer than a moment, True always, False never. Raises ``UserError`` before returning anything
-    when a file, key, shape or dtype is wrong.
+    (``mixtral_lite.install_cpu_kernels``) when every weight is on the CPU. ``progress``: None
+    shows a bar on a terminal for loads longer than a moment, True always, False never. Raises
+    ``UserError`` before returning anything when a file, key, shape or dtype is wrong.
     """
     with open_checkpoint(path) as ckpt:
         config = ckpt.config
