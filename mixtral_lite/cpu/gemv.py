@@ -2,13 +2,12 @@
 
 Decoding multiplies a handful of activation rows by each weight matrix. BLAS runs such a product
 (``F.linear`` with 1-8 rows) on one core, and one core cannot pull the memory bandwidth that two
-or more can (measured on 2 AVX2 cores: 16 GB/s for one core's matrix-vector product, 26 GB/s for
-a two-core sum). ``torch.bmm`` does share its batch out over the threads, so the weight's rows are
+or more can (docs/performance.md). ``torch.bmm`` does share its batch out over the threads, so the weight's rows are
 cut into one block per thread, viewed (not copied) as a batch of matrices, and multiplied in one
 call: each thread streams its own block.
 
 ``split_linear(x, w)`` equals ``F.linear(x, w)`` (the same dot products, each over the whole
-input), and ``experts_pair`` equals two ``moe`` SwiGLU experts; the tests tie both to the plain
+input), and ``experts_pair`` equals two SwiGLU experts; the tests tie both to the plain
 code. bfloat16 and float16 keep ``F.linear``: PyTorch's reduced-precision kernel already uses
 every thread.
 """

@@ -4,16 +4,15 @@ stored the way the CPU matrix kernels read them fastest.
 Decoding multiplies one row of activations by every weight matrix, so its speed is the speed of
 a matrix-vector product, which should stream the weights at memory bandwidth. On the CPU that
 depends on the layout: float32 ``F.linear(x, w)`` with ``w`` [O, I] stored column-major (the
-transpose contiguous) goes through BLAS's streaming "N" kernel and measured 1.7x faster than
-row-major (18 vs 10 GB/s, one AVX2 core, MKL), while bfloat16 is the other way round (PyTorch's
-fast reduced-precision kernel wants rows: column-major is 7x slower). So float32 matrices are
-stored column-major and the others row-major, unless the compiled few-row kernel (``native.py``)
-runs the decoding products: it streams rows in both dtypes (float32, 1792x512, one row: 167 us on
-rows vs 270 us on columns), so then every matrix stays row-major. Shapes, names and values do not
+transpose contiguous) goes through BLAS's streaming "N" kernel, faster than row-major, while
+bfloat16 is the other way round (PyTorch's reduced-precision kernel wants rows). So float32
+matrices are stored column-major and the others row-major, unless the C kernel (``native.py``)
+runs the decoding products: it streams rows in both dtypes, so then every matrix stays row-major
+(docs/performance.md has the measurements). Shapes, names and values do not
 change; only ``stride()`` does, and ``state_dict`` / ``save_pretrained`` see the same tensors.
 
 A model converted to another dtype afterwards (``model.to(torch.bfloat16)``) keeps the strides it
-had; call ``cpu_layout(model)`` again after such a conversion.
+had; ``install_cpu_kernels`` lays them out again.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ def is_column_major(w: torch.Tensor) -> bool:
 def column_major(w: torch.Tensor, block: int = 256) -> torch.Tensor:
     """A copy of ``w`` with the same shape and values, stored column-major. Copied ``block`` rows at
     a time: each write then fills runs of ``block`` adjacent elements (a plain strided copy writes
-    one element per cache line and measured 3x slower)."""
+    one element per cache line, several times slower)."""
     out = torch.empty(*w.shape[:-2], w.shape[-1], w.shape[-2], dtype=w.dtype, device=w.device).transpose(-1, -2)
     for r in range(0, w.shape[-2], block):
         out[..., r : r + block, :].copy_(w[..., r : r + block, :])
@@ -54,7 +53,7 @@ def cpu_layout(model: nn.Module, *, kernel: bool, compiled: bool = False) -> nn.
     Touches 2-D and 3-D floating parameters on the CPU (attention, experts, dense feed-forward,
     output head); leaves the embedding table (read by rows), routers and anything on a GPU.
     ``compiled``: every matrix row-major, for a ``torch.compile``'d decode step, whose generated
-    matrix-vector kernels reduce along rows (measured, float32 decode: 75 vs 37 tok/s).
+    matrix-vector kernels reduce along rows.
     Returns the model.
     """
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)

@@ -23,8 +23,7 @@ from . import build
 from .build import loaded as _loaded
 
 NATIVE_MAX_ROWS = 8  # rows per product the kernel takes (more: PyTorch / oneDNN)
-# float32 from 7 rows on: oneDNN's product is as fast (measured, 8 rows x 1792x512: 343 vs 380 us,
-# 32000x512: 6.7 vs 6.0 ms; 6 rows 251 vs 378 us)
+# float32 from 7 rows on: oneDNN's product is as fast (docs/performance.md)
 FLOAT32_MAX_ROWS = 6
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's weight types (int8: 2)
 _INT8 = 2

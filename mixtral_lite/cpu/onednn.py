@@ -1,9 +1,8 @@
 """Many-row float32 products on the CPU through oneDNN instead of BLAS.
 
 ``F.linear`` in float32 on the CPU goes to BLAS (MKL in the PyTorch wheels). oneDNN's matrix
-product, which PyTorch already uses for bfloat16, measured 1.5-1.9x faster for the shapes a
-prefill multiplies (2 AMD EPYC cores, AVX-512: 128 rows x 512 -> 1792 in 1.4 ms vs 2.6 ms; 512
-rows 5.0 vs 8.2 ms), on row-major and column-major weights alike, and it is called the same way
+product, which PyTorch already uses for bfloat16, is faster for the shapes a prefill multiplies
+(docs/performance.md), on row-major and column-major weights alike, and it is called the same way
 (``x @ w.T``, float32 accumulation, no copy of the weight). Few rows (decoding) keep the
 matrix-vector paths of ``gemv.py``.
 

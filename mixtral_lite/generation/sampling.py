@@ -102,7 +102,7 @@ def sample(
     race) that needs no host synchronisation, unlike ``torch.multinomial``.
     """
     processed = process_logits(logits, params, seen)
-    if params.greedy:  # max's index: the first maximum, like argmax, and 2x faster on the CPU
+    if params.greedy:  # max's index: the first maximum, like argmax, and faster on the CPU
         tokens = processed.max(-1).indices
     else:
         probs = processed.softmax(-1)
