@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mixtral_lite import count_parameters, load_model, load_tokenizer, save_pretrained
-from mixtral_lite.generation import generate
+from mixtral_lite import count_parameters, generate, load_model, load_tokenizer, save_pretrained
 from mixtral_lite.training.heldout import heldout_loss
 
 PROMPT = "ROMEO:"
