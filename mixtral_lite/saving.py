@@ -27,14 +27,17 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K
 _OLD_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\Z")
 
 
-def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB") -> list[Path]:
+def save_pretrained(
+    model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB", *, into: Path | None = None
+) -> list[Path]:
     """Write ``config.json`` and the weights (one ``model.safetensors``, or ``model-0000N-of-0000M``
     shards of at most ``max_shard_size`` plus ``model.safetensors.index.json``); returns the files.
 
     The folder is replaced whole (``mixtral_lite.atomic``): a save killed at any point leaves the
     previous checkpoint complete, and a reader sees the old folder or the new one, never a mix.
     Earlier weight files are not carried over, so no stale shard is left beside the new index;
-    other files (a tokenizer, notes) are.
+    other files (a tokenizer, notes) are. ``into``: write into this fresh folder instead, not
+    atomically (a caller that switches a larger folder in itself, as training checkpoints do).
     """
     config = model.config
     if any(hasattr(m, "num_weight_elements") for m in model.modules()):
@@ -52,9 +55,16 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | st
     folder = Path(path)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     config_data = {**config.to_hf_dict(), "torch_dtype": dtype, "dtype": dtype}
-    with atomic_folder(folder, keep=lambda name: not _OLD_FILES.match(name) and name != "config.json") as tmp:
+    if into is not None:
+        return [into / name for name in write_pretrained_files(into, shards, config_data)]
+    with atomic_folder(folder, keep=lambda name: not is_pretrained_file(name)) as tmp:
         names = write_pretrained_files(tmp, shards, config_data)
     return [folder / name for name in names]
+
+
+def is_pretrained_file(name: str) -> bool:
+    """A file ``save_pretrained`` writes (so a new save does not carry the old one over)."""
+    return name == "config.json" or _OLD_FILES.match(name) is not None
 
 
 def write_pretrained_files(folder: Path, shards: list[list[tuple[str, torch.Tensor]]], config: dict) -> list[str]:
@@ -138,4 +148,4 @@ def write_safetensors(path: Path, items: Iterable[tuple[str, torch.Tensor]], met
     return path
 
 
-__all__ = ["save_pretrained", "write_safetensors", "parse_size"]
+__all__ = ["save_pretrained", "write_safetensors", "parse_size", "is_pretrained_file"]
