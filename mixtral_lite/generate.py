@@ -30,6 +30,7 @@ from .errors import UserError
 from .layout import cpu_layout
 from .sampling import SamplingParams, make_generator, sample
 from .tokenizer import Tokenizer
+from .validate import check_seed
 
 Prompt = str | Sequence[int]
 PAD_ID = 0  # left padding; masked out, so any valid id works
@@ -288,6 +289,7 @@ def prepare(
     """Check every argument (raising ``UserError`` naming it) and encode the prompts; needs only the
     model's config, so a command line can check its input before loading any weights."""
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    check_seed(seed)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: expected an integer >= 1, got {max_new_tokens}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
