@@ -33,7 +33,7 @@ def read_text_bounded(stream, where: str, limit: int = MAX_PROMPT_BYTES) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+        raise UserError(f"{where}: cannot read it ({exc})") from None
 
 
 def check_seed(seed: object, where: str = "--seed") -> int | None:
