@@ -125,7 +125,7 @@ def read_prompt(args: argparse.Namespace) -> tuple[str, str]:
     elif sys.stdin is None or sys.stdin.isatty():
         raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE or pipe the text on stdin")
     else:
-        text, source = read_text_bounded(sys.stdin.buffer, "stdin"), "stdin"
+        text, source = read_text_bounded(getattr(sys.stdin, "buffer", sys.stdin), "stdin"), "stdin"
     return check_text(text, source).removesuffix("\n").removesuffix("\r"), source
 
 
