@@ -25,8 +25,8 @@ def check_text(text: object, where: str) -> str:
 
 
 def read_text_bounded(stream, where: str, limit: int = MAX_PROMPT_BYTES) -> str:
-    """Read at most ``limit`` bytes of UTF-8 from a binary stream (characters from a text one); more is a clear error, not an
-    allocation that grows until memory runs out."""
+    """Read at most ``limit`` bytes of UTF-8 from a binary stream (characters from a text one); more
+    is a clear error, not an allocation that grows until memory runs out."""
     data = stream.read(limit + 1)
     if len(data) > limit:
         raise UserError(f"{where}: more than {limit // 2**20} MiB; a prompt is expected, not an endless stream")
