@@ -8,7 +8,9 @@ Modules are imported only when their subcommand runs, so ``mixtral-lite params``
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from .errors import UserError
@@ -44,6 +46,28 @@ def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand: a user's error is one line and exit 2, Ctrl-C at any point (imports and
+    loading too) one line and 130, a closed stdout (``| head``) a quiet exit."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("mixtral-lite: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, as a shell reports a pipe closed by the reader
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     wanted = [a for a in argv if a in SUBCOMMANDS][:1]
     parser = build_parser(wanted)
@@ -56,9 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"mixtral-lite {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
+        print(f"mixtral-lite {args.command}: error: cannot write: {exc.strerror}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # print() to a stdout that was closed under us
+        if "closed file" not in str(exc):
+            raise
+        return 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class MoEConfig:
     dense_intermediate_size: int | None = None  # size of those dense FFNs (default: I * top_k)
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         _positive(self, "num_experts", "num_experts_per_tok")
         if self.kind not in ROUTER_KINDS:
             raise ConfigError(f"moe.kind: expected one of {ROUTER_KINDS}, got {self.kind!r}")
@@ -132,6 +134,9 @@ class MixtralConfig:
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**_known(MoEConfig, self.moe, "moe"))
+        if not isinstance(self.moe, MoEConfig):
+            raise ConfigError(f"moe: expected an object, got {self.moe!r:.80}")
+        _check_fields(self)
         _positive(
             self,
             "vocab_size",
@@ -230,11 +235,29 @@ class MixtralConfig:
             if rope_type != "default":
                 raise ConfigError(f"{source}: rope_parameters.rope_type: expected 'default', got {rope_type!r}")
             rope_theta = rope_parameters.get("rope_theta")
-        moe = dict(data.get("mixtral_lite_moe") or {})
+        for name in UNSUPPORTED_HF:
+            if data.get(name) not in (None, {}, False):
+                raise ConfigError(
+                    f"{source}: {name}: {data[name]!r:.120} is not implemented by this model; refusing to run it "
+                    "with different positions or attention than it was trained with (remove the field only if "
+                    "it is truly unused)"
+                )
+        if rope_parameters is not None:
+            if not isinstance(rope_parameters, dict):
+                raise ConfigError(f"{source}: rope_parameters: expected an object, got {rope_parameters!r:.80}")
+            rope_type = rope_parameters.get("rope_type", "default")
+            if rope_type != "default":
+                raise ConfigError(f"{source}: rope_parameters.rope_type: expected 'default', got {rope_type!r}")
+        moe = data.get("mixtral_lite_moe") or {}
+        if not isinstance(moe, dict):
+            raise ConfigError(f"{source}: mixtral_lite_moe: expected an object, got {moe!r:.80}")
+        moe = dict(moe)
         moe.setdefault("num_experts", data.get("num_local_experts", 8))
         moe.setdefault("num_experts_per_tok", data.get("num_experts_per_tok", 2))
         eos = data.get("eos_token_id", 2)
         if isinstance(eos, list):
+            if not eos:
+                raise ConfigError(f"{source}: eos_token_id: expected an id or a non-empty list of ids, got []")
             eos = eos[0]
         kwargs = {
             "vocab_size": data.get("vocab_size", 32000),
@@ -352,6 +375,59 @@ def _known(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(names)}")
     return dict(data)
+
+
+# Settings of config.json that change the computation and that this model does not implement.
+UNSUPPORTED_HF = ("rope_scaling", "attention_bias", "mlp_bias", "use_sliding_window_per_layer", "layer_types")
+# Sane upper limits: a config beyond them is a mistake (or an attack), refused before anything is built.
+LIMITS = {
+    "vocab_size": 2**22,
+    "hidden_size": 2**17,
+    "intermediate_size": 2**20,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 2**12,
+    "num_key_value_heads": 2**12,
+    "head_dim": 2**12,
+    "max_position_embeddings": 2**24,
+    "sliding_window": 2**24,
+    "num_experts": 2**14,
+    "num_experts_per_tok": 2**14,
+    "num_groups": 2**14,
+    "top_k_groups": 2**14,
+    "n_shared_experts": 2**10,
+    "n_group": 2**14,
+    "topk_group": 2**14,
+    "first_k_dense": 1024,
+    "dense_intermediate_size": 2**22,
+    "bos_token_id": 2**22,
+    "eos_token_id": 2**22,
+}
+
+
+def _check_fields(obj: object) -> None:
+    """Every field of its declared type (bools are not ints, strings are not numbers, floats are
+    finite) and ints under ``LIMITS``, the field named in the message; before any other check."""
+    prefix = "moe." if isinstance(obj, MoEConfig) else ""
+    for f in dataclasses.fields(obj):
+        if f.name == "moe":
+            continue
+        value, kind = getattr(obj, f.name), str(f.type)
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("bool"):
+            ok, want = isinstance(value, bool), "true or false"
+        elif kind.startswith("int"):
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif kind.startswith("float"):
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
+        else:
+            ok, want = isinstance(value, str), "a string"
+        if not ok:
+            raise ConfigError(f"{prefix}{f.name}: expected {want}, got {value!r:.80}")
+        limit = LIMITS.get(f.name)
+        if limit is not None and value is not None and value > limit:
+            raise ConfigError(f"{prefix}{f.name}: {value} is above the limit of {limit}")
 
 
 def _positive(obj: object, *names: str) -> None:

@@ -95,7 +95,7 @@ def read_line(interactive: bool) -> str:
     """One line of input; raises EOFError at the end (Ctrl-D)."""
     if interactive:
         return input("> ")
-    line = sys.stdin.readline()
+    line = sys.stdin.readline() if sys.stdin is not None else ""  # stdin closed (<&-): as at its end
     if not line:
         raise EOFError
     return line.removesuffix("\n").removesuffix("\r")
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     model = load(args, folder)
     ensure_utf8(sys.stdout)
     session = ChatSession(model, tokenizer, system=args.system, **options)
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     if interactive:
         print("Chat: /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)
 

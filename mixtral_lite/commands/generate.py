@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..validate import check_text, read_text_bounded
 
 HELP = "generate text from a prompt (streams to stdout)"
 BUNDLED = Path(__file__).resolve().parent.parent / "bundled"
@@ -122,15 +124,35 @@ def read_prompt(args: argparse.Namespace) -> tuple[str, str]:
     if args.prompt_file is not None:
         source = f"--prompt-file {args.prompt_file}"
         try:
-            text = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            with open(args.prompt_file, "rb") as f:
+                text = read_text_bounded(f, source)
+        except OSError as exc:
+            reason = exc.strerror or exc
             raise UserError(f"--prompt-file {args.prompt_file}: cannot read it ({reason})") from None
     elif sys.stdin is None or sys.stdin.isatty():
         raise UserError("no prompt: pass --prompt TEXT, --prompt-file FILE or pipe the text on stdin")
     else:
-        text, source = sys.stdin.read(), "stdin"
-    return text.removesuffix("\n").removesuffix("\r"), source
+        text, source = read_text_bounded(getattr(sys.stdin, "buffer", sys.stdin), "stdin"), "stdin"
+    return check_text(text, source).removesuffix("\n").removesuffix("\r"), source
+
+
+def json_line(data: dict) -> str:
+    """Valid JSON always: NaN and infinities (from broken weights) become null, with a warning."""
+    try:
+        return json.dumps(data, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        print("mixtral-lite: warning: non-finite numbers in the output were written as null", file=sys.stderr)
+        return json.dumps(_finite(data), ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def ensure_utf8(stream) -> None:
@@ -179,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(**options, continuation=continuation, decode_fn=decode_fn)
     if args.json:
         result = generate(model, tokenizer, prompt_ids, **kwargs)
-        print(json.dumps({**result.as_dict(), "stats": result.stats.as_dict()}, ensure_ascii=False))
+        print(json_line({**result.as_dict(), "stats": result.stats.as_dict()}))
     else:
         pieces = stream(model, tokenizer, prompt_ids, **kwargs)
         if args.echo:

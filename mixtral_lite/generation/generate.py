@@ -26,6 +26,7 @@ from ..cpu import install_cpu_kernels
 from ..cpu.layout import cpu_layout
 from ..errors import UserError
 from ..model.cache import KVCache
+from ..validate import check_seed
 from ..weights.device_map import layer_devices
 from .detok import Detokenizer, continuation_text
 from .sampling import SamplingParams, make_generator, sample
@@ -288,6 +289,7 @@ def prepare(
     """Check every argument (raising ``UserError`` naming it) and encode the prompts; needs only the
     model's config, so a command line can check its input before loading any weights."""
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    check_seed(seed)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: expected an integer >= 1, got {max_new_tokens}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import UserError
+from ..validate import check_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -33,7 +34,7 @@ class Tokenizer:
     vocab_size: int
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self._encode(text)
+        ids = self._encode(check_text(text, "prompt"))
         return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -68,6 +69,8 @@ class Tokenizer:
         messages first, then user and assistant turns alternating, starting and ending with user.
         """
         system, turns = split_conversation(messages)
+        for m in messages:  # checked by split_conversation: dicts with a role and str content
+            check_text(m["content"], f"{m['role']} message")
         if self.bos_id is None or self.eos_id is None:
             raise UserError(f"{self.path}: the chat format needs bos and eos tokens; this tokenizer lacks them")
         ids = [self.bos_id]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from .losses import balance_loss, layer_stats, summarize, z_loss
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.json"
+STATE_KEYS = ("step", "losses", "val", "data_signature", "train_config", "optimizer", "data_rng")
 BALANCE_CHOICES = ("auto", "switch", "deepseek", "importance", "none")
 
 
@@ -61,6 +64,17 @@ class TrainConfig:
     save_interval: int = 0  # also save every this many steps (0: only at the end)
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("lr", "init_std"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"train.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"train.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"train.val_fraction: must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.seed < 2**63 - 1:
+            raise UserError(f"train.seed: must be in [0, 2**63 - 1), got {self.seed}")
         for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -83,6 +97,23 @@ class TrainConfig:
         if unknown:
             raise UserError(f"{source}: unknown field(s) {unknown}; expected some of {sorted(names)}")
         return cls(**data)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Every field of the type its default has; floats finite (``inf`` would wreck the run silently)."""
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), f.default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            kind = "a finite number" if isinstance(default, float) else f"a {type(default).__name__}"
+            raise UserError(f"train.{f.name}: expected {kind}, got {value!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -109,6 +140,33 @@ def check_run(model_config: MixtralConfig, cfg: TrainConfig) -> None:
     if cfg.seq_len > model_config.max_position_embeddings:
         limit = model_config.max_position_embeddings
         raise UserError(f"seq_len: {cfg.seq_len} exceeds the model's max_position_embeddings ({limit})")
+    # A lower bound of one step's memory: the logits, their float copy and their gradient.
+    need = 3 * 4 * cfg.batch_size * cfg.seq_len * model_config.vocab_size
+    have = _physical_memory()
+    if have and need > have:
+        raise UserError(
+            f"batch_size: {cfg.batch_size} x seq_len {cfg.seq_len} needs at least {need / 2**30:,.1f} GiB for "
+            f"the logits alone, more than this machine's {have / 2**30:,.1f} GiB"
+        )
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Fail before the first step, not at the first save, when ``out_dir`` cannot be written."""
+    out = Path(out_dir)
+    for folder in (out.parent, out) if out.is_dir() else (out.parent,):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise UserError(f"--out {out}: cannot write to {folder} ({exc.strerror or exc})") from None
 
 
 def moe_layers(model: Mixtral) -> list[SparseMoE]:
@@ -206,6 +264,8 @@ def train(
     from tqdm.auto import tqdm
 
     check_run(model_config, cfg)
+    if out_dir is not None:
+        check_writable(out_dir)
     data.check(cfg.seq_len, model_config.vocab_size)
     signature = data.signature()
     model = Mixtral(model_config)
@@ -237,7 +297,11 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = data.sample(cfg.batch_size, cfg.seq_len, data_gen, bos)
-            ce, routings = train_step(model, optimizer, layers, x, y, cfg, balance)
+            try:
+                ce, routings = train_step(model, optimizer, layers, x, y, cfg, balance)
+            except Diverged as exc:
+                kept = f"; nothing saved, {out_dir} keeps its last checkpoint" if out_dir is not None else ""
+                raise Diverged(f"step {step + 1}: {exc}{kept}") from None
             if routings and routings[0].kept is not None:
                 dropped.append(sum(r.dropped / r.idx.shape[0] for r in routings) / len(routings))
             del routings
@@ -284,6 +348,8 @@ def train_step(
         logits = model(x)
     ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     routings = take_routings(layers)
+    if not math.isfinite(ce.item()):  # before the step: the weights stay as the last good step left them
+        raise Diverged(f"training loss is {ce.item()} (the run diverged; lower --lr or check the data)")
     loss = ce
     if routings and balance != "none" and cfg.aux_coef > 0:
         loss = loss + cfg.aux_coef * balance_loss(balance, routings)
@@ -309,6 +375,10 @@ def _format_eval(m: dict[str, Any]) -> str:
     return line
 
 
+class Diverged(UserError):
+    """A non-finite loss: the run stops and nothing is saved."""
+
+
 @dataclass
 class TrainState:
     step: int
@@ -326,24 +396,50 @@ def save_training(
     state: TrainState,
     tokenizer_file: str | Path | None,
 ) -> Path:
-    """Model (HF layout), tokenizer, resumable state and a readable log into ``out_dir``."""
-    from ..weights.saving import save_pretrained
+    """Model (HF layout), tokenizer, resumable state and a readable log into ``out_dir``.
 
+    One checkpoint is one folder, built whole beside ``out_dir`` and switched in by one rename
+    (``mixtral_lite.atomic``): weights, optimizer, data position and step always belong together,
+    and a save killed at any point leaves the previous checkpoint complete. Non-finite weights are
+    never saved.
+    """
+    from ..atomic import atomic_folder
+    from ..weights.saving import is_pretrained_file, save_pretrained
+
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise Diverged(f"step {state.step}: non-finite weights ({', '.join(bad[:3])}); not saved over {out_dir}")
     out = Path(out_dir)
-    save_pretrained(model, out)
-    if tokenizer_file is not None and Path(tokenizer_file).resolve() != (out / "tokenizer.model").resolve():
-        shutil.copyfile(tokenizer_file, out / "tokenizer.model")
-    log = {"train_config": dataclasses.asdict(cfg), **dataclasses.asdict(state)}
-    torch.save({**log, "optimizer": optimizer.state_dict(), "data_rng": data_gen.get_state()}, out / STATE_FILE)
-    (out / LOG_FILE).write_text(json.dumps(log, indent=1) + "\n")
+    new_tokenizer = tokenizer_file is not None and Path(tokenizer_file).resolve() != (out / "tokenizer.model").resolve()
+    ours = {STATE_FILE, LOG_FILE} | ({"tokenizer.model"} if new_tokenizer else set())
+    with atomic_folder(out, keep=lambda name: not is_pretrained_file(name) and name not in ours) as tmp:
+        save_pretrained(model, out, into=tmp)
+        if new_tokenizer:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
+        log = {"train_config": dataclasses.asdict(cfg), **dataclasses.asdict(state)}
+        torch.save({**log, "optimizer": optimizer.state_dict(), "data_rng": data_gen.get_state()}, tmp / STATE_FILE)
+        (tmp / LOG_FILE).write_text(json.dumps(log, indent=1) + "\n")
     return out
 
 
 def read_state(folder: str | Path) -> dict[str, Any]:
+    """The resumable state, checked: a clear error for a file that is not one, never a ``KeyError``."""
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise UserError(f"--resume: {folder}: no {STATE_FILE} (not a folder saved by mixtral-lite train)")
-    return torch.load(path, weights_only=True)
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # unpickling refused, truncated, not a torch file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--resume: {path}: not a readable training state: {first}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"--resume: {path}: expected a dict, got {type(state).__name__}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise UserError(f"--resume: {path}: missing {', '.join(missing)} (expected {', '.join(STATE_KEYS)})")
+    if not isinstance(state["train_config"], dict) or not isinstance(state["step"], int):
+        raise UserError(f"--resume: {path}: train_config must be a dict and step an integer")
+    return state
 
 
 def _restore(
@@ -358,8 +454,12 @@ def _restore(
     if saved.config != model.config:
         raise UserError(f"--resume: {folder}: its config.json differs from the model config of this run")
     model.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    data_gen.set_state(state["data_rng"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        data_gen.set_state(state["data_rng"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--resume: {folder / STATE_FILE}: optimizer or data_rng does not fit: {first}") from None
     return state["step"], list(state["losses"]), list(state["val"])
 
 
@@ -377,5 +477,7 @@ __all__ = [
     "read_state",
     "save_training",
     "TrainState",
+    "Diverged",
+    "check_writable",
     "resolve_balance",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
+import os
 import pickle
 import re
 import sys
@@ -55,6 +56,8 @@ WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # a header larger than this is corrupt, not a real checkpoint
+READ_ATTEMPTS = 20
+SAVE_ID_KEY = "mixtral_lite_save_id"  # written by save_pretrained into config.json, the index and every shard
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Checkpoint:
     problems: list[str] = field(default_factory=list)  # file-level problems (strict=False only)
     broken: set[Path] = field(default_factory=set)  # files whose tensors were left out (strict=False)
     config_dtype: str | None = None
+    save_ids: dict[str, str | None] = field(default_factory=dict)  # file name -> save id (see ``saving``)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
     _pth: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -171,9 +175,33 @@ def open_checkpoint(path: str | Path, *, strict: bool = True) -> Checkpoint:
     """Detect the layout, read the config and every tensor header (no weight data is read).
 
     With ``strict`` a broken weight file raises ``UserError``; without, it is recorded in
-    ``problems`` and its tensors are left out (``mixtral-lite info`` lists them all).
+    ``problems`` and its tensors are left out (``mixtral-lite info`` lists them all). Every file is
+    mapped as its header is read, and files whose save ids differ (a save switched the folder
+    meanwhile) are read again, so a reader gets one save's folder, never a mix.
     """
     folder = Path(path)
+    for _ in range(READ_ATTEMPTS):
+        ino = _inode(folder)
+        try:
+            ckpt = _open_once(folder, strict)
+        except UserError:
+            if _inode(folder) == ino:
+                raise
+            continue  # a save switched the folder while we listed it: read the new one
+        if len({v for v in ckpt.save_ids.values() if v is not None}) <= 1:
+            return ckpt
+        ckpt.close()  # files of two saves: a save switched the folder while we read it; read again
+    raise UserError(f"{folder}: its files kept changing while being read ({READ_ATTEMPTS} tries); is a save running?")
+
+
+def _inode(folder: Path) -> int | None:
+    try:
+        return os.stat(folder).st_ino
+    except OSError:
+        return None
+
+
+def _open_once(folder: Path, strict: bool) -> Checkpoint:
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder (expected a checkpoint folder)")
     has = {p.name for p in folder.iterdir() if p.is_file()}
@@ -206,12 +234,13 @@ def _open_hf(folder: Path, has: set[str], strict: bool) -> Checkpoint:
         index_file=None,
         config_dtype=raw.get("dtype") or raw.get("torch_dtype"),
     )
+    ckpt.save_ids["config.json"] = raw.get(SAVE_ID_KEY)
     if SINGLE_FILE in has:
         ckpt.files = [folder / SINGLE_FILE]
         _read_headers(ckpt, strict)
         return ckpt
     ckpt.index_file = folder / INDEX_FILE
-    weight_map = _read_index(ckpt.index_file)
+    weight_map, ckpt.save_ids[INDEX_FILE] = _read_index(ckpt.index_file)
     ckpt.files = [folder / name for name in sorted(set(weight_map.values()))]
     for f in ckpt.files:
         if not f.is_file():
@@ -253,7 +282,7 @@ def _open_mistral(folder: Path, has: set[str], strict: bool) -> Checkpoint:
     return ckpt
 
 
-def _read_index(path: Path) -> dict[str, str]:
+def _read_index(path: Path) -> tuple[dict[str, str], str | None]:
     data = _read_json(path)
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -265,7 +294,8 @@ def _read_index(path: Path) -> dict[str, str]:
                 f"{path}: weight_map[{key!r}] = {name!r}: expected a plain file name inside the folder "
                 "(no directories, '..' or absolute paths)"
             )
-    return weight_map
+    meta = data.get("metadata")
+    return weight_map, meta.get(SAVE_ID_KEY) if isinstance(meta, dict) else None
 
 
 def _read_json(path: Path) -> dict:
@@ -293,10 +323,13 @@ def _read_headers(ckpt: Checkpoint, strict: bool) -> None:
         if f in ckpt.broken:
             continue
         try:
-            infos = read_safetensors_header(f)
+            infos, meta, mm = _read_header(f, keep_map=True)
         except UserError as exc:
             _problem(ckpt, strict, str(exc), f)
             continue
+        if mm is not None:
+            ckpt._maps[f] = mm
+        ckpt.save_ids[f.name] = meta.get(SAVE_ID_KEY)
         for info in infos:
             if info.key in ckpt.tensors:
                 other = ckpt.tensors[info.key].file.name
@@ -306,9 +339,19 @@ def _read_headers(ckpt: Checkpoint, strict: bool) -> None:
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
-    """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    """Parse a safetensors header and check it with ``check_safetensors_header``."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path, keep_map: bool = False) -> tuple[list[TensorInfo], dict, mmap.mmap | None]:
+    """Tensors and metadata of a safetensors file, and (``keep_map``) a map of the very file the
+    header came from, so that its data cannot be of another save that replaced the file since."""
+    try:
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with f:
         head = f.read(8)
         if len(head) < 8:
             raise UserError(f"{path}: truncated or not a safetensors file ({size} bytes)")
@@ -319,33 +362,66 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: corrupt safetensors header: {exc}") from None
+        infos = check_safetensors_header(path, header, 8 + n, size)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if keep_map and size > 8 + n else None
+    return infos, header.get("__metadata__") or {}, mm
+
+
+def check_safetensors_header(path: Path, header: object, base: int, size: int) -> list[TensorInfo]:
+    """The one validator of safetensors headers (``load_model``, parallel loading and ``info`` all
+    read headers through it): every entry an object of a known dtype, a shape of non-negative ints
+    and integer offsets; byte counts matching dtype x shape; tensors in order, not overlapping, no
+    gap, and together covering the data section (``base`` .. ``size``) exactly. Returns the tensors
+    in file order; raises ``UserError`` naming the file and key otherwise."""
     if not isinstance(header, dict):
-        raise UserError(f"{path}: corrupt safetensors header: expected an object")
-    base = 8 + n
+        raise UserError(f"{path}: corrupt safetensors header: expected an object, got {type(header).__name__}")
+    meta = header.get("__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise UserError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
     infos = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            numel = 1
-            for s in shape:
-                numel *= int(s)
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: corrupt safetensors header entry for {key}: {entry!r}") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise UserError(f"{path}: {key}: unsupported dtype {dtype!r} (expected one of {', '.join(WEIGHT_DTYPES)})")
-        if end - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize or begin < 0:
-            raise UserError(f"{path}: {key}: corrupt header: {end - begin} bytes for {dtype} {list(shape)}")
-        infos.append(TensorInfo(key, path, dtype, shape, base + begin, end - begin))
-    infos.sort(key=lambda t: t.offset)
-    if infos and infos[-1].offset + infos[-1].nbytes > size:
+        where = f"{path}: {key}: corrupt safetensors header"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise UserError(f"{where}: expected an object with dtype, shape and data_offsets, got {entry!r:.200}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise UserError(
+                f"{path}: {key}: unsupported dtype {dtype!r:.60} (expected one of {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise UserError(f"{where}: shape: expected a list of non-negative integers, got {shape!r:.200}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise UserError(f"{where}: data_offsets: expected [begin, end] integers, got {offsets!r:.200}")
+        begin, end = offsets
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not 0 <= begin <= end or end - begin != numel * SAFETENSORS_DTYPES[dtype].itemsize:
+            raise UserError(f"{where}: data_offsets {offsets} do not hold {dtype} {shape}")
+        infos.append(TensorInfo(key, path, dtype, tuple(shape), base + begin, end - begin))
+    infos.sort(key=lambda t: (t.offset, t.nbytes))
+    pos = base
+    for t in infos:
+        if t.offset != pos:
+            what = "overlaps the tensor before it" if t.offset < pos else f"leaves a gap of {t.offset - pos} bytes"
+            raise UserError(f"{path}: {t.key}: corrupt safetensors header: its data {what}")
+        pos = t.offset + t.nbytes
+    if pos > size:
         last = infos[-1]
         raise UserError(
-            f"{path}: truncated: the last tensor ({last.key}) ends at byte {last.offset + last.nbytes:,} "
-            f"but the file has {size:,} bytes"
+            f"{path}: truncated: the last tensor ({last.key}) ends at byte {pos:,} but the file has {size:,} bytes"
         )
+    if pos != size:
+        raise UserError(f"{path}: corrupt safetensors file: {size - pos:,} bytes after the last tensor")
     return infos
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_pth(ckpt: Checkpoint, strict: bool) -> None:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_folder
 from ..errors import UserError
-from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
+from .checkpoint import DTYPE_NAMES, INDEX_FILE, SAVE_ID_KEY, SINGLE_FILE
 from .keymap import hf_items
 from .loading import model_tensors
 
@@ -25,12 +27,17 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "K
 _OLD_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\Z")
 
 
-def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB") -> list[Path]:
+def save_pretrained(
+    model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB", *, into: Path | None = None
+) -> list[Path]:
     """Write ``config.json`` and the weights (one ``model.safetensors``, or ``model-0000N-of-0000M``
     shards of at most ``max_shard_size`` plus ``model.safetensors.index.json``); returns the files.
 
-    Earlier weight files of this naming in ``path`` are removed so no stale shard is left beside
-    the new index.
+    The folder is replaced whole (``mixtral_lite.atomic``): a save killed at any point leaves the
+    previous checkpoint complete, and a reader sees the old folder or the new one, never a mix.
+    Earlier weight files are not carried over, so no stale shard is left beside the new index;
+    other files (a tokenizer, notes) are. ``into``: write into this fresh folder instead, not
+    atomically (a caller that switches a larger folder in itself, as training checkpoints do).
     """
     config = model.config
     if any(hasattr(m, "num_weight_elements") for m in model.modules()):
@@ -46,28 +53,44 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | st
     items = [(k, t.detach()) for k, t in items]
     shards = _split(items, limit)
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if _OLD_FILES.match(old.name):
-            old.unlink()
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    config_data = {**config.to_hf_dict(), "torch_dtype": dtype, "dtype": dtype}
+    if into is not None:
+        return [into / name for name in write_pretrained_files(into, shards, config_data)]
+    with atomic_folder(folder, keep=lambda name: not is_pretrained_file(name)) as tmp:
+        names = write_pretrained_files(tmp, shards, config_data)
+    return [folder / name for name in names]
+
+
+def is_pretrained_file(name: str) -> bool:
+    """A file ``save_pretrained`` writes (so a new save does not carry the old one over)."""
+    return name == "config.json" or _OLD_FILES.match(name) is not None
+
+
+def write_pretrained_files(folder: Path, shards: list[list[tuple[str, torch.Tensor]]], config: dict) -> list[str]:
+    """The weight files, the index and ``config.json`` into a fresh folder; every file carries one
+    save id, so a reader can tell a folder of one save from files of two."""
+    save_id = secrets.token_hex(8)
+    meta = {SAVE_ID_KEY: save_id}
     written = []
     if len(shards) == 1:
-        written.append(write_safetensors(folder / SINGLE_FILE, shards[0]))
+        write_safetensors(folder / SINGLE_FILE, shards[0], meta)
+        written.append(SINGLE_FILE)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            written.append(write_safetensors(folder / name, shard))
+            write_safetensors(folder / name, shard, meta)
+            written.append(name)
             weight_map.update({k: name for k, _ in shard})
-        total = sum(t.numel() * t.element_size() for _, t in items)
-        index = {"metadata": {"total_size": total, "total_parameters": sum(t.numel() for _, t in items)}}
+        total = sum(t.numel() * t.element_size() for shard in shards for _, t in shard)
+        params = sum(t.numel() for shard in shards for _, t in shard)
+        index = {"metadata": {"total_size": total, "total_parameters": params, SAVE_ID_KEY: save_id}}
         index["weight_map"] = dict(sorted(weight_map.items()))
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        written.append(folder / INDEX_FILE)
-    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
-    data = {**config.to_hf_dict(), "torch_dtype": dtype, "dtype": dtype}
-    (folder / "config.json").write_text(json.dumps(data, indent=2) + "\n")
-    written.append(folder / "config.json")
+        written.append(INDEX_FILE)
+    (folder / "config.json").write_text(json.dumps({**config, SAVE_ID_KEY: save_id}, indent=2) + "\n")
+    written.append("config.json")
     return written
 
 
@@ -125,4 +148,4 @@ def write_safetensors(path: Path, items: Iterable[tuple[str, torch.Tensor]], met
     return path
 
 
-__all__ = ["save_pretrained", "write_safetensors", "parse_size"]
+__all__ = ["save_pretrained", "write_safetensors", "parse_size", "is_pretrained_file"]
