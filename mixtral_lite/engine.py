@@ -271,14 +271,25 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="mixtral-lite-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, *, drain: bool = False, timeout: float | None = None) -> None:
-        """Stop accepting requests; ``drain`` finishes the ones in flight first, else they are
-        cancelled (their callers get finish_reason "cancelled")."""
+    def stop_accepting(self) -> None:
+        """Refuse new requests (``EngineStopped``); the ones in flight go on."""
         with self._lock:
             self._accepting = False
-            if not drain:
-                for s in list(self.queue) + [s for s in self.rows if s is not None]:
-                    s.cancelled = True
+
+    def cancel_all(self) -> None:
+        """Cancel every queued and running request (their callers get finish_reason "cancelled")."""
+        with self._lock:
+            for s in list(self.queue) + [s for s in self.rows if s is not None]:
+                s.cancelled = True
+            self._wake.notify()
+
+    def stop(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop accepting requests and end the stepping thread; ``drain`` finishes the requests in
+        flight first, else they are cancelled."""
+        self.stop_accepting()
+        if not drain:
+            self.cancel_all()
+        with self._lock:
             self._stopping = True
             self._wake.notify()
         if self._thread is not None:

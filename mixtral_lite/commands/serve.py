@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import threading
 
 from ..errors import UserError
 from .generate import add_model_arguments, load, model_folder
@@ -89,5 +90,18 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])  # handles SIGTERM / SIGINT: stop accepting, drain, lifespan end
+    timeout = args.shutdown_timeout
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            """SIGTERM / SIGINT: refuse new requests at once; cancel the ones still running just before
+            uvicorn's deadline, so their streams end with an error event instead of a cut connection."""
+            engine.stop_accepting()
+            threading.Timer(max(timeout - 0.5, 0.0), engine.cancel_all).start()
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal after shutting down (exit status -15); a requested
+            # shutdown that went cleanly is a success, so forget it and return normally (exit 0)
+            getattr(self, "_captured_signals", []).clear()
+
+    Server(config).run(sockets=[sock])  # stops listening, waits for in-flight requests, then the lifespan end
     return 0
