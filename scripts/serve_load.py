@@ -17,6 +17,7 @@ import asyncio
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +26,22 @@ from urllib.parse import urlparse
 import httpx
 
 PROMPTS = ["Once upon a time", "The king", "She opened the door and saw", "Tom had a red ball. One day, he went"]
+
+
+def spawn_server(args) -> tuple[str, subprocess.Popen]:
+    """``mixtral-lite serve`` in its own process (as deployed: no interpreter lock shared with the
+    load generator); returns its URL from the startup line."""
+    cmd = [sys.executable, "-m", "mixtral_lite", "serve", "--port", "0", "--max-batch", str(args.max_batch)]
+    cmd += ["--max-queue", "256", "--served-model-name", "model"]
+    for flag, value in (("--model", args.model), ("--dtype", args.dtype), ("--threads", args.threads)):
+        if value:
+            cmd += [flag, str(value)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    if " at http://127.0.0.1:" not in line:
+        proc.kill()
+        raise SystemExit(f"serve_load: the server did not start: {line}{proc.stderr.read()}")
+    return line.split(" at ")[1].split()[0].removesuffix("/v1"), proc
 
 
 def start_server(args) -> tuple[str, object]:
@@ -132,7 +149,8 @@ def main() -> int:
     ap.add_argument("--url", help="an already running server on 127.0.0.1 (default: start one here)")
     ap.add_argument("--model", help="model folder (default: the bundled model)")
     ap.add_argument("--dtype", help="model dtype")
-    ap.add_argument("--threads", type=int, help="torch CPU threads of the in-process server")
+    ap.add_argument("--threads", type=int, help="torch CPU threads of the server")
+    ap.add_argument("--in-process", action="store_true", help="run the server in this process (default: its own)")
     ap.add_argument("--max-batch", type=int, default=64, help="server batch rows (default 64)")
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default: 2 x concurrency, >= 8)")
@@ -144,8 +162,19 @@ def main() -> int:
             print("serve_load: --url must be on 127.0.0.1 or localhost", file=sys.stderr)
             return 2
         url = args.url.rstrip("/").removesuffix("/v1")
-    else:
+    elif args.in_process:
         url, _ = start_server(args)
+    else:
+        url, proc = spawn_server(args)
+    try:
+        return report(args, url)
+    finally:
+        if not args.url and not args.in_process:
+            proc.terminate()
+            proc.wait(30)
+
+
+def report(args, url: str) -> int:
     rows = []
     print("| concurrency | requests | errors | req/s | output tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |")
     print("|---|---|---|---|---|---|---|")
