@@ -19,6 +19,7 @@ from .errors import UserError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate text from a prompt (streams to stdout)"),
     "chat": ("chat", "interactive chat with an Instruct model"),
+    "serve": ("serve", "serve a model over an OpenAI-compatible HTTP API (continuous batching)"),
     "params": ("params", "count total and active parameters of a model"),
     "info": ("info", "describe a checkpoint folder without loading the weights"),
     "bench": ("bench", "benchmark against transformers on the same weights"),
