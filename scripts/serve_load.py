@@ -50,8 +50,8 @@ def start_server(args) -> tuple[str, object]:
 
     from mixtral_lite import load_model, load_tokenizer
     from mixtral_lite.commands.generate import BUNDLED
-    from mixtral_lite.engine import Engine
-    from mixtral_lite.server import ServerOptions, create_app
+    from mixtral_lite.serving.engine import Engine
+    from mixtral_lite.serving.server import ServerOptions, create_app
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -47,12 +47,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..server import ServerOptions, create_app
+        from ..serving.server import ServerOptions, create_app
     except ImportError as exc:
         missing = f"serve needs fastapi and uvicorn ({exc.name} is missing)"
         raise UserError(f"{missing}: pip install 'mixtral-lite[serve]'") from None
-    from ..engine import Engine
-    from ..tokenizer import load_tokenizer
+    from ..generation.tokenizer import load_tokenizer
+    from ..serving.engine import Engine
 
     if not 0 <= args.port < 65536:
         raise UserError(f"--port: expected 0..65535, got {args.port}")

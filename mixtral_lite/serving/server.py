@@ -28,11 +28,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .detok import CONTEXT_TOKENS
+from ..errors import UserError
+from ..generation.detok import CONTEXT_TOKENS
+from ..generation.sampling import SamplingParams
+from ..generation.tokenizer import Tokenizer
 from .engine import Delta, Engine, EngineStopped, Histogram, QueueFull, Seq, SeqRequest
-from .errors import UserError
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
 
 MAX_N = 16  # choices per request
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for chat; completions allow 5)

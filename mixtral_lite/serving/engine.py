@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import KVCache
-from .detok import continuation_text
-from .device_map import layer_devices
-from .errors import UserError
-from .generate import PAD_ID, _RowText
-from .sampling import SamplingParams, make_generator, sample
-from .tokenizer import Tokenizer
+from ..errors import UserError
+from ..generation.detok import continuation_text
+from ..generation.generate import PAD_ID, _RowText
+from ..generation.sampling import SamplingParams, make_generator, sample
+from ..generation.tokenizer import Tokenizer
+from ..model.cache import KVCache
+from ..weights.device_map import layer_devices
 
 # latency buckets (seconds) for the time-to-first-token and inter-token histograms
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
