@@ -121,9 +121,18 @@ class Attention(nn.Module):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, is_causal: bool
     ) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hd) + mask) v, each group of query heads sharing its key/value head."""
-        gqa = self.n_heads != self.n_kv_heads
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        """softmax(q k^T / sqrt(hd) + mask) v, each group of query heads sharing its key/value head.
+
+        One new token with a mask (decoding) folds each group of query heads into the sequence
+        axis ([B, KV, G, hd]: the mask broadcasts over the group): the same products, and a layout
+        CUDA's fused kernels take, where a mask with ``enable_gqa`` falls back to the math backend
+        (keys and values repeated to every head)."""
+        b, h, t, hd = q.shape
+        kv = k.shape[1]
+        if h != kv and mask is not None and t == 1:
+            y = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, hd), k, v, attn_mask=mask)
+            return y.view(b, h, 1, hd)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=h != kv)
 
 
 class FeedForward(nn.Module):
