@@ -27,6 +27,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..config import MixtralConfig
+from ..generation.generate import decode_step, prefill
+from ..model.cache import KVCache
+from ..model.mixtral import Mixtral
+from ..model.quant import quantize_model
+from ..weights.device_map import layer_devices
+
 aten = torch.ops.aten
 
 # Ops whose output depends on data the host must read first, or that copy to the host.
@@ -57,7 +64,13 @@ INDEXED_WRITES = {
     aten.masked_fill_.Scalar,
 }
 # Ops that allocate or describe and launch no kernel.
-NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.detach.default}
+NO_KERNEL = {
+    aten._unsafe_view.default,
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.empty_like.default,
+    aten.detach.default,
+}
 
 
 class HostSync(RuntimeError):
@@ -217,4 +230,66 @@ class trace_ops:
         self._dispatch.__exit__(*exc)
 
 
-__all__ = ["HostSync", "Op", "Trace", "nbytes", "sdpa_backend", "trace_ops"]
+def meta_model(
+    preset: str = "mixtral-8x7b", *, layers: int | None = None, dtype: torch.dtype = torch.bfloat16, int8: bool = False
+) -> Mixtral:
+    """A preset's exact shapes on the meta device (no memory), ``layers`` of them (default: all),
+    quantised to int8 when asked."""
+    full = MixtralConfig.from_preset(preset)
+    config = full if layers is None else MixtralConfig.from_dict({**full.to_dict(), "num_hidden_layers": layers})
+    with torch.device("meta"):
+        model = Mixtral(config).to(dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if int8:
+        quantize_model(model)
+    return model
+
+
+def meta_cache(model: Mixtral, batch: int, length: int) -> KVCache:
+    return KVCache(model.config, batch, length, device=layer_devices(model), dtype=model.dtype)
+
+
+@torch.no_grad()
+def trace_prefill(model: Mixtral, batch: int, prompt_len: int, cache_len: int) -> Trace:
+    """The prompt's forward pass into a fresh cache."""
+    cache = meta_cache(model, batch, cache_len)
+    ids = torch.zeros(batch, prompt_len, dtype=torch.long, device=model.device)
+    with trace_ops() as t:
+        prefill(model, ids, cache, None)
+    return t
+
+
+@torch.no_grad()
+def trace_decode(model: Mixtral, batch: int, position: int, cache_len: int) -> Trace:
+    """One decode step at ``position`` (the cache holds ``position`` tokens before it)."""
+    cache = meta_cache(model, batch, cache_len)
+    dev = model.device
+    tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    slot = torch.tensor([position], device=dev)
+    positions = torch.full((batch, 1), position, device=dev)
+    with trace_ops() as t:
+        decode_step(model, tokens, cache, slot, positions)
+    return t
+
+
+def kv_bytes_attended(model: Mixtral, batch: int, cache_len: int) -> int:
+    """Bytes of keys and values one decode step reads: every layer's cache, all its slots."""
+    c = model.config
+    size = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * c.num_hidden_layers * batch * c.num_key_value_heads * cache_len * c.head_dim * size
+
+
+__all__ = [
+    "HostSync",
+    "Op",
+    "Trace",
+    "kv_bytes_attended",
+    "meta_cache",
+    "meta_model",
+    "nbytes",
+    "sdpa_backend",
+    "trace_decode",
+    "trace_ops",
+    "trace_prefill",
+]

@@ -30,7 +30,12 @@ HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 # each: no copy, no wasted products); larger batches run every expert on every token.
 COMPILED_PER_TOKEN_MAX = 16
 
-DISPATCHES = ("auto", "sorted", "gather", "per_token", "dense", "reference")
+DISPATCHES = ("auto", "sorted", "gather", "per_token", "dense", "each", "reference")
+
+# Off the CPU, experts whose ``stacks()`` are copies (int8) run ``each`` up to this many tokens
+# (decoding: reading every expert once beats writing float copies of the chosen ones); prefill
+# dequantises the stacks once per layer and runs ``dense``.
+EACH_MAX_TOKENS = 64
 
 
 class Experts(Protocol):
@@ -132,6 +137,18 @@ def experts_dense_topk(x: torch.Tensor, experts: Experts, idx: torch.Tensor, wei
     return torch.einsum("end,ne->nd", y.float(), dense).to(x.dtype)
 
 
+def experts_each(x: torch.Tensor, experts: Experts, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Every expert on every row through its own product (``expert(x, e)``), weighted by its
+    routing weight (0 where not chosen): static shapes, no host sync, and each expert's weights
+    read once in their own format. For experts whose ``stacks()`` are copies (int8 off the CPU),
+    where a gather or ``dense`` would first write float copies of the weights."""
+    dense = torch.zeros(x.shape[0], experts.n_experts, dtype=weights.dtype, device=x.device).scatter(1, idx, weights)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(experts.n_experts):
+        out += experts.expert(x, e).float() * dense[:, e, None]
+    return out.to(x.dtype)
+
+
 def experts_per_token(x: torch.Tensor, experts: Experts, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Few tokens: each token runs its K chosen experts (views of their weights, no copy).
 
@@ -204,14 +221,15 @@ def choose_dispatch(x: torch.Tensor, experts: Experts, idx: torch.Tensor) -> str
     their experts, many run every expert (``dense``: static shapes). On the CPU a few tokens loop
     over the chosen experts' weights (compiled: up to ``COMPILED_PER_TOKEN_MAX`` tokens); many
     sort and group, or under compile run ``dense``. Experts whose ``stacks()`` are copies (int8)
-    never group: that would dequantise every expert per call."""
+    off the CPU never group (that would dequantise every expert per call): ``each`` decodes."""
     few = idx.numel() <= experts.n_experts
     compiling, cpu = torch.compiler.is_compiling(), x.device.type == "cpu"
     copies = getattr(experts, "stacks_are_copies", False)
     if not cpu:
-        if not copies and x.dtype == torch.bfloat16 and grouped_mm_native(x.device):
-            if grouped_mm_ok(x, *experts.stacks()):
-                return "sorted"
+        if copies:
+            return "each" if x.shape[0] <= EACH_MAX_TOKENS else "dense"
+        if x.dtype == torch.bfloat16 and grouped_mm_native(x.device) and grouped_mm_ok(x, *experts.stacks()):
+            return "sorted"
         return "gather" if few else "dense"
     if few or (compiling and x.shape[0] <= COMPILED_PER_TOKEN_MAX):
         return "per_token"
@@ -223,6 +241,7 @@ _DISPATCH = {
     "gather": experts_gather,
     "per_token": experts_per_token,
     "dense": experts_dense_topk,
+    "each": experts_each,
     "reference": experts_reference,
 }
 
@@ -263,12 +282,14 @@ class StackedExperts:
 __all__ = [
     "COMPILED_PER_TOKEN_MAX",
     "DISPATCHES",
+    "EACH_MAX_TOKENS",
     "Experts",
     "StackedExperts",
     "choose_dispatch",
     "dispatch_experts",
     "expert_id",
     "experts_dense_topk",
+    "experts_each",
     "experts_gather",
     "experts_per_token",
     "experts_reference",
