@@ -123,15 +123,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """softmax(q k^T / sqrt(hd) + mask) v, each group of query heads sharing its key/value head.
 
-        One new token with a mask (decoding) folds each group of query heads into the sequence
-        axis ([B, KV, G, hd]: the mask broadcasts over the group): the same products, and a layout
-        CUDA's fused kernels take, where a mask with ``enable_gqa`` falls back to the math backend
-        (keys and values repeated to every head)."""
+        With a mask, each group of query heads is folded into the sequence axis ([B, KV, G*T, hd],
+        the mask repeated per head of the group; one new token needs no copy: it broadcasts): the
+        same products, in a layout CUDA's fused kernels take, where a mask with ``enable_gqa``
+        falls back to the math backend (keys and values repeated to every head, scores in full)."""
         b, h, t, hd = q.shape
         kv = k.shape[1]
-        if h != kv and mask is not None and t == 1:
-            y = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, hd), k, v, attn_mask=mask)
-            return y.view(b, h, 1, hd)
+        if h != kv and mask is not None and mask.shape[1] == 1:
+            g = h // kv
+            folded = mask if t == 1 else mask.expand(b, 1, t, mask.shape[-1]).repeat(1, 1, g, 1)  # [B, 1, G*T, S]
+            y = F.scaled_dot_product_attention(q.reshape(b, kv, g * t, hd), k, v, attn_mask=folded)
+            return y.view(b, h, t, hd)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=h != kv)
 
 
