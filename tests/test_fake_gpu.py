@@ -15,7 +15,6 @@ import mixtral_lite.generation.generate as generate_mod
 import mixtral_lite.model.experts as experts_mod
 from mixtral_lite.bench import active_weight_bytes
 from mixtral_lite.bench.trace import (
-    HostSync,
     kv_bytes_attended,
     meta_model,
     sdpa_backend,
@@ -127,7 +126,7 @@ def test_folded_attention_matches_enable_gqa_on_cpu(t: int) -> None:
     assert sdpa_backend(q.to(torch.bfloat16), k, mask, True) == "math"
 
 
-def test_grouped_mm_only_where_native(models, monkeypatch) -> None:
+def test_grouped_mm_only_where_the_gpu_has_its_kernel(models, monkeypatch) -> None:
     """Below sm90 ``_grouped_mm`` loops on the host: bf16 gathers (few rows) or runs dense."""
     model = model_for(models, torch.bfloat16, False)
     moe = model.layers[0].feed_forward

@@ -70,7 +70,7 @@ def experts_sorted(
 ) -> torch.Tensor:
     """Sort the N*K (token, expert) pairs by expert and run each expert once on its rows.
 
-    With ``torch._grouped_mm`` (default for bfloat16 where it is native, see ``grouped_mm_native``) the
+    With ``torch._grouped_mm`` (default for bfloat16 where the GPU has its kernel, see ``grouped_mm_in_hardware``) the
     segments run in one call per projection and nothing waits on the host; otherwise a loop over
     the non-empty segments.
     """
@@ -86,7 +86,7 @@ def experts_sorted(
     )
     stacks = experts.stacks() if grouped_mm is not False else None
     if grouped_mm is None:
-        grouped_mm = x.dtype == torch.bfloat16 and grouped_mm_native(x.device) and grouped_mm_ok(x, *stacks)
+        grouped_mm = x.dtype == torch.bfloat16 and grouped_mm_in_hardware(x.device) and grouped_mm_ok(x, *stacks)
     if grouped_mm:
         w1, w2, w3 = stacks
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -191,21 +191,21 @@ def grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
     return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in ws)
 
 
-# Compute capabilities where ``torch._grouped_mm`` has a native kernel (Hopper, Blackwell); below
+# Compute capabilities where ``torch._grouped_mm`` has a hardware kernel (Hopper, Blackwell); below
 # them PyTorch's fallback loops over the groups on the host (a sync per group). A ``meta`` device
 # (the fake-GPU tests) is taken to be this capability; tests change it to try the other branch.
-GROUPED_MM_NATIVE = {9, 10}
+GROUPED_MM_MAJORS = {9, 10}
 META_CAPABILITY = (9, 0)
 
 
-def grouped_mm_native(device: torch.device) -> bool:
-    """Whether ``device`` runs ``_grouped_mm`` natively (decided once per device)."""
+def grouped_mm_in_hardware(device: torch.device) -> bool:
+    """Whether ``device`` has a ``_grouped_mm`` kernel (decided once per device)."""
     if device.type == "meta":
-        return META_CAPABILITY[0] in GROUPED_MM_NATIVE
+        return META_CAPABILITY[0] in GROUPED_MM_MAJORS
     if device.type != "cuda":
         return False
     return (
-        _capability(device.index if device.index is not None else torch.cuda.current_device())[0] in GROUPED_MM_NATIVE
+        _capability(device.index if device.index is not None else torch.cuda.current_device())[0] in GROUPED_MM_MAJORS
     )
 
 
@@ -215,7 +215,7 @@ def _capability(index: int) -> tuple[int, int]:
 
 
 def choose_dispatch(x: torch.Tensor, experts: Experts, idx: torch.Tensor) -> str:
-    """``auto``: on a GPU with a native ``_grouped_mm`` for the dtype, every batch sorts and
+    """``auto``: on a GPU with a ``_grouped_mm`` kernel for the dtype, every batch sorts and
     groups: one product per projection reads only the chosen experts and never waits on the host
     (CUDA graphs). Elsewhere off the CPU nothing may wait on the host either: a few tokens gather
     their experts, many run every expert (``dense``: static shapes). On the CPU a few tokens loop
@@ -228,7 +228,7 @@ def choose_dispatch(x: torch.Tensor, experts: Experts, idx: torch.Tensor) -> str
     if not cpu:
         if copies:
             return "each" if x.shape[0] <= EACH_MAX_TOKENS else "dense"
-        if x.dtype == torch.bfloat16 and grouped_mm_native(x.device) and grouped_mm_ok(x, *experts.stacks()):
+        if x.dtype == torch.bfloat16 and grouped_mm_in_hardware(x.device) and grouped_mm_ok(x, *experts.stacks()):
             return "sorted"
         return "gather" if few else "dense"
     if few or (compiling and x.shape[0] <= COMPILED_PER_TOKEN_MAX):
@@ -294,7 +294,7 @@ __all__ = [
     "experts_per_token",
     "experts_reference",
     "experts_sorted",
-    "grouped_mm_native",
+    "grouped_mm_in_hardware",
     "grouped_mm_ok",
     "swiglu",
 ]
