@@ -59,6 +59,13 @@ def test_prefill_and_decode_never_sync(models, dtype: torch.dtype, int8: bool, b
 
 
 @pytest.mark.parametrize("batch", [1, 8])
+def test_mixtral_8x22b_never_syncs(batch: int) -> None:
+    model = meta_model("mixtral-8x22b", layers=LAYERS)
+    assert trace_prefill(model, batch, PROMPT, CACHE).syncs == []
+    assert trace_decode(model, batch, PROMPT, CACHE).syncs == []
+
+
+@pytest.mark.parametrize("batch", [1, 8])
 def test_generation_loop_reads_the_host_once_per_step(models, monkeypatch, batch: int) -> None:
     """The whole ``generate`` loop on meta: the only host read is ``_to_host`` (stood in for here,
     since meta tensors hold no tokens), once for prefill and once per decode step."""

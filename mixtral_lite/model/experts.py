@@ -221,12 +221,15 @@ def choose_dispatch(x: torch.Tensor, experts: Experts, idx: torch.Tensor) -> str
     their experts, many run every expert (``dense``: static shapes). On the CPU a few tokens loop
     over the chosen experts' weights (compiled: up to ``COMPILED_PER_TOKEN_MAX`` tokens); many
     sort and group, or under compile run ``dense``. Experts whose ``stacks()`` are copies (int8)
-    off the CPU never group (that would dequantise every expert per call): ``each`` decodes."""
+    off the CPU never group (that would dequantise every expert per call): ``each`` decodes
+    (compiled: few tokens gather)."""
     few = idx.numel() <= experts.n_experts
     compiling, cpu = torch.compiler.is_compiling(), x.device.type == "cpu"
     copies = getattr(experts, "stacks_are_copies", False)
     if not cpu:
-        if copies:
+        if copies:  # compiled, the gather's cast and scale fuse into the products' loads
+            if compiling and few:
+                return "gather"
             return "each" if x.shape[0] <= EACH_MAX_TOKENS else "dense"
         if x.dtype == torch.bfloat16 and grouped_mm_in_hardware(x.device) and grouped_mm_ok(x, *experts.stacks()):
             return "sorted"
