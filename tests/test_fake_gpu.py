@@ -219,3 +219,26 @@ class _Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_parallel_rank_step_never_syncs(tp: int, ep: int, int8: bool) -> None:
+    """One rank's share of 8x7B (its heads, its intermediate slice, its experts) on meta: prefill
+    and decode; the all-reduce hooks stand in for the collectives (kernels, not host reads)."""
+    from mixtral_lite.model.quant import quantize_model
+    from mixtral_lite.parallel.dist import ParallelState
+    from mixtral_lite.parallel.shard import shard_model
+
+    model = shard_model(meta_model(layers=LAYERS), ParallelState(tp=tp, ep=ep, rank=tp * ep - 1))
+    reduced = []
+    for block in model.layers:
+        for module in (block.attention, block.feed_forward):
+            if module.reduce is not None:
+                module.reduce = lambda y: reduced.append(y.shape) or y
+    if int8:
+        quantize_model(model)  # keeps the hooks: the dispatch and reduce move to the int8 layer
+    assert model.layers[0].attention.n_kv_heads == 8 // tp
+    assert trace_prefill(model, 8, PROMPT, CACHE).syncs == []
+    assert trace_decode(model, 1, PROMPT, CACHE).syncs == []
+    assert len(reduced) == 2 * LAYERS * (1 + (tp > 1))

@@ -241,7 +241,9 @@ def meta_model(
 
 
 def meta_cache(model: Mixtral, batch: int, length: int) -> KVCache:
-    return KVCache(model.config, batch, length, device=layer_devices(model), dtype=model.dtype)
+    """A cache for the heads the model holds (all, or one rank's under tensor parallelism)."""
+    kv = model.layers[0].attention.n_kv_heads
+    return KVCache(model.config, batch, length, device=layer_devices(model), dtype=model.dtype, num_kv_heads=kv)
 
 
 @torch.no_grad()
