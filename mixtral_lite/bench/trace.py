@@ -9,7 +9,8 @@ the CPU).
 Bytes are a model of what a CUDA kernel per op would move, not a measurement: each op reads its
 tensor inputs and writes its outputs, except where the kernel touches less than the operand:
 gathers read what they produce; indexed writes write what they are given; ``_grouped_mm`` reads
-only the expert groups that get rows (at most one per row); ``scaled_dot_product_attention`` is
+only the expert groups that get rows (at most one per row); ``_weight_int8pack_mm`` reads its
+matrix once per row (CUDA's kernel is a warp per output); ``scaled_dot_product_attention`` is
 one fused kernel (its backend predicted from the inputs: CUDA's flash and memory-efficient kernels
 take no additive mask with ``enable_gqa``). Views launch nothing and move nothing.
 
@@ -197,6 +198,9 @@ class _Recorder(TorchDispatchMode):
             groups = w.shape[0]
             used = min(groups, x.shape[0])  # a group without rows is skipped: its weights are not read
             read = nbytes(x) + nbytes(w) * used // groups + sum(nbytes(i) for i in inputs[2:])
+        elif func is aten._weight_int8pack_mm.default:  # CUDA's kernel: the matrix once per row of x
+            x, w = inputs[0], inputs[1]
+            read = nbytes(x) + nbytes(w) * x.shape[0] + nbytes(inputs[2])
         elif func is aten.copy_.default:
             read = nbytes(inputs[1])
             written = nbytes(inputs[0])

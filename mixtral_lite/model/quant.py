@@ -58,14 +58,19 @@ def linear_int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
 
 
 HAS_INT8PACK_MM = hasattr(torch, "_weight_int8pack_mm")
+# ``_weight_int8pack_mm`` on CUDA reads the whole matrix once per row of x (a warp per output);
+# the cast writes and reads a float copy (5 bytes per weight): the product wins up to 4 rows.
+INT8PACK_MAX_ROWS = 4
 
 
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., I] @ (q * scale)^T -> [..., O] in x's dtype: the int8 weights cast to x's dtype
-    (exact: |q| <= 127), the scale applied to the product's outputs. Off the CPU one
-    ``_weight_int8pack_mm`` reads the int8 weights once (the cast would write and read a float
-    copy of the matrix on every call); the CPU kernels install their own product."""
-    if HAS_INT8PACK_MM and x.device.type != "cpu" and q.is_contiguous():
+    (exact: |q| <= 127), the scale applied to the product's outputs. Eager off the CPU, a few
+    rows take one ``_weight_int8pack_mm`` (no float copy of the matrix); compiled, the cast fuses
+    into the product (gpt-fast's way); the CPU kernels install their own product."""
+    rows = x.numel() // x.shape[-1]
+    eager = not torch.compiler.is_compiling()
+    if HAS_INT8PACK_MM and x.device.type != "cpu" and eager and rows <= INT8PACK_MAX_ROWS and q.is_contiguous():
         flat = x.reshape(-1, x.shape[-1])
         return torch._weight_int8pack_mm(flat, q, scale.to(x.dtype)).view(*x.shape[:-1], q.shape[0])
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
