@@ -63,7 +63,7 @@ def test_greedy_tokens_match_transformers(pair, dtype: torch.dtype):
         assert agree >= 10, (mine, theirs.tolist())
 
 
-@pytest.mark.parametrize("impl", ["auto", "sorted", "gather", "dense"])
+@pytest.mark.parametrize("impl", ["auto", "sorted", "gather", "dense", "each"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 8, 33])
 def test_dispatch_matches_reference_on_cuda(impl: str, dtype: torch.dtype, n: int) -> None:
@@ -97,18 +97,35 @@ def test_int8_experts_on_cuda() -> None:
     x = torch.randn(5, 32, generator=g).to(DEV, torch.bfloat16)
     idx, weights = route_topk(torch.randn(5, 8, generator=g).to(DEV), 2)
     ref = experts_int8_reference(x, layer, idx, weights).float()
-    for impl in ("auto", "gather", "dense", "sorted"):
+    for impl in ("auto", "gather", "dense", "sorted", "each"):
         out = dispatch_experts(x, layer, idx, weights, impl).float()
         torch.testing.assert_close(out, ref, rtol=0, atol=0.02 * ref.abs().max().item())
 
 
-def _decode(model, decode_fn, steps: int = 6, b: int = 2) -> list[torch.Tensor]:
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_int8_linear_on_cuda_applies_the_scale_after_the_product(rows: int) -> None:
+    """Off the CPU ``linear_int8`` is one ``_weight_int8pack_mm`` (no float copy of the matrix)."""
+    from mixtral_lite.model.quant import linear_int8, linear_int8_reference, quantize_per_channel
+
+    g = torch.Generator().manual_seed(rows)
+    q, s = quantize_per_channel(torch.randn(96, 64, generator=g), torch.bfloat16)
+    x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+    ref = linear_int8_reference(x, q, s).float()
+    got = linear_int8(x.to(DEV), q.to(DEV), s.to(DEV)).float().cpu()
+    torch.testing.assert_close(got, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+
+
+def _decode(model, decode_fn, steps: int = 6, b: int = 2, fed: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Logits of ``steps`` decode steps; ``fed`` [B, steps]: the tokens fed (teacher forcing),
+    else each step's argmax."""
     ids = torch.randint(3, 128, (b, 7), generator=torch.Generator().manual_seed(3)).to(DEV)
     cache = KVCache(model.config, b, 7 + steps, device=DEV, dtype=model.dtype)
     tok = prefill(model, ids, cache, None).argmax(-1)
     slot, pos = torch.tensor([7], device=DEV), torch.full((b, 1), 7, device=DEV)
     out = []
-    for _ in range(steps):
+    for i in range(steps):
+        if fed is not None:
+            tok = fed[:, i]
         logits = decode_fn(model, tok[:, None], cache, slot, pos)
         out.append(logits)
         tok = logits.argmax(-1)
@@ -143,8 +160,12 @@ def test_compiled_step_with_cuda_graphs_matches_eager(pair) -> None:
     _, ours = pair
     model = copy.deepcopy(ours).to(DEV, torch.bfloat16)
     torch._dynamo.reset()
-    eager = _decode(model, decode_step)
-    compiled = _decode(model, compile_decode_step(DEV))  # reduce-overhead: CUDA graphs
+    """Teacher-forced: both are fed the same tokens, so a router tie that flips one expert (or an
+    argmax) in bf16 moves one step's logits a little and never sends the two down different
+    sequences (free-running, a flip failed the comparison at every later step)."""
+    fed = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(5)).to(DEV)
+    eager = _decode(model, decode_step, fed=fed)
+    compiled = _decode(model, compile_decode_step(DEV), fed=fed)  # reduce-overhead: CUDA graphs
     for e, c in zip(eager, compiled, strict=True):
         torch.testing.assert_close(c.float(), e.float(), rtol=0.02, atol=0.05)
 

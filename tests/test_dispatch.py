@@ -8,6 +8,7 @@ import torch
 from mixtral_lite.model.experts import (
     HAS_GROUPED_MM,
     StackedExperts,
+    experts_each,
     experts_gather,
     experts_per_token,
     experts_reference,
@@ -41,6 +42,7 @@ def _routing(n: int, k: int, seed: int = 1, only: list[int] | None = None):
 FAST = {
     "sorted-loop": lambda *a: experts_sorted(*a, grouped_mm=False),
     "gather": experts_gather,
+    "each": experts_each,
     "per_token": experts_per_token,
 }
 if HAS_GROUPED_MM:

@@ -105,7 +105,7 @@ def _layer(dtype: torch.dtype, accelerated: bool) -> Int8MoE:
     return layer
 
 
-@pytest.mark.parametrize("impl", ["per_token", "sorted", "gather", "dense", "auto"])
+@pytest.mark.parametrize("impl", ["per_token", "sorted", "gather", "dense", "each", "auto"])
 @pytest.mark.parametrize("accelerated", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1, 2, 9])

@@ -43,9 +43,10 @@ def active_weight_bytes(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.data_ptr() in seen or not t.is_floating_point() and t.dtype != torch.int8:
+        key = id(t) if t.is_meta else t.data_ptr()  # meta tensors all have address 0
+        if key in seen or not t.is_floating_point() and t.dtype != torch.int8:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         size = t.numel() * t.element_size()
         if name.startswith("tok_embeddings"):
             size //= config.vocab_size

@@ -376,10 +376,12 @@ def _to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Eve
     if tensors[0].device.type != "cuda":
         return [t.cpu() for t in tensors], None
     host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for h, t in zip(host, tensors, strict=True):
-        h.copy_(t, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
+    stream = torch.cuda.current_stream(tensors[0].device)  # the copies' stream: not cuda:0's with device_map
+    with torch.cuda.stream(stream):
+        for h, t in zip(host, tensors, strict=True):
+            h.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
     return host, event
 
 

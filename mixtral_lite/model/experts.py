@@ -17,6 +17,7 @@ that every faster path is tested against.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -29,7 +30,12 @@ HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 # each: no copy, no wasted products); larger batches run every expert on every token.
 COMPILED_PER_TOKEN_MAX = 16
 
-DISPATCHES = ("auto", "sorted", "gather", "per_token", "dense", "reference")
+DISPATCHES = ("auto", "sorted", "gather", "per_token", "dense", "each", "reference")
+
+# Off the CPU, experts whose ``stacks()`` are copies (int8) run ``each`` up to this many tokens
+# (decoding: reading every expert once beats writing float copies of the chosen ones); prefill
+# dequantises the stacks once per layer and runs ``dense``.
+EACH_MAX_TOKENS = 64
 
 
 class Experts(Protocol):
@@ -64,7 +70,7 @@ def experts_sorted(
 ) -> torch.Tensor:
     """Sort the N*K (token, expert) pairs by expert and run each expert once on its rows.
 
-    With ``torch._grouped_mm`` (default for bfloat16 off the CPU, where the weights allow it) the
+    With ``torch._grouped_mm`` (default for bfloat16 where the GPU has its kernel, see ``grouped_mm_in_hardware``) the
     segments run in one call per projection and nothing waits on the host; otherwise a loop over
     the non-empty segments.
     """
@@ -80,7 +86,7 @@ def experts_sorted(
     )
     stacks = experts.stacks() if grouped_mm is not False else None
     if grouped_mm is None:
-        grouped_mm = x.device.type != "cpu" and x.dtype == torch.bfloat16 and grouped_mm_ok(x, *stacks)
+        grouped_mm = x.dtype == torch.bfloat16 and grouped_mm_in_hardware(x.device) and grouped_mm_ok(x, *stacks)
     if grouped_mm:
         w1, w2, w3 = stacks
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -104,11 +110,17 @@ def experts_gather(x: torch.Tensor, experts: Experts, idx: torch.Tensor, weights
     """Few tokens (decode): index the K chosen experts' weights per token, no host sync.
 
     Reads only the chosen experts; under ``torch.compile`` the gather fuses into the products.
+    Experts whose ``stacks()`` are copies (int8) supply ``chosen(idx)``: only those made float.
     """
-    w1, w2, w3 = experts.stacks()
-    x1 = torch.einsum("nd,nkid->nki", x, w1[idx])  # [N, K, I]
-    x3 = torch.einsum("nd,nkid->nki", x, w3[idx])
-    y = torch.einsum("nki,nkdi->nkd", F.silu(x1) * x3, w2[idx])  # [N, K, D]
+    chosen = getattr(experts, "chosen", None)
+    if chosen is not None:
+        g1, g2, g3 = chosen(idx)  # [N, K, I, D], [N, K, D, I], [N, K, I, D]
+    else:
+        w1, w2, w3 = experts.stacks()
+        g1, g2, g3 = w1[idx], w2[idx], w3[idx]
+    x1 = torch.einsum("nd,nkid->nki", x, g1)  # [N, K, I]
+    x3 = torch.einsum("nd,nkid->nki", x, g3)
+    y = torch.einsum("nki,nkdi->nkd", F.silu(x1) * x3, g2)  # [N, K, D]
     return torch.einsum("nkd,nk->nd", y.float(), weights).to(x.dtype)
 
 
@@ -123,6 +135,18 @@ def experts_dense_topk(x: torch.Tensor, experts: Experts, idx: torch.Tensor, wei
     h = F.silu(torch.einsum("nd,eid->eni", x, w1)) * torch.einsum("nd,eid->eni", x, w3)  # [E, N, I]
     y = torch.einsum("eni,edi->end", h, w2)  # [E, N, D]
     return torch.einsum("end,ne->nd", y.float(), dense).to(x.dtype)
+
+
+def experts_each(x: torch.Tensor, experts: Experts, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Every expert on every row through its own product (``expert(x, e)``), weighted by its
+    routing weight (0 where not chosen): static shapes, no host sync, and each expert's weights
+    read once in their own format. For experts whose ``stacks()`` are copies (int8 off the CPU),
+    where a gather or ``dense`` would first write float copies of the weights."""
+    dense = torch.zeros(x.shape[0], experts.n_experts, dtype=weights.dtype, device=x.device).scatter(1, idx, weights)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(experts.n_experts):
+        out += experts.expert(x, e).float() * dense[:, e, None]
+    return out.to(x.dtype)
 
 
 def experts_per_token(x: torch.Tensor, experts: Experts, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -167,18 +191,51 @@ def grouped_mm_ok(x: torch.Tensor, *ws: torch.Tensor) -> bool:
     return all(w.shape[-1] * w.element_size() % 16 == 0 and w.shape[-2] * w.element_size() % 16 == 0 for w in ws)
 
 
+# Compute capabilities where ``torch._grouped_mm`` has a hardware kernel (Hopper, Blackwell); below
+# them PyTorch's fallback loops over the groups on the host (a sync per group). A ``meta`` device
+# (the fake-GPU tests) is taken to be this capability; tests change it to try the other branch.
+GROUPED_MM_MAJORS = {9, 10}
+META_CAPABILITY = (9, 0)
+
+
+def grouped_mm_in_hardware(device: torch.device) -> bool:
+    """Whether ``device`` has a ``_grouped_mm`` kernel (decided once per device)."""
+    if device.type == "meta":
+        return META_CAPABILITY[0] in GROUPED_MM_MAJORS
+    if device.type != "cuda":
+        return False
+    return (
+        _capability(device.index if device.index is not None else torch.cuda.current_device())[0] in GROUPED_MM_MAJORS
+    )
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def choose_dispatch(x: torch.Tensor, experts: Experts, idx: torch.Tensor) -> str:
-    """``auto``: on a GPU with ``_grouped_mm`` for the dtype, every batch sorts and groups: one
-    product per projection reads only the chosen experts and never waits on the host (CUDA
-    graphs). Otherwise a few tokens loop over the chosen experts' weights (CPU; compiled: up to
-    ``COMPILED_PER_TOKEN_MAX`` tokens) or gather them (GPU); many tokens sort and group, or under
-    compile run every expert (``dense``: static shapes)."""
+    """``auto``: on a GPU with a ``_grouped_mm`` kernel for the dtype, every batch sorts and
+    groups: one product per projection reads only the chosen experts and never waits on the host
+    (CUDA graphs). Elsewhere off the CPU nothing may wait on the host either: a few tokens gather
+    their experts, many run every expert (``dense``: static shapes). On the CPU a few tokens loop
+    over the chosen experts' weights (compiled: up to ``COMPILED_PER_TOKEN_MAX`` tokens); many
+    sort and group, or under compile run ``dense``. Experts whose ``stacks()`` are copies (int8)
+    off the CPU never group (that would dequantise every expert per call): ``each`` decodes
+    (compiled: few tokens gather)."""
     few = idx.numel() <= experts.n_experts
     compiling, cpu = torch.compiler.is_compiling(), x.device.type == "cpu"
-    if not cpu and x.dtype == torch.bfloat16 and grouped_mm_ok(x, *experts.stacks()):
-        return "sorted"
-    if few or (cpu and compiling and x.shape[0] <= COMPILED_PER_TOKEN_MAX):
-        return "per_token" if cpu else "gather"
+    copies = getattr(experts, "stacks_are_copies", False)
+    if not cpu:
+        if copies:  # compiled, the gather's cast and scale fuse into the products' loads
+            if compiling and few:
+                return "gather"
+            return "each" if x.shape[0] <= EACH_MAX_TOKENS else "dense"
+        if x.dtype == torch.bfloat16 and grouped_mm_in_hardware(x.device) and grouped_mm_ok(x, *experts.stacks()):
+            return "sorted"
+        return "gather" if few else "dense"
+    if few or (compiling and x.shape[0] <= COMPILED_PER_TOKEN_MAX):
+        return "per_token"
     return "dense" if compiling else "sorted"
 
 
@@ -187,6 +244,7 @@ _DISPATCH = {
     "gather": experts_gather,
     "per_token": experts_per_token,
     "dense": experts_dense_topk,
+    "each": experts_each,
     "reference": experts_reference,
 }
 
@@ -227,16 +285,19 @@ class StackedExperts:
 __all__ = [
     "COMPILED_PER_TOKEN_MAX",
     "DISPATCHES",
+    "EACH_MAX_TOKENS",
     "Experts",
     "StackedExperts",
     "choose_dispatch",
     "dispatch_experts",
     "expert_id",
     "experts_dense_topk",
+    "experts_each",
     "experts_gather",
     "experts_per_token",
     "experts_reference",
     "experts_sorted",
+    "grouped_mm_in_hardware",
     "grouped_mm_ok",
     "swiglu",
 ]

@@ -121,9 +121,20 @@ class Attention(nn.Module):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, is_causal: bool
     ) -> torch.Tensor:
-        """softmax(q k^T / sqrt(hd) + mask) v, each group of query heads sharing its key/value head."""
-        gqa = self.n_heads != self.n_kv_heads
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        """softmax(q k^T / sqrt(hd) + mask) v, each group of query heads sharing its key/value head.
+
+        With a mask, each group of query heads is folded into the sequence axis ([B, KV, G*T, hd],
+        the mask repeated per head of the group; one new token needs no copy: it broadcasts): the
+        same products, in a layout CUDA's fused kernels take, where a mask with ``enable_gqa``
+        falls back to the math backend (keys and values repeated to every head, scores in full)."""
+        b, h, t, hd = q.shape
+        kv = k.shape[1]
+        if h != kv and mask is not None and mask.shape[1] == 1:
+            g = h // kv
+            folded = mask if t == 1 else mask.expand(b, 1, t, mask.shape[-1]).repeat(1, 1, g, 1)  # [B, 1, G*T, S]
+            y = F.scaled_dot_product_attention(q.reshape(b, kv, g * t, hd), k, v, attn_mask=folded)
+            return y.view(b, h, t, hd)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=h != kv)
 
 
 class FeedForward(nn.Module):

@@ -57,9 +57,22 @@ def linear_int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
     return F.linear(x.float(), dequantize(q, scale)).to(x.dtype)
 
 
+HAS_INT8PACK_MM = hasattr(torch, "_weight_int8pack_mm")
+# ``_weight_int8pack_mm`` on CUDA reads the whole matrix once per row of x (a warp per output);
+# the cast writes and reads a float copy (5 bytes per weight): the product wins up to 4 rows.
+INT8PACK_MAX_ROWS = 4
+
+
 def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., I] @ (q * scale)^T -> [..., O] in x's dtype: the int8 weights cast to x's dtype
-    (exact: |q| <= 127), the scale applied to the product's outputs."""
+    (exact: |q| <= 127), the scale applied to the product's outputs. Eager off the CPU, a few
+    rows take one ``_weight_int8pack_mm`` (no float copy of the matrix); compiled, the cast fuses
+    into the product (gpt-fast's way); the CPU kernels install their own product."""
+    rows = x.numel() // x.shape[-1]
+    eager = not torch.compiler.is_compiling()
+    if HAS_INT8PACK_MM and x.device.type != "cpu" and eager and rows <= INT8PACK_MAX_ROWS and q.is_contiguous():
+        flat = x.reshape(-1, x.shape[-1])
+        return torch._weight_int8pack_mm(flat, q, scale.to(x.dtype)).view(*x.shape[:-1], q.shape[0])
     return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
 
 
@@ -112,6 +125,16 @@ class Int8MoE(SparseMoE):
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         h = F.silu(linear_int8(x, self.w1[e], self.w1_scale[e])) * linear_int8(x, self.w3[e], self.w3_scale[e])
         return linear_int8(h, self.w2[e], self.w2_scale[e])
+
+    stacks_are_copies = True  # stacks() dequantises every expert: the dispatch avoids it off the CPU
+
+    def chosen(self, idx: torch.Tensor) -> Triple:
+        """The chosen experts idx [N, K] dequantised to the scales' dtype: the int8 gather reads
+        only them (w1, w3 [N, K, F, D]; w2 [N, K, D, F])."""
+        return tuple(
+            q[idx].to(s.dtype) * s[idx][..., None]
+            for q, s in zip((self.w1, self.w2, self.w3), self.scales(), strict=True)
+        )
 
     def stacks(self) -> Triple:
         """The experts dequantised to the scales' dtype (for the dispatches that read whole stacks)."""

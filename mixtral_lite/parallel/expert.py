@@ -14,7 +14,7 @@ per sequence, and the all-reduce is one fixed-size collective per layer with no 
 exchange first (no host sync, no ragged buffers), exact up to float summation order. Per rank it
 moves about 2 (N-1)/N x tokens x D values, the same as an all-to-all at K = N (top-2 on 2 ranks).
 
-Axis legend: N tokens, K experts per token, P (token, expert) pairs owned here, D hidden.
+Axis legend: N tokens, K experts per token, D hidden.
 """
 
 from __future__ import annotations
@@ -62,15 +62,12 @@ class LocalExperts:
         self.impl = impl
 
     def __call__(self, x: torch.Tensor, experts: Experts, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Static shapes, nothing read by the host: a pair routed elsewhere runs one of this rank's
+        experts with weight 0 (selecting the owned pairs would be a ``nonzero``: a sync per layer)."""
         local = idx - self.first  # [N, K]
-        token, slot = torch.nonzero((local >= 0) & (local < experts.n_experts), as_tuple=True)  # [P]
-        out = torch.zeros_like(x)  # [N, D]
-        if token.numel():
-            y = dispatch_experts(
-                x[token], experts, local[token, slot, None], weights[token, slot, None], self.impl
-            )  # [P, D]: one pair per row, K = 1
-            out.index_add_(0, token, y)
-        return out
+        own = (local >= 0) & (local < experts.n_experts)
+        local = local.clamp(0, experts.n_experts - 1)
+        return dispatch_experts(x, experts, local, weights * own, self.impl)
 
     def __repr__(self) -> str:
         return f"LocalExperts(first={self.first}, impl={self.impl!r})"
