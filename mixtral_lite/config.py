@@ -193,7 +193,7 @@ class MixtralConfig:
         path = PRESET_DIR / f"{name}.json"
         if not path.is_file():
             raise ConfigError(f"unknown preset {name!r}: expected one of {available_presets()}")
-        return cls.from_dict(_read_json(path), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MixtralConfig:
@@ -208,7 +208,7 @@ class MixtralConfig:
                 raise ConfigError(f"{path}: no config.json or params.json in this folder")
         elif not path.is_file():
             raise ConfigError(f"{path}: no such file or folder")
-        data = _read_json(path)
+        data = read_json(path)
         if path.name == "params.json" or ("dim" in data and "n_layers" in data):
             return cls.from_mistral_params(data, source=str(path))
         return cls.from_hf_dict(data, source=str(path))
@@ -357,10 +357,11 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path`` (config.json, params.json, an index), or a ``ConfigError`` naming it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid JSON: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import MixtralConfig
+from ..config import MixtralConfig, read_json
 from ..errors import UserError
 from .keymap import hf_items, map_key_chunks
 
@@ -221,7 +221,7 @@ def _open_once(folder: Path, strict: bool) -> Checkpoint:
 
 def _open_hf(folder: Path, has: set[str], strict: bool) -> Checkpoint:
     config_file = folder / "config.json"
-    raw = _read_json(config_file)
+    raw = read_json(config_file)
     config = MixtralConfig.from_hf_dict(raw, source=str(config_file))
     ckpt = Checkpoint(
         folder=folder,
@@ -283,7 +283,7 @@ def _open_mistral(folder: Path, has: set[str], strict: bool) -> Checkpoint:
 
 
 def _read_index(path: Path) -> tuple[dict[str, str], str | None]:
-    data = _read_json(path)
+    data = read_json(path)
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{path}: expected a non-empty 'weight_map' object of key -> shard file")
@@ -296,18 +296,6 @@ def _read_index(path: Path) -> tuple[dict[str, str], str | None]:
             )
     meta = data.get("metadata")
     return weight_map, meta.get(SAVE_ID_KEY) if isinstance(meta, dict) else None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: invalid JSON: {exc}") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _problem(ckpt: Checkpoint, strict: bool, message: str, file: Path | None = None) -> None:
