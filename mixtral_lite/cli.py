@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
-        print(f"mixtral-lite {args.command}: error: {exc}", file=sys.stderr)
+        message = exc.for_flag() if exc.param and hasattr(args, exc.param) else str(exc)
+        print(f"mixtral-lite {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("", file=sys.stderr)

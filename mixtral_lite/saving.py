@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,18 +21,27 @@ from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
 from .errors import UserError
 from .keymap import hf_items
 from .loading import model_tensors
+from .tokenizer import Tokenizer, find_tokenizer
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _OLD_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\Z")
 
 
-def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB") -> list[Path]:
+def save_pretrained(
+    model: nn.Module,
+    path: str | Path,
+    max_shard_size: int | str = "5GB",
+    *,
+    tokenizer: Tokenizer | str | Path | None = None,
+) -> list[Path]:
     """Write ``config.json`` and the weights (one ``model.safetensors``, or ``model-0000N-of-0000M``
     shards of at most ``max_shard_size`` plus ``model.safetensors.index.json``); returns the files.
 
     Earlier weight files of this naming in ``path`` are removed so no stale shard is left beside
-    the new index.
+    the new index. ``tokenizer`` (a loaded tokenizer, its file or its model folder) is copied in
+    too, so the folder is one that ``generate --model`` runs; without it the folder has weights only.
     """
+    source = _tokenizer_files(tokenizer) if tokenizer is not None else []
     config = model.config
     if any(hasattr(m, "num_weight_elements") for m in model.modules()):
         raise UserError("save_pretrained: the model is quantized; save it before quantizing")
@@ -68,7 +78,35 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | st
     data = {**config.to_hf_dict(), "torch_dtype": dtype, "dtype": dtype}
     (folder / "config.json").write_text(json.dumps(data, indent=2) + "\n")
     written.append(folder / "config.json")
+    for file in source:
+        if file.resolve() != (folder / file.name).resolve():
+            shutil.copyfile(file, folder / file.name)
+        written.append(folder / file.name)
     return written
+
+
+def _tokenizer_files(tokenizer: Tokenizer | str | Path) -> list[Path]:
+    """The file(s) to copy for ``tokenizer``: its model file, plus a tokenizer.json's tokenizer_config.json."""
+    if isinstance(tokenizer, Tokenizer):
+        file = getattr(tokenizer, "path", None)
+        if file is None:
+            raise TypeError(f"tokenizer: expected a tokenizer loaded from a file, got {type(tokenizer).__name__}")
+    elif isinstance(tokenizer, str | Path):
+        file = Path(tokenizer)
+        if file.is_dir():
+            found = find_tokenizer(file)
+            if found is None:
+                raise UserError(f"tokenizer: {file}: no tokenizer.model or tokenizer.json in this folder")
+            file = found
+        elif not file.is_file():
+            raise UserError(f"tokenizer: {file}: no such file or folder")
+    else:
+        raise TypeError(f"tokenizer: expected a Tokenizer, a file or a folder, got {type(tokenizer).__name__}")
+    files = [Path(file)]
+    extra = files[0].parent / "tokenizer_config.json"
+    if files[0].suffix == ".json" and extra.is_file():
+        files.append(extra)
+    return files
 
 
 def parse_size(size: int | str) -> int:
