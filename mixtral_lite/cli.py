@@ -79,7 +79,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
-        print(f"mixtral-lite {args.command}: error: {exc}", file=sys.stderr)
+        message = exc.for_flag() if exc.param and hasattr(args, exc.param) else str(exc)
+        print(f"mixtral-lite {args.command}: error: {message}", file=sys.stderr)
         return 2
     except OSError as exc:
         if isinstance(exc, BrokenPipeError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):

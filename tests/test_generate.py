@@ -237,12 +237,12 @@ def test_repetition_penalty_follows_its_definition(tiny, penalty):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=-1.0), "--temperature"),
-        (dict(top_p=0.0), "--top-p"),
-        (dict(top_p=1.5), "--top-p"),
-        (dict(top_k=0), "--top-k"),
-        (dict(max_new_tokens=0), "--max-new-tokens"),
-        (dict(stop=[""]), "--stop"),
+        (dict(temperature=-1.0), "^temperature: "),
+        (dict(top_p=0.0), "^top_p: "),
+        (dict(top_p=1.5), "^top_p: "),
+        (dict(top_k=0), "^top_k: "),
+        (dict(max_new_tokens=0), "^max_new_tokens: "),
+        (dict(stop=[""]), "^stop: "),
         (dict(prompts=""), "prompt: empty"),
         (dict(prompts=[]), "at least one prompt"),
         (dict(prompts=[[]]), "prompt: empty list"),

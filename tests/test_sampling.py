@@ -131,16 +131,19 @@ def test_seeded_sampling_is_reproducible():
 @pytest.mark.parametrize(
     "kwargs, flag",
     [
-        (dict(temperature=-0.1), "--temperature"),
-        (dict(temperature=float("nan")), "--temperature"),
-        (dict(top_k=0), "--top-k"),
-        (dict(top_p=0.0), "--top-p"),
-        (dict(top_p=1.5), "--top-p"),
-        (dict(min_p=-0.1), "--min-p"),
-        (dict(min_p=1.1), "--min-p"),
-        (dict(repetition_penalty=0.0), "--repetition-penalty"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(min_p=1.1), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
     ],
 )
-def test_bad_parameters_name_the_flag(kwargs, flag):
-    with pytest.raises(UserError, match=flag):
+def test_bad_parameters_name_the_python_parameter(kwargs, flag):
+    """A Python call names its own parameter (a ValueError); the CLI shows the flag (test_cli_generate)."""
+    with pytest.raises(ValueError, match=f"^{flag}: ") as err:
         SamplingParams(**kwargs)
+    assert isinstance(err.value, UserError) and err.value.param == flag
+    assert err.value.for_flag().startswith("--" + flag.replace("_", "-") + ": ")

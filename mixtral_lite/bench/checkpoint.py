@@ -29,8 +29,11 @@ def make_checkpoint(folder: Path, config: MixtralConfig, *, seed: int, std: floa
     far from ties, so implementations that round differently (bfloat16, int8) can be held to the
     same answer.
     """
-    from transformers import MixtralConfig as HFConfig
-    from transformers import MixtralForCausalLM
+    try:
+        from transformers import MixtralConfig as HFConfig
+        from transformers import MixtralForCausalLM
+    except ImportError:  # --ours-only without transformers: the same recipe, written by our own model
+        return _make_checkpoint_ours(folder, config, seed=seed, std=std)
 
     recipe = {"config": config.to_hf_dict(), "seed": seed, "std": std, "kind": "peaked-successor"}
     meta = folder / "bench_recipe.json"
@@ -55,6 +58,36 @@ def make_checkpoint(folder: Path, config: MixtralConfig, *, seed: int, std: floa
             head[successor] = emb * (std / emb.std())  # row successor[v] points at v's embedding
             hf.lm_head.weight.copy_(head)
     hf.save_pretrained(folder)
+    meta.write_text(json.dumps(recipe))
+    return folder
+
+
+def _make_checkpoint_ours(folder: Path, config: MixtralConfig, *, seed: int, std: float) -> Path:
+    """``make_checkpoint``'s recipe on our ``Mixtral`` (other random draws, the same statistics)."""
+    from ..model.mixtral import Mixtral
+    from ..weights.saving import save_pretrained
+
+    recipe = {"config": config.to_hf_dict(), "seed": seed, "std": std, "kind": "peaked-successor-ours"}
+    meta = folder / "bench_recipe.json"
+    if meta.exists() and json.loads(meta.read_text()) == recipe:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    model = Mixtral(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+        emb = model.tok_embeddings.weight
+        emb.mul_(50.0)
+        if not config.tie_word_embeddings:
+            successor = torch.randperm(config.vocab_size, generator=gen)
+            head = torch.empty_like(emb)
+            head[successor] = emb * (std / emb.std())
+            model.output.weight.copy_(head)
+    save_pretrained(model, folder)
     meta.write_text(json.dumps(recipe))
     return folder
 

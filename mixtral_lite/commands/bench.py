@@ -17,6 +17,7 @@ import argparse
 
 from ..bench import add_arguments as _add_arguments
 from ..bench import options_from_args, run_benchmark
+from ..errors import UserError
 
 HELP = "benchmark against transformers on the same weights"
 
@@ -26,5 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = run_benchmark(options_from_args(args))
+    opts = options_from_args(args)
+    if opts.compare:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "transformers is not installed: pip install 'mixtral-lite[bench]', or pass --ours-only to time "
+                "mixtral_lite alone"
+            ) from None
+    result = run_benchmark(opts)
     return 0 if result["same_tokens_ok"] else 1

@@ -45,7 +45,12 @@ def add_sampling_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int, t
     p.add_argument("--min-p", type=float, help="keep tokens with probability >= min_p * the top probability")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop before this text (repeatable)")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help=r'stop before this text (repeatable); backslash escapes are read: --stop "\n\n" stops at a blank line',
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,8 +82,17 @@ def sampling_options(args: argparse.Namespace) -> dict:
         "min_p": args.min_p,
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
-        "stop": args.stop,
+        "stop": [unescape_stop(s) for s in args.stop],
     }
+
+
+def unescape_stop(text: str) -> str:
+    """A shell cannot easily pass a newline, so ``--stop "\\n\\n"`` means two newlines, as in Python
+    string literals; other characters (non-ASCII too) stay as typed."""
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--stop {text!r}: bad backslash escape ({exc.reason}); write a backslash as \\\\") from None
 
 
 def model_folder(args: argparse.Namespace) -> Path:

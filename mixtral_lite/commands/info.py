@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..generation.tokenizer import find_tokenizer
 from ..params import count_parameters
 from ..weights.checkpoint import INDEX_FILE, open_checkpoint
 from ..weights.loading import plan_load
@@ -80,6 +81,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "active_per_token": counts.active,
                 "in_files": sum(_numel(t.shape) for t in ckpt.tensors.values()),
             },
+            "tokenizer": tokenizer.name if (tokenizer := find_tokenizer(ckpt.folder)) else None,
             "problems": ckpt.problems + plan.problems,
         }
 
@@ -105,8 +107,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"({c['router']} routing), vocab {c['vocab_size']}",
         f"             rope_theta {c['rope_theta']:g}, max positions {c['max_position_embeddings']}, "
         f"sliding window {c['sliding_window']}, tied embeddings {c['tie_word_embeddings']}",
-        f"parameters:  {p['total']:,} total ({p['total'] / 1e9:.2f}B), {p['active_per_token']:,} active per token "
-        f"({p['active_per_token'] / 1e9:.2f}B); {p['in_files']:,} in the files",
+        f"parameters:  {p['total']:,} total ({_count(p['total'])}), {p['active_per_token']:,} active per token "
+        f"({_count(p['active_per_token'])}); {p['in_files']:,} in the files",
+        f"tokenizer:   {r['tokenizer'] or 'none (generate needs tokenizer.model or tokenizer.json in the folder)'}",
     ]
     if r["problems"]:
         lines.append(f"problems:    {len(r['problems'])}")
@@ -121,6 +124,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def _count(n: int) -> str:
+    """5.9M, 46.7B: three significant digits at most, in the unit that fits."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
 
 
 def _size(n: int) -> str:

@@ -7,6 +7,7 @@ table and lm_head counted in full.
 Examples:
   mixtral-lite params --preset mixtral-8x7b
   mixtral-lite params --model /data/Mixtral-8x7B-v0.1 --json
+  mixtral-lite params --config configs/tiny.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ HELP = "count total and active parameters of a model"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help=f"a preset name: {', '.join(available_presets())}")
-    src.add_argument("--config", help="a config.json (Hugging Face) or params.json (Mistral) file")
+    src.add_argument(
+        "--config", help="a config file: ours (configs/tiny.json, as for train), Hugging Face or Mistral params.json"
+    )
     src.add_argument("--model", help="a model folder (reads its config only)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
 
@@ -31,8 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_config(args: argparse.Namespace) -> MixtralConfig:
     if args.preset:
         return MixtralConfig.from_preset(args.preset)
-    path = args.config or args.model
-    return MixtralConfig.from_pretrained(path)
+    if args.config:
+        from .train import read_config_file  # the same files `train --config` takes
+
+        return read_config_file(args.config)[0]
+    return MixtralConfig.from_pretrained(args.model)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,8 +19,9 @@ config uses bias balancing (moe.bias_balancing: DeepSeek-V3's auxiliary-loss-fre
 after every step), switch otherwise.
 
 Example:
-  mixtral-lite train --config mixtral_lite/configs/tiny.json --data shakespeare.txt --out runs/tiny \\
-      --steps 2000 --batch-size 16 --seq-len 256 --lr 1e-3
+  mixtral-lite train --config mixtral_lite/configs/tiny.json --data mixtral_lite/bundled/heldout.txt \\
+      --out runs/tiny --steps 2000 --batch-size 16 --seq-len 256 --lr 1e-3
+  mixtral-lite train --resume runs/tiny --steps 3000      # the data file is read from the run's state
   mixtral-lite generate --model runs/tiny --prompt "ROMEO:"
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -82,7 +84,11 @@ HELPS = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="model + training config JSON file, or a preset name (not with --resume)")
-    p.add_argument("--data", required=True, help="a UTF-8 text file to train on")
+    p.add_argument(
+        "--data",
+        help="a UTF-8 text file to train on, e.g. mixtral_lite/bundled/heldout.txt (106 KB of Shakespeare); "
+        "with --resume: default the run's own",
+    )
     p.add_argument("--out", help="output folder (default: the --resume folder)")
     p.add_argument("--tokenizer", help="a tokenizer.model (or a folder holding one), or 'bytes'")
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
@@ -95,7 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             flag, type=kind, default=None, choices=choices, help=f"{HELPS[name]} (default {getattr(defaults, name)})"
         )
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (also off when stderr is not a terminal)"
+    )
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (small models often run fastest on 1)")
 
 
@@ -115,6 +123,8 @@ def read_config_file(spec: str) -> tuple[MixtralConfig, dict]:
     section = data.pop("train", {})
     if not isinstance(section, dict):
         raise UserError(f"--config: {path}: train: expected an object, got {type(section).__name__}")
+    if path.name == "params.json" or ("dim" in data and "n_layers" in data):
+        return MixtralConfig.from_mistral_params(data, source=str(path)), section
     return MixtralConfig.from_dict(data, source=str(path)), section
 
 
@@ -130,11 +140,20 @@ def run(args: argparse.Namespace) -> int:
         if args.config:
             raise UserError("--config: not with --resume (the run's config is read from the --resume folder)")
         model_config = MixtralConfig.from_pretrained(args.resume)
-        section = read_state(args.resume)["train_config"]
+        state = read_state(args.resume)
+        section = state["train_config"]
         out = Path(args.out or args.resume)
+        if args.data is None:
+            args.data = state.get("data_file")
+            if args.data is None:
+                raise UserError(f"--data: required: {args.resume} does not record the file it was trained on")
+            if not Path(args.data).is_file():
+                raise UserError(f"--data: {args.resume} was trained on {args.data}, which is gone; pass --data FILE")
     else:
         if not args.config or not args.out:
             raise UserError("--config and --out are required (unless --resume)")
+        if not args.data:
+            raise UserError("--data: required (unless --resume); e.g. mixtral_lite/bundled/heldout.txt")
         model_config, section = read_config_file(args.config)
         out = Path(args.out)
     cfg = TrainConfig.from_dict({**section, **overrides}, source="train")
@@ -157,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             f"--tokenizer: {spec} has {tokenizer.vocab_size} tokens, more than vocab_size={model_config.vocab_size}"
         )
     data = TokenData.from_file(args.data, tokenizer, cfg.val_fraction)
+    progress = not args.no_progress and sys.stderr.isatty()  # no \r frames in a log file: one line per evaluation
     print(f"data: {len(data.train):,} training and {len(data.val):,} validation tokens")
     result = train(
         model_config,
@@ -166,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         stop_at=args.stop_at,
         tokenizer_file=tokenizer_file,
-        progress=not args.no_progress,
-        log=print if args.no_progress else None,
+        progress=progress,
+        log=None if progress else print,
+        data_file=args.data,
     )
     final = result.final_val
     summary = f"saved step {result.step} to {out}"

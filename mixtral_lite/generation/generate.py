@@ -24,7 +24,7 @@ import torch
 from ..config import MixtralConfig
 from ..cpu import install_cpu_kernels
 from ..cpu.layout import cpu_layout
-from ..errors import UserError
+from ..errors import UserError, UserTypeError
 from ..model.cache import KVCache
 from ..validate import check_seed
 from ..weights.device_map import layer_devices
@@ -148,7 +148,7 @@ def generate(
     tokenizer: Tokenizer,
     prompts: Prompt | Sequence[Prompt],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -205,7 +205,7 @@ def stream(
     tokenizer: Tokenizer,
     prompt: Prompt,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -290,11 +290,13 @@ def prepare(
     model's config, so a command line can check its input before loading any weights."""
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     check_seed(seed)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens: expected an integer >= 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens: expected an integer >= 1, got {max_new_tokens!r}", param="max_new_tokens")
+    if stop is not None and not isinstance(stop, str | Sequence):
+        raise UserTypeError(f"stop: expected a string or a list of strings, got {type(stop).__name__}", param="stop")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stops):
-        raise UserError(f"--stop: expected non-empty strings, got {stops!r}")
+        raise UserError(f"stop: expected non-empty strings, got {stops!r}", param="stop")
     if not prompts:
         raise UserError("prompts: expected at least one prompt, got an empty list")
     vocab = config.vocab_size

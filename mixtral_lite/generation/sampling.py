@@ -26,15 +26,17 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise UserError(f"--temperature: expected a number >= 0, got {self.temperature}")
+            raise UserError(f"temperature: expected a number >= 0, got {self.temperature}", param="temperature")
         if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"--top-k: expected an integer >= 1, got {self.top_k}")
+            raise UserError(f"top_k: expected an integer >= 1, got {self.top_k}", param="top_k")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p: expected a number in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p: expected a number in (0, 1], got {self.top_p}", param="top_p")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise UserError(f"--min-p: expected a number in [0, 1], got {self.min_p}")
+            raise UserError(f"min_p: expected a number in [0, 1], got {self.min_p}", param="min_p")
         if not self.repetition_penalty > 0:
-            raise UserError(f"--repetition-penalty: expected a number > 0, got {self.repetition_penalty}")
+            raise UserError(
+                f"repetition_penalty: expected a number > 0, got {self.repetition_penalty}", param="repetition_penalty"
+            )
 
     @property
     def greedy(self) -> bool:

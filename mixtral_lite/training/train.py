@@ -253,13 +253,15 @@ def train(
     tokenizer_file: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    data_file: str | Path | None = None,
 ) -> TrainResult:
     """Train (or continue training) and save to ``out_dir`` (None: do not save).
 
     ``resume``: a folder saved by this function; the model, optimizer, data position and history
     continue from it (``model_config`` and ``cfg`` should be the ones it was saved with, except
     ``steps``). ``stop_at``: stop after this step although the schedule spans ``cfg.steps`` (an
-    interrupted run, to be resumed).
+    interrupted run, to be resumed). ``data_file``: recorded in the saved state, so that a resumed
+    run can find its text without being told again.
     """
     from tqdm.auto import tqdm
 
@@ -319,15 +321,14 @@ def train(
                 val_history.append(metrics)
                 say(_format_eval(metrics))
             if out_dir is not None and cfg.save_interval and done % cfg.save_interval == 0 and done != end:
-                state = TrainState(done, losses, val_history, signature)
+                state = TrainState(done, losses, val_history, signature, _path(data_file))
                 save_training(out_dir, model, optimizer, data_gen, cfg, state, tokenizer_file)
     finally:
         bar.close()
     done = max(start, end)
     if out_dir is not None:
-        save_training(
-            out_dir, model, optimizer, data_gen, cfg, TrainState(done, losses, val_history, signature), tokenizer_file
-        )
+        state = TrainState(done, losses, val_history, signature, _path(data_file))
+        save_training(out_dir, model, optimizer, data_gen, cfg, state, tokenizer_file)
     tps = tokens_per_step * (end - start) / train_time if train_time else 0.0
     return TrainResult(model, losses, val_history, tps, done)
 
@@ -385,6 +386,11 @@ class TrainState:
     losses: list[float]
     val: list[dict[str, Any]]
     data_signature: list[int]  # token counts and id sums of both splits: resuming on other data is an error
+    data_file: str | None = None  # absolute path of the text trained on (``--resume`` without ``--data``)
+
+
+def _path(file: str | Path | None) -> str | None:
+    return None if file is None else str(Path(file).resolve())
 
 
 def save_training(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..atomic import atomic_folder
 from ..errors import UserError
+from ..generation.tokenizer import Tokenizer, find_tokenizer
 from .checkpoint import DTYPE_NAMES, INDEX_FILE, SAVE_ID_KEY, SINGLE_FILE
 from .keymap import hf_items
 from .loading import model_tensors
@@ -28,7 +30,12 @@ _OLD_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\Z
 
 
 def save_pretrained(
-    model: nn.Module, path: str | Path, max_shard_size: int | str = "5GB", *, into: Path | None = None
+    model: nn.Module,
+    path: str | Path,
+    max_shard_size: int | str = "5GB",
+    *,
+    tokenizer: Tokenizer | str | Path | None = None,
+    into: Path | None = None,
 ) -> list[Path]:
     """Write ``config.json`` and the weights (one ``model.safetensors``, or ``model-0000N-of-0000M``
     shards of at most ``max_shard_size`` plus ``model.safetensors.index.json``); returns the files.
@@ -38,7 +45,10 @@ def save_pretrained(
     Earlier weight files are not carried over, so no stale shard is left beside the new index;
     other files (a tokenizer, notes) are. ``into``: write into this fresh folder instead, not
     atomically (a caller that switches a larger folder in itself, as training checkpoints do).
+    ``tokenizer`` (a loaded tokenizer, its file or its model folder) is copied in too, so the
+    folder is one that ``generate --model`` runs; without it the folder has weights only.
     """
+    source = _tokenizer_files(tokenizer) if tokenizer is not None else []
     config = model.config
     if any(hasattr(m, "num_weight_elements") for m in model.modules()):
         raise UserError("save_pretrained: the model is quantized; save it before quantizing")
@@ -56,9 +66,10 @@ def save_pretrained(
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     config_data = {**config.to_hf_dict(), "torch_dtype": dtype, "dtype": dtype}
     if into is not None:
-        return [into / name for name in write_pretrained_files(into, shards, config_data)]
-    with atomic_folder(folder, keep=lambda name: not is_pretrained_file(name)) as tmp:
-        names = write_pretrained_files(tmp, shards, config_data)
+        return [into / name for name in write_pretrained_files(into, shards, config_data, source)]
+    names = {f.name for f in source}
+    with atomic_folder(folder, keep=lambda name: not is_pretrained_file(name) and name not in names) as tmp:
+        names = write_pretrained_files(tmp, shards, config_data, source)
     return [folder / name for name in names]
 
 
@@ -67,8 +78,10 @@ def is_pretrained_file(name: str) -> bool:
     return name == "config.json" or _OLD_FILES.match(name) is not None
 
 
-def write_pretrained_files(folder: Path, shards: list[list[tuple[str, torch.Tensor]]], config: dict) -> list[str]:
-    """The weight files, the index and ``config.json`` into a fresh folder; every file carries one
+def write_pretrained_files(
+    folder: Path, shards: list[list[tuple[str, torch.Tensor]]], config: dict, extra: Iterable[Path] = ()
+) -> list[str]:
+    """The weight files, the index, ``config.json`` and copies of ``extra`` into a fresh folder; every file carries one
     save id, so a reader can tell a folder of one save from files of two."""
     save_id = secrets.token_hex(8)
     meta = {SAVE_ID_KEY: save_id}
@@ -91,7 +104,34 @@ def write_pretrained_files(folder: Path, shards: list[list[tuple[str, torch.Tens
         written.append(INDEX_FILE)
     (folder / "config.json").write_text(json.dumps({**config, SAVE_ID_KEY: save_id}, indent=2) + "\n")
     written.append("config.json")
+    for file in extra:
+        shutil.copyfile(file, folder / file.name)
+        written.append(file.name)
     return written
+
+
+def _tokenizer_files(tokenizer: Tokenizer | str | Path) -> list[Path]:
+    """The file(s) to copy for ``tokenizer``: its model file, plus a tokenizer.json's tokenizer_config.json."""
+    if isinstance(tokenizer, Tokenizer):
+        file = getattr(tokenizer, "path", None)
+        if file is None:
+            raise TypeError(f"tokenizer: expected a tokenizer loaded from a file, got {type(tokenizer).__name__}")
+    elif isinstance(tokenizer, str | Path):
+        file = Path(tokenizer)
+        if file.is_dir():
+            found = find_tokenizer(file)
+            if found is None:
+                raise UserError(f"tokenizer: {file}: no tokenizer.model or tokenizer.json in this folder")
+            file = found
+        elif not file.is_file():
+            raise UserError(f"tokenizer: {file}: no such file or folder")
+    else:
+        raise TypeError(f"tokenizer: expected a Tokenizer, a file or a folder, got {type(tokenizer).__name__}")
+    files = [Path(file)]
+    extra = files[0].parent / "tokenizer_config.json"
+    if files[0].suffix == ".json" and extra.is_file():
+        files.append(extra)
+    return files
 
 
 def parse_size(size: int | str) -> int:
