@@ -52,7 +52,7 @@ def _kill_saves(folder, save_a, save_b, kills: int, seed: int) -> int:
 
 
 def _check_folder(folder) -> None:
-    got = _logits(load_model(folder, progress=False))
+    got = _logits(load_model(folder, progress=False, cpu_kernels=False))  # the reference modules, as REFS
     assert any(torch.equal(got, ref) for ref in REFS), "the folder is neither the old nor the new checkpoint"
 
 
@@ -108,7 +108,7 @@ def test_training_checkpoint_killed_12_times(tmp_path, models):
     _kill_saves(folder, save(a, opt_a, 5), save(b, opt_b, 10), kills=12, seed=2)
     for _ in range(3):
         state = read_state(folder)
-        weights = _logits(load_model(folder, progress=False))
+        weights = _logits(load_model(folder, progress=False, cpu_kernels=False))
         assert state["step"] == (5 if torch.equal(weights, REFS[0]) else 10)
         assert torch.equal(weights, REFS[0] if state["step"] == 5 else REFS[1])
         assert len(state["losses"]) == state["step"]
@@ -129,7 +129,7 @@ def test_concurrent_reader_never_sees_a_mix(tmp_path, models):
     try:
         seen = [0, 0]
         for _ in range(30):  # 30 reads while saves run, each one save's folder
-            got = _logits(load_model(folder, progress=False))
+            got = _logits(load_model(folder, progress=False, cpu_kernels=False))  # the reference modules, as REFS
             match = [torch.equal(got, ref) for ref in REFS]
             assert any(match), "a read saw a mix of two saves"
             seen[match.index(True)] += 1
