@@ -84,11 +84,11 @@ def experts_sorted(
     counts = torch.zeros(experts.n_experts, dtype=torch.long, device=x.device).index_add_(
         0, flat, torch.ones_like(flat)
     )
-    stacks = experts.stacks() if grouped_mm is not False else None
-    if grouped_mm is None:
-        grouped_mm = x.dtype == torch.bfloat16 and grouped_mm_in_hardware(x.device) and grouped_mm_ok(x, *stacks)
+    if grouped_mm is None:  # the stacks only where they are used: int8's are dequantised copies
+        grouped_mm = x.dtype == torch.bfloat16 and grouped_mm_in_hardware(x.device)
+        grouped_mm = grouped_mm and grouped_mm_ok(x, *experts.stacks())
     if grouped_mm:
-        w1, w2, w3 = stacks
+        w1, w2, w3 = experts.stacks()
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
             xs, w3.transpose(1, 2), offs=offs
