@@ -25,6 +25,7 @@ _EXPORTS = {
     "save_pretrained": "weights.saving",
     "generate": "generation.generate",
     "stream": "generation.generate",
+    "GenerationOptions": "generation.generate",
     "GenerationResult": "generation.generate",
     "GenerationStats": "generation.generate",
     "TextStream": "generation.generate",
@@ -39,6 +40,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "GenerationOptions",
     "ConfigError",
     "CpuKernels",
     "GenerationResult",
@@ -82,7 +84,7 @@ if TYPE_CHECKING:
     from .config import ConfigError, MixtralConfig, MoEConfig
     from .cpu.install import CpuKernels, cpu_kernels_status, install_cpu_kernels, uninstall_cpu_kernels
     from .errors import UserError
-    from .generation.generate import GenerationResult, GenerationStats, TextStream, generate, stream
+    from .generation.generate import GenerationOptions, GenerationResult, GenerationStats, TextStream, generate, stream
     from .generation.sampling import SamplingParams
     from .generation.tokenizer import Tokenizer, load_tokenizer
     from .model.cache import KVCache

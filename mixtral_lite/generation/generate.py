@@ -14,10 +14,12 @@ Axis legend: B batch (prompts), T prompt length (padded), V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -70,6 +72,26 @@ class GenerationStats:
             f"prefill {self.prefill_tokens_per_s:.1f} tok/s ({self.prompt_tokens} tokens) | "
             f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated_tokens} tokens)"
         )
+
+
+@dataclass
+class GenerationOptions:
+    """What ``generate`` and ``stream`` take besides the model, tokenizer and prompts.
+
+    Greedy when ``temperature`` is 0; sampling is reproducible with ``seed``. ``continuation``: the
+    text continues the prompt's text, keeping the first token's leading space (" Paris" after "The
+    capital of France is"); False gives ``decode(token_ids)``, as for a chat answer after ``[/INST]``.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | Sequence[str] | None = None
+    continuation: bool = True
 
 
 @dataclass
@@ -147,28 +169,20 @@ def generate(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
     prompts: Prompt | Sequence[Prompt],
+    options: GenerationOptions | None = None,
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    stop: str | Sequence[str] | None = None,
-    continuation: bool = True,
     decode_fn: Callable = decode_step,
+    **fields: Any,
 ) -> GenerationResult | list[GenerationResult]:
     """Continue one prompt (text, or token ids used as given) or a list of them.
 
-    Text prompts are encoded with BOS. Greedy when ``temperature`` is 0; sampling is reproducible
-    with ``seed``. ``continuation``: the text continues the prompt's text, keeping the first token's
-    leading space (" Paris" after "The capital of France is"); False gives ``decode(token_ids)``, as
-    for a chat answer after ``[/INST]``. Returns one ``GenerationResult`` per prompt (a list for a
-    list of prompts); each carries the call's ``stats``.
+    Text prompts are encoded with BOS. The options are a ``GenerationOptions`` or its fields as
+    keywords (``max_new_tokens=20, temperature=0.8``; keywords override ``options``). Returns one
+    ``GenerationResult`` per prompt (a list for a list of prompts); each carries the call's ``stats``.
     """
     single = _is_single(prompts)
-    request = prepare(model.config, tokenizer, [prompts] if single else list(prompts), **_options(locals()))
+    opts = _merge(options, fields)
+    request = prepare(model.config, tokenizer, [prompts] if single else list(prompts), **asdict(opts))
     events = _run(model, request, stream=False, decode_fn=decode_fn)
     while True:
         try:
@@ -204,40 +218,26 @@ def stream(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
     prompt: Prompt,
+    options: GenerationOptions | None = None,
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    stop: str | Sequence[str] | None = None,
-    continuation: bool = True,
     decode_fn: Callable = decode_step,
+    **fields: Any,
 ) -> TextStream:
     """Like ``generate`` for one prompt, but yields text pieces as they come. Their concatenation is
     exactly ``result.text``: a multi-byte character is held back until complete, and so is text that
     may turn out to be the start of a stop string. Arguments are checked here, before iterating."""
     if not _is_single(prompt):
         raise UserError("stream: expected one prompt (a string or a list of token ids)")
-    request = prepare(model.config, tokenizer, [prompt], **_options(locals()))
+    request = prepare(model.config, tokenizer, [prompt], **asdict(_merge(options, fields)))
     return TextStream(_run(model, request, stream=True, decode_fn=decode_fn))
 
 
-def _options(scope: dict) -> dict:
-    names = (
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "seed",
-        "stop",
-        "continuation",
-    )
-    return {k: scope[k] for k in names}
+def _merge(options: GenerationOptions | None, fields: dict[str, Any]) -> GenerationOptions:
+    names = {f.name for f in dataclasses.fields(GenerationOptions)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+        raise UserTypeError(f"unexpected option {unknown[0]!r}; expected one of {', '.join(sorted(names))}")
+    return dataclasses.replace(options or GenerationOptions(), **fields)
 
 
 def _is_single(prompts) -> bool:
@@ -519,6 +519,7 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
 
 
 __all__ = [
+    "GenerationOptions",
     "GenerationResult",
     "GenerationStats",
     "Request",
