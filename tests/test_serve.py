@@ -115,6 +115,11 @@ def test_stop_strings_and_echo(server, bundled):
     n = len(tokenizer.encode(PROMPTS[2]))
     assert r.choices[0].text.startswith(PROMPTS[2]) and len(lp.token_logprobs) == n + 1
     assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    kw = dict(model="bundled", prompt=PROMPTS[2], max_tokens=1, temperature=0, echo=True, logprobs=1, stream=True)
+    chunks = [ch for ch in c.completions.create(**kw) if ch.choices]
+    assert chunks[0].choices[0].text == tokenizer.decode(tokenizer.encode(PROMPTS[2]))
+    streamed = [x for ch in chunks if ch.choices[0].logprobs for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs  # the prompt's scores, then the new token's
 
 
 def test_chat_equals_generate_of_the_chat_prompt(server, bundled):

@@ -301,7 +301,7 @@ class Engine:
         pending = deque(requests)
         order = []
         while pending or self.running or self.queue:
-            while pending and len(self.queue) < max(self.max_queue, 1):
+            while pending and len(self.queue) < self.max_queue + self.max_batch - self.running:
                 seq = self.submit(pending.popleft(), lambda d: None)
                 results[seq.id] = seq
                 order.append(seq.id)

@@ -300,18 +300,17 @@ def create_app(engine: Engine, tokenizer: Tokenizer, options: ServerOptions) -> 
             return JSONResponse({**head, "choices": out, "usage": _usage(choices)})
 
         async def sse() -> AsyncIterator[str]:
-            if echo:
-                for i, c in enumerate(choices):
-                    text = tokenizer.decode(c.prompt)
-                    lp = (
-                        _completion_logprobs(tokenizer, c, [], 0, True, prompt_only=True)
-                        if logprobs is not None
-                        else None
-                    )
-                    yield _sse({**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}]})
+            echoed: set[int] = set()
             try:
                 async for i, delta in _stream_events(request, engine, choices, events):
                     c, lp = choices[i], None
+                    if echo and i not in echoed:  # at the first event: the prompt is prefilled (and scored)
+                        echoed.add(i)
+                        plp = _completion_logprobs(tokenizer, c, [], 0, True, True) if logprobs is not None else None
+                        text = tokenizer.decode(c.prompt)
+                        yield _sse(
+                            {**head, "choices": [{"index": i, "text": text, "logprobs": plp, "finish_reason": None}]}
+                        )
                     if logprobs is not None and delta.token_id is not None:
                         offset = len(c.text) - len(delta.text)
                         lp = _token_logprobs(tokenizer, c.prompt, c.ids[:-1], [delta], offset)
