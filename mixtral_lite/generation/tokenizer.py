@@ -212,19 +212,25 @@ def find_tokenizer(folder: str | Path) -> Path | None:
     return None
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer from a model folder or a tokenizer file (SentencePiece model or tokenizer.json)."""
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer file of a model folder, or ``path`` itself when it is a file."""
     path = Path(path)
     if path.is_dir():
         found = find_tokenizer(path)
         if found is None:
             raise UserError(f"{path}: no tokenizer found (expected tokenizer.model (SentencePiece) or tokenizer.json)")
-        path = found
-    elif not path.is_file():
+        return found
+    if not path.is_file():
         raise UserError(f"{path}: no such tokenizer file or model folder")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer from a model folder or a tokenizer file (SentencePiece model or tokenizer.json)."""
+    path = tokenizer_file(path)
     if path.suffix == ".json":
         return HFTokenizer(path)
     return SentencePieceTokenizer(path)
 
 
-__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "find_tokenizer", "load_tokenizer"]
+__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "find_tokenizer", "load_tokenizer", "tokenizer_file"]

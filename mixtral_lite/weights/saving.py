@@ -20,7 +20,7 @@ from torch import nn
 
 from ..atomic import atomic_folder
 from ..errors import UserError
-from ..generation.tokenizer import Tokenizer, find_tokenizer
+from ..generation.tokenizer import Tokenizer, tokenizer_file
 from .checkpoint import DTYPE_NAMES, INDEX_FILE, SAVE_ID_KEY, SINGLE_FILE
 from .keymap import hf_items
 from .loading import model_tensors
@@ -117,14 +117,10 @@ def _tokenizer_files(tokenizer: Tokenizer | str | Path) -> list[Path]:
         if file is None:
             raise TypeError(f"tokenizer: expected a tokenizer loaded from a file, got {type(tokenizer).__name__}")
     elif isinstance(tokenizer, str | Path):
-        file = Path(tokenizer)
-        if file.is_dir():
-            found = find_tokenizer(file)
-            if found is None:
-                raise UserError(f"tokenizer: {file}: no tokenizer.model or tokenizer.json in this folder")
-            file = found
-        elif not file.is_file():
-            raise UserError(f"tokenizer: {file}: no such file or folder")
+        try:
+            file = tokenizer_file(tokenizer)
+        except UserError as exc:
+            raise UserError(f"tokenizer: {exc}") from None
     else:
         raise TypeError(f"tokenizer: expected a Tokenizer, a file or a folder, got {type(tokenizer).__name__}")
     files = [Path(file)]
