@@ -31,7 +31,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--device-map", help="split layers across devices: 'auto' or '0-15=cuda:0,16-31=cuda:1'")
-    p.add_argument("--quantize", help="quantize the weights after loading (e.g. int8)")
+    p.add_argument("--quantize", help="quantize the weights after loading: int8, int4, int4-hqq or int4-mixed")
+    p.add_argument("--group-size", type=int, help="inputs per scale of int4 weights (default 64)")
     p.add_argument(
         "--verbose", action="store_true", help="print which CPU kernels were installed, and why not (stderr)"
     )
@@ -101,6 +102,8 @@ def model_folder(args: argparse.Namespace) -> Path:
             raise UserError(f"no --model given and the bundled model is missing ({BUNDLED}); pass --model DIR")
         return BUNDLED
     folder = Path(args.model)
+    if folder.suffix == ".gguf" and folder.is_file():  # llama.cpp's single-file format
+        return folder
     if not folder.is_dir():
         raise UserError(f"--model {args.model}: no such folder")
     return folder
@@ -114,7 +117,14 @@ def load(args: argparse.Namespace, folder: Path):
     from ..weights.loading import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.device_map else "cpu")
-    model = load_model(folder, dtype=args.dtype, device=device, device_map=args.device_map, quantize=args.quantize)
+    model = load_model(
+        folder,
+        dtype=args.dtype,
+        device=device,
+        device_map=args.device_map,
+        quantize=args.quantize,
+        group_size=getattr(args, "group_size", None),
+    )
     if getattr(args, "verbose", False):
         print(cpu_kernels_status(model), file=sys.stderr)
     return model

@@ -124,12 +124,17 @@ def split_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[str | Non
 
 
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, proto: bytes | None = None) -> None:
+        """From a ``tokenizer.model`` file, or from its serialised ``proto`` (``path`` then names
+        where it came from: a GGUF file's metadata)."""
         import sentencepiece as spm
 
         self.path = Path(path)
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+            if proto is not None:
+                self.sp = spm.SentencePieceProcessor(model_proto=proto)
+            else:
+                self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as exc:
             raise UserError(f"{path}: not a readable SentencePiece model ({exc})") from None
         self.vocab_size = self.sp.get_piece_size()
@@ -226,7 +231,12 @@ def tokenizer_file(path: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer from a model folder or a tokenizer file (SentencePiece model or tokenizer.json)."""
+    """A tokenizer from a model folder or a tokenizer file (SentencePiece model or tokenizer.json),
+    or the vocabulary in a GGUF file's metadata."""
+    if Path(path).suffix == ".gguf" and Path(path).is_file():
+        from ..weights.gguf import gguf_tokenizer_proto
+
+        return SentencePieceTokenizer(Path(path), proto=gguf_tokenizer_proto(path))
     path = tokenizer_file(path)
     if path.suffix == ".json":
         return HFTokenizer(path)

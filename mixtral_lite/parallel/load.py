@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..model.mixtral import Mixtral
 from ..weights.checkpoint import Copy, interleaved_to_half, open_checkpoint
 from ..weights.loading import assign_tensors, plan_load, resolve_dtype, storage_dtype
@@ -39,6 +40,8 @@ def load_parallel(
     with open_checkpoint(path) as ckpt:
         config = ckpt.config
         check_parallel(config, state.tp, state.ep)
+        if ckpt.quantization is not None:
+            raise UserError(f"{path}: a quantised checkpoint cannot be split across ranks (--tp/--ep)")
         dtype = resolve_dtype(dtype, [device])
         plan = plan_load(ckpt)
         model, expected = plan.model, plan.expected

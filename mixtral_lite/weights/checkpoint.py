@@ -33,6 +33,7 @@ import torch
 from ..config import MixtralConfig, read_json
 from ..errors import UserError
 from .keymap import hf_items, map_key_chunks
+from .quantized import QuantizationConfig, read_quantization_config
 
 # safetensors dtype names -> torch dtypes.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -105,6 +106,7 @@ class Checkpoint:
     broken: set[Path] = field(default_factory=set)  # files whose tensors were left out (strict=False)
     config_dtype: str | None = None
     save_ids: dict[str, str | None] = field(default_factory=dict)  # file name -> save id (see ``saving``)
+    quantization: QuantizationConfig | None = None  # a quantised checkpoint's config (``quantized.py``)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
     _pth: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -233,6 +235,7 @@ def _open_hf(folder: Path, has: set[str], strict: bool) -> Checkpoint:
         files=[],
         index_file=None,
         config_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        quantization=read_quantization_config(raw.get("quantization_config"), str(config_file)),
     )
     ckpt.save_ids["config.json"] = raw.get(SAVE_ID_KEY)
     if SINGLE_FILE in has:

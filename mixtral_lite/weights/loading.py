@@ -4,11 +4,14 @@ The model is built on the meta device (no memory), every file key is matched and
 checked before a byte of weight data is read, then each tensor streams from its memory-mapped file
 straight into storage allocated once, in the final dtype, on its final device. Nothing else is
 held: peak host memory is the model in the target dtype (when it lives on the CPU) plus one tensor.
+With ``quantize`` each weight is quantised as soon as it has arrived (``quantized.py``): the peak is
+the quantised model plus one float tensor.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -19,9 +22,12 @@ from torch import nn
 from ..cpu import install_cpu_kernels
 from ..errors import UserError
 from ..model.mixtral import Mixtral
-from ..model.quant import quantize_model
+from ..model.quant import DEFAULT_GROUP_SIZE
 from .checkpoint import Checkpoint, Copy, TensorPlan, match_tensors, open_checkpoint
 from .device_map import check_device, device_of, resolve_device_map
+from .gguf import is_gguf, read_gguf
+from .quantized import QuantizationConfig, Quantizer, structure
+from .quantized import quantizers as make_quantizers
 
 DTYPES = {
     "float32": torch.float32,
@@ -42,19 +48,34 @@ def load_model(
     device: str | torch.device = "cpu",
     device_map: str | list | dict | None = None,
     quantize: str | None = None,
+    group_size: int | None = None,
     progress: bool | None = None,
     cpu_kernels: bool = True,
 ) -> Mixtral:
-    """Load a checkpoint folder (Hugging Face or original Mistral layout) into a ``Mixtral``.
+    """Load a checkpoint folder (Hugging Face or original Mistral layout) or a GGUF file (llama.cpp's,
+    ``weights/gguf.py``) into a ``Mixtral``.
 
     ``dtype``: default bfloat16 when any weight goes to a GPU, float32 on the CPU; weights are cast
     one tensor at a time. ``device``: "cpu", "cuda" or "cuda:N". ``device_map``: "auto" or an
     explicit map (see ``weights.device_map``); excludes ``device``. ``quantize`` is passed to
-    ``model.quant.quantize_model``. ``cpu_kernels``: install the CPU kernels
+    ``model.quant.quantize_model`` (``group_size``: its int4 group size). ``cpu_kernels``: install the CPU kernels
     (``mixtral_lite.install_cpu_kernels``) when every weight is on the CPU. ``progress``: None
     shows a bar on a terminal for loads longer than a moment, True always, False never. Raises
     ``UserError`` before returning anything when a file, key, shape or dtype is wrong.
     """
+    if is_gguf(path):
+        if device_map is not None:
+            raise UserError(f"device_map: not supported for GGUF files ({path})", param="device_map")
+        devices = [check_device(device)]
+        gdtype = resolve_dtype(dtype, devices)
+        model, tensors = read_gguf(
+            path, dtype=gdtype, device=devices[0], quantize=quantize, group_size=group_size or 64
+        )
+        assign_tensors(model, tensors, model_tensors(model)[1])
+        model.eval()
+        if cpu_kernels and devices[0].type == "cpu":
+            install_cpu_kernels(model)
+        return model
     with open_checkpoint(path) as ckpt:
         config = ckpt.config
         if device_map is not None:
@@ -65,15 +86,23 @@ def load_model(
         else:
             devices = [check_device(device)] * config.num_hidden_layers
         dtype = resolve_dtype(dtype, devices)
-        plan = plan_load(ckpt)
+        plan = plan_load(ckpt, dtype=dtype)
+        model, aliases, quantizers = plan.model, plan.aliases, {}
+        if quantize is not None:  # quantised tensor by tensor as they arrive (``quantized.py``)
+            if ckpt.quantization is not None:
+                raise UserError(f"quantize: {ckpt.folder} is already quantised ({ckpt.quantization.mode})")
+            qc = QuantizationConfig(quantize, group_size or DEFAULT_GROUP_SIZE, include_output=True)
+            with torch.device("meta"):
+                model = structure(Mixtral(config), qc, dtype)
+            aliases = model_tensors(model)[1]
+            quantizers = make_quantizers(model, list(plan.expected))
+        elif group_size is not None:
+            raise UserError("group_size: only used with quantize", param="group_size")
         expected = plan.expected
         placement = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
-        tensors = _stream(ckpt, plan.tensors.copies, expected, placement, dtype, progress)
-    model = plan.model
-    assign_tensors(model, tensors, plan.aliases)
+        tensors = _stream(ckpt, plan.tensors.copies, expected, placement, dtype, progress, quantizers)
+    assign_tensors(model, tensors, aliases)
     model.eval()
-    if quantize is not None:
-        quantize_model(model, quantize)
     if cpu_kernels and all(d.type == "cpu" for d in devices):
         install_cpu_kernels(model)
     return model
@@ -89,11 +118,14 @@ class LoadPlan:
     tensors: TensorPlan  # file tensors -> model tensors, and the problems found
 
 
-def plan_load(ckpt: Checkpoint, *, strict: bool = True) -> LoadPlan:
+def plan_load(ckpt: Checkpoint, *, strict: bool = True, dtype: torch.dtype | None = None) -> LoadPlan:
     """Build the model on the meta device and match every file tensor to it; ``strict``: any
-    problem (missing, unexpected or misshapen tensor) is a ``UserError`` naming the folder."""
+    problem (missing, unexpected or misshapen tensor) is a ``UserError`` naming the folder. A
+    quantised checkpoint's model gets its module swaps first (its scales in ``dtype``)."""
     with torch.device("meta"):
         model = Mixtral(ckpt.config)
+        if ckpt.quantization is not None:
+            structure(model, ckpt.quantization, dtype or torch.float32)
     expected, aliases = model_tensors(model)
     tensors = match_tensors(ckpt, expected, aliases)
     if strict and tensors.problems:
@@ -142,9 +174,14 @@ def _stream(
     placement: dict[str, torch.device],
     dtype: torch.dtype,
     progress: bool | None,
+    quantizers: dict[str, Quantizer] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Copy every file tensor into its final storage, allocated on first touch; one source at a time."""
+    """Copy every file tensor into its final storage, allocated on first touch; one source at a
+    time. A tensor with a quantizer is replaced by its quantised buffers as soon as its last part
+    has arrived (its float storage freed then)."""
     out: dict[str, torch.Tensor] = {}
+    quantizers = quantizers or {}
+    parts_left = Counter(c.name for c in copies if c.name in quantizers)
     total = sum(ckpt.tensors[k].nbytes for k in dict.fromkeys(c.key for c in copies))
     bar = _progress_bar(total, f"Loading {ckpt.folder.name}", progress)
     try:
@@ -162,7 +199,12 @@ def _stream(
                     target.copy_(part)
                 else:
                     _copy_interleaved_to_half(target, part, c.rope_heads)
-            del src, part, target
+                if c.name in parts_left:
+                    parts_left[c.name] -= 1
+                    if parts_left[c.name] == 0:
+                        del target, dest
+                        out.update(quantizers[c.name](out.pop(c.name)))
+            del src, part
             ckpt.release(key)
             if bar is not None:
                 bar.update(ckpt.tensors[key].nbytes)

@@ -24,6 +24,7 @@ from ..generation.tokenizer import Tokenizer, tokenizer_file
 from .checkpoint import DTYPE_NAMES, INDEX_FILE, SAVE_ID_KEY, SINGLE_FILE
 from .keymap import hf_items
 from .loading import model_tensors
+from .quantized import model_quantization_config
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _OLD_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\Z")
@@ -54,17 +55,24 @@ def save_pretrained(
         raise UserError("save_pretrained: the model is quantized; save it before quantizing")
     limit = parse_size(max_shard_size)
     tensors, _ = model_tensors(model)  # tied aliases (output.weight) are written once, under the other name
-    try:
-        items = list(hf_items(tensors))
-    except KeyError:  # a variant parameter without a hub name: keep our own names (model_type mixtral_lite)
-        if config.moe.is_plain_mixtral:
-            raise
+    quantization = model_quantization_config(model)
+    if quantization is not None:  # int8/int4 buffers under our own names (``quantized.py``)
         items = list(tensors.items())
+    else:
+        try:
+            items = list(hf_items(tensors))
+        except KeyError:  # a variant parameter without a hub name: keep our own names (model_type mixtral_lite)
+            if config.moe.is_plain_mixtral:
+                raise
+            items = list(tensors.items())
     items = [(k, t.detach()) for k, t in items]
     shards = _split(items, limit)
     folder = Path(path)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     config_data = {**config.to_hf_dict(), "torch_dtype": dtype, "dtype": dtype}
+    if quantization is not None:  # transformers must refuse it rather than misread the int4 codes
+        config_data.update(model_type="mixtral_lite", architectures=["MixtralLiteForCausalLM"])
+        config_data["quantization_config"] = quantization.to_json()
     if into is not None:
         return [into / name for name in write_pretrained_files(into, shards, config_data, source)]
     names = {f.name for f in source}
