@@ -69,6 +69,14 @@ def quantize4(w: torch.Tensor, group_size: int = 64, method: str = "rtn") -> Pac
     if method not in METHODS:
         raise UserError(f"quantize int4: method expected one of {', '.join(METHODS)}, got {method!r}")
     check_group_size(group_size, w.shape[-1], f"a weight of shape {tuple(w.shape)}")
+    if w.is_meta:  # building a quantised model's structure: shapes only
+        groups = (*w.shape[:-1], w.shape[-1] // group_size)
+        packed = torch.empty(*w.shape[:-1], w.shape[-1] // 2, dtype=torch.uint8, device="meta")
+        return (
+            packed,
+            torch.empty(groups, dtype=SCALE_DTYPE, device="meta"),
+            torch.empty(groups, dtype=SCALE_DTYPE, device="meta"),
+        )
     if w.dim() > 2 or w.shape[0] > ROWS_AT_ONCE:  # a slice at a time: float32 temporaries stay small
         parts = [quantize4(w_e, group_size, method) for w_e in (w if w.dim() > 2 else w.split(ROWS_AT_ONCE))]
         join = torch.stack if w.dim() > 2 else torch.cat
@@ -89,10 +97,15 @@ def _representable(t: torch.Tensor) -> torch.Tensor:
     return t.clamp(-65504, 65504).to(SCALE_DTYPE).float()
 
 
+def _nearest(t: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties up: ``floor(t + 0.5)`` (on CPUs ``torch.round`` runs ~50x slower)."""
+    return torch.floor(t + 0.5)
+
+
 def _round(wg: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The nearest codes (0..15) of grouped weights for per-group scale and offset."""
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round((wg - offset[..., None]) / safe[..., None]).clamp(0, 15)
+    q = _nearest((wg - offset[..., None]) / safe[..., None]).clamp(0, 15)
     return torch.where(scale[..., None] > 0, q, torch.zeros_like(q)).to(torch.uint8)
 
 
@@ -101,16 +114,16 @@ def _hqq(
     kappa: float = 1.01, iters: int = 20,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """HQQ's proximal solver for the zero point with the scale fixed (its defaults: l_0.7, beta 10,
-    kappa 1.01, 20 iterations, stopping when the mean absolute error stops falling).
+    kappa 1.01, at most 20 iterations, stopping when the mean absolute error stops falling).
 
     In HQQ's notation w ~ (q - z) / s_inv with z real: here s = 1 / s_inv, b = -z * s. Each step
     rounds, shrinks the error (the l_p proximal operator), and sets z to the mean that fits the
     shrunk error; the best z so far is kept."""
     inv = 1.0 / scale[..., None]  # [O, G, 1]
     z = -offset[..., None] * inv
-    best_z, best_err = z, None
+    best_z, best_err, last = z, None, None
     for _ in range(iters + 1):
-        q = torch.round(wg * inv + z).clamp(0, 15)
+        q = _nearest(wg * inv + z).clamp(0, 15)
         r = (q - z) / inv
         err = (wg - r).abs().mean(-1, keepdim=True)
         if best_err is None:
@@ -118,6 +131,10 @@ def _hqq(
         else:  # each group keeps its best zero point
             better = err < best_err
             best_z, best_err = torch.where(better, z, best_z), torch.where(better, err, best_err)
+        total = err.mean().item()
+        if last is not None and total >= last:  # HQQ's stop: the mean error no longer falls
+            break
+        last = total
         e = wg - r
         shrunk = torch.sign(e) * F.relu(e.abs() - (1.0 / beta) * (e.abs() + 1e-8).pow(p - 1))
         z = (q - (wg - shrunk) * inv).mean(-1, keepdim=True)
