@@ -117,13 +117,18 @@ def load_model_copy(model):
 def test_logits_equal_the_dequantised_weights(folder, tmp_path, qtype: Q) -> None:
     ref = load_model(folder, progress=False, cpu_kernels=False)
     path = write_gguf(ref, tmp_path / "m.gguf", qtype)
-    model = load_model(path, dtype=torch.float32, progress=False)
+    # the reference modules (the CPU kernels round activations to int8 in few-row int4 products)
+    model = load_model(path, dtype=torch.float32, progress=False, cpu_kernels=False)
     want = _dequantised(ref, qtype)
     ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = model(ids), want(ids)
     rel = ((a - b).norm() / b.norm()).item()
     assert rel <= 1e-5, rel
+    fast = load_model(path, dtype=torch.float32, progress=False)
+    with torch.no_grad():
+        rel = ((fast(ids) - b).norm() / b.norm()).item()
+    assert rel <= (1e-5 if qtype != Q.Q4_0 else 0.01), rel  # Q4_0: measured 0.0019
     if qtype == Q.Q4_0:  # held in our int4 format, exactly
         assert isinstance(model.layers[0].feed_forward, Int4MoE) and isinstance(
             model.layers[0].attention.wq, Int4Linear

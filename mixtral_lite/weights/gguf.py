@@ -243,7 +243,7 @@ def _float(t, dtype: torch.dtype) -> torch.Tensor:
     shape = [int(d) for d in reversed(list(t.shape))]
     kind = _type_name(t)
     if kind == "F32":
-        arr = np.asarray(t.data, dtype=np.float32)
+        arr = np.array(t.data, dtype=np.float32)  # a copy: the mapping is read-only
     elif kind == "F16":
         arr = np.asarray(t.data).view(np.float16).astype(np.float32)
     else:
@@ -255,7 +255,7 @@ def _q4_0(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A Q4_0 tensor as our int4 buffers: blocks of (float16 d, 16 bytes of nibbles) -> codes
     [..., O, I/2], scale d and offset -8 d [..., O, I/32]; w = (q - 8) d = q d + (-8 d) exactly."""
     shape = [int(d) for d in reversed(list(t.shape))]
-    raw = torch.from_numpy(np.ascontiguousarray(np.asarray(t.data, dtype=np.uint8)))
+    raw = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))
     blocks = raw.reshape(*shape[:-1], shape[-1] // 32, 18)
     scale = blocks[..., :2].contiguous().view(torch.float16)[..., 0].contiguous()
     codes = blocks[..., 2:].reshape(*shape[:-1], shape[-1] // 2).contiguous()
