@@ -48,6 +48,7 @@ def main() -> None:
     for mode in [m for m in args.modes.split(",") if m]:
         model = load_model(folder, dtype=torch.bfloat16, quantize=mode, group_size=args.group_size, progress=False)
         variants[mode] = Ours(model, mode)
+        print(f"loaded {mode}", file=sys.stderr, flush=True)
     ids = torch.randint(3, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     for engine in variants.values():  # warm-up (kernel build, allocator)
         engine.greedy(ids, 8)
@@ -59,6 +60,7 @@ def main() -> None:
             run = variants[name].greedy(ids, args.new_tokens)
             speeds[name].append(run.decode_tokens_per_s)
             tokens[name] = run.tokens[0]
+            print(f"round {r} {name}: {run.decode_tokens_per_s:.1f} tok/s", file=sys.stderr, flush=True)
     base = statistics.median(speeds["bf16"])
     rows = []
     print(f"preset {args.preset}, batch 1, {args.threads} threads, {args.new_tokens} tokens, {args.rounds} rounds")
