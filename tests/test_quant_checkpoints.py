@@ -29,7 +29,7 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "int4-hqq", "int4-mixed"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-hqq", "int4-mixed", "int4-mixed-hqq"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantise_while_loading_equals_quantise_after(folder, mode: str, dtype: torch.dtype) -> None:
     streamed = load_model(folder, dtype=dtype, quantize=mode, group_size=32, progress=False)
@@ -42,7 +42,7 @@ def test_quantise_while_loading_equals_quantise_after(folder, mode: str, dtype: 
     assert streamed.quantization["bytes_after"] == after.quantization["bytes_after"]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4-hqq", "int4-mixed"])
+@pytest.mark.parametrize("mode", ["int8", "int4-hqq", "int4-mixed-hqq"])
 def test_saved_quantised_model_loads_back(folder, tmp_path, mode: str) -> None:
     model = load_model(folder, dtype=torch.bfloat16, quantize=mode, progress=False)
     out = tmp_path / "q"

@@ -31,7 +31,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--device-map", help="split layers across devices: 'auto' or '0-15=cuda:0,16-31=cuda:1'")
-    p.add_argument("--quantize", help="quantize the weights after loading: int8, int4, int4-hqq or int4-mixed")
+    p.add_argument("--quantize", help="quantize the weights: int8, int4, int4-hqq, int4-mixed or int4-mixed-hqq")
     p.add_argument("--group-size", type=int, help="inputs per scale of int4 weights (default 64)")
     p.add_argument(
         "--verbose", action="store_true", help="print which CPU kernels were installed, and why not (stderr)"

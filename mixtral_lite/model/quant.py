@@ -51,7 +51,8 @@ SPECS = {
     "int8": QuantSpec(experts=8, attention=8, output=8),
     "int4": QuantSpec(experts=4, attention=4, output=8, method="rtn"),
     "int4-hqq": QuantSpec(experts=4, attention=4, output=8, method="hqq"),
-    "int4-mixed": QuantSpec(experts=4, attention=8, output=8, method="hqq"),
+    "int4-mixed": QuantSpec(experts=4, attention=8, output=8, method="rtn"),
+    "int4-mixed-hqq": QuantSpec(experts=4, attention=8, output=8, method="hqq"),
 }
 MODES = tuple(SPECS)
 DEFAULT_GROUP_SIZE = 64
