@@ -56,6 +56,7 @@ SPECS = {
 }
 MODES = tuple(SPECS)
 DEFAULT_GROUP_SIZE = 64
+ROWS_AT_ONCE = 4096  # rows quantised together (an output head of 32000 rows at once: 5 float32 copies)
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
 
 
@@ -68,6 +69,9 @@ def quantize_per_channel(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
     if w.dim() > 2:  # one slice at a time: a float32 copy of a whole expert stack can be large
         parts = [quantize_per_channel(w_e, scale_dtype) for w_e in w]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    if w.shape[0] > ROWS_AT_ONCE:  # rows are independent: a few float32 temporaries of a block at a time
+        parts = [quantize_per_channel(block, scale_dtype) for block in w.split(ROWS_AT_ONCE)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     w32 = w.detach().float()
     scale = (w32.abs().amax(dim=-1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
     q = torch.round(w32 / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)

@@ -178,7 +178,8 @@ def _stream(
 ) -> dict[str, torch.Tensor]:
     """Copy every file tensor into its final storage, allocated on first touch; one source at a
     time. A tensor with a quantizer is replaced by its quantised buffers as soon as its last part
-    has arrived (its float storage freed then)."""
+    has arrived (its float storage freed then); one expert of a stack (a per-expert file key) is
+    quantised on its own into the stack's quantised buffers, so no float stack is ever held."""
     out: dict[str, torch.Tensor] = {}
     quantizers = quantizers or {}
     parts_left = Counter(c.name for c in copies if c.name in quantizers)
@@ -187,7 +188,11 @@ def _stream(
     try:
         for key, group in groupby(copies, key=lambda c: c.key):
             src = ckpt.read(key)
+            part = None
             for c in group:
+                if c.name in quantizers and c.expert is not None and c.count == 1 and c.rope_heads is None:
+                    _quantize_expert(out, c, src, expected[c.name], quantizers[c.name], dtype, placement[c.name])
+                    continue
                 dest = out.get(c.name)
                 if dest is None:
                     meta = expected[c.name]
@@ -212,6 +217,26 @@ def _stream(
         if bar is not None:
             bar.close()
     return out
+
+
+def _quantize_expert(
+    out: dict[str, torch.Tensor],
+    c: Copy,
+    src: torch.Tensor,
+    meta: torch.Tensor,
+    quantizer: Quantizer,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Expert ``c.expert`` of a stacked weight, quantised alone (as ``quantize_model`` quantises a
+    stack: slice by slice) into the stack's quantised buffers, allocated at the first expert."""
+    part = torch.empty(1, *meta.shape[1:], dtype=storage_dtype(meta, dtype), device=device)
+    part[0].copy_(src)
+    for name, piece in quantizer(part).items():
+        buf = out.get(name)
+        if buf is None:
+            buf = out[name] = torch.empty(meta.shape[0], *piece.shape[1:], dtype=piece.dtype, device=device)
+        buf[c.expert] = piece[0]
 
 
 def _copy_interleaved_to_half(dest: torch.Tensor, src: torch.Tensor, heads: int) -> None:
