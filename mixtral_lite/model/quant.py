@@ -70,8 +70,13 @@ def quantize_per_channel(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
         parts = [quantize_per_channel(w_e, scale_dtype) for w_e in w]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     if w.shape[0] > ROWS_AT_ONCE:  # rows are independent: a few float32 temporaries of a block at a time
-        parts = [quantize_per_channel(block, scale_dtype) for block in w.split(ROWS_AT_ONCE)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(w.shape[0], dtype=scale_dtype, device=w.device)
+        for i in range(0, w.shape[0], ROWS_AT_ONCE):
+            q[i : i + ROWS_AT_ONCE], scale[i : i + ROWS_AT_ONCE] = quantize_per_channel(
+                w[i : i + ROWS_AT_ONCE], scale_dtype
+            )
+        return q, scale
     w32 = w.detach().float()
     scale = (w32.abs().amax(dim=-1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype)
     q = torch.round(w32 / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)

@@ -78,9 +78,16 @@ def quantize4(w: torch.Tensor, group_size: int = 64, method: str = "rtn") -> Pac
             torch.empty(groups, dtype=SCALE_DTYPE, device="meta"),
         )
     if w.dim() > 2 or w.shape[0] > ROWS_AT_ONCE:  # a slice at a time: float32 temporaries stay small
-        parts = [quantize4(w_e, group_size, method) for w_e in (w if w.dim() > 2 else w.split(ROWS_AT_ONCE))]
-        join = torch.stack if w.dim() > 2 else torch.cat
-        return join([p[0] for p in parts]), join([p[1] for p in parts]), join([p[2] for p in parts])
+        groups = (*w.shape[:-1], w.shape[-1] // group_size)
+        packed = torch.empty(*w.shape[:-1], w.shape[-1] // 2, dtype=torch.uint8, device=w.device)
+        scale = torch.empty(groups, dtype=SCALE_DTYPE, device=w.device)
+        offset = torch.empty_like(scale)
+        slices = (
+            range(w.shape[0]) if w.dim() > 2 else [slice(i, i + ROWS_AT_ONCE) for i in range(0, len(w), ROWS_AT_ONCE)]
+        )
+        for i in slices:
+            packed[i], scale[i], offset[i] = quantize4(w[i], group_size, method)
+        return packed, scale, offset
     wg = w.detach().float().reshape(w.shape[0], -1, group_size)  # [O, G, group]
     lo, hi = wg.amin(-1), wg.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-8)
