@@ -93,10 +93,12 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(args.dir or tempfile.mkdtemp(prefix="mixtral_lite_quantize_memory_", dir="/tmp"))
     try:
+        sizes = folder / "sizes.json"
         if not (folder / "config.json").exists():
             total, largest = make_checkpoint(folder, args.layers)
+            sizes.write_text(json.dumps([total, largest]))
         else:
-            total, largest = sum(f.stat().st_size for f in folder.glob("*.safetensors")), 0
+            total, largest = json.loads(sizes.read_text())
         for f in sorted(folder.glob("*.safetensors")):  # warm the page cache
             with open(f, "rb") as fh:
                 while fh.read(1 << 24):
