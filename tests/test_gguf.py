@@ -42,7 +42,9 @@ def folder(tmp_path_factory):
     return path
 
 
-def write_gguf(model, path: Path, qtype: Q, *, skip=(), arch="llama", experts=True, extra_tensor=None, vocab=None):
+def write_gguf(
+    model, path: Path, qtype: Q, *, skip=(), arch="llama", experts=True, extra_tensor=None, vocab=None, int_tensor=None
+):
     """``model`` (ours, float32) as llama.cpp's converter writes it: matrices in ``qtype``, norms F32."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -77,7 +79,9 @@ def write_gguf(model, path: Path, qtype: Q, *, skip=(), arch="llama", experts=Tr
         if h is not None:
             t = half_to_interleaved(t, h)
         arr = t.contiguous().numpy()
-        if "norm" in name or qtype == Q.F32:
+        if gname == int_tensor:
+            w.add_tensor(gname, arr.astype("int32"))
+        elif "norm" in name or qtype == Q.F32:
             w.add_tensor(gname, arr)
         elif qtype == Q.F16:
             w.add_tensor(gname, arr.astype("float16"))
@@ -296,9 +300,9 @@ def test_unknown_and_unsupported_tensor_types(good, tmp_path) -> None:
     bad.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"type\.gguf: not a readable GGUF file .*250"):
         load_model(bad, progress=False)
-    q50 = write_gguf(ref, tmp_path / "q5.gguf", Q.Q5_0)
-    with pytest.raises(UserError, match=r"tensor type Q5_0 is not supported \(expected one of F32, F16, BF16, Q8_0"):
-        load_model(q50, progress=False)
+    ints = write_gguf(ref, tmp_path / "int.gguf", Q.F32, int_tensor="blk.0.attn_q.weight")
+    with pytest.raises(UserError, match=r"tensor type I32 is not supported \(expected one of F32, F16, BF16, Q8_0"):
+        load_model(ints, progress=False)
 
 
 def test_not_mixtral(good, tmp_path) -> None:

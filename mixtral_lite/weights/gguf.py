@@ -16,8 +16,9 @@ Tensor types, and where each goes:
 - Q4_0: exactly into this project's int4 format with group 32 (same nibble layout; scale d and
   offset -8 d, both float16), when every tensor of that module is Q4_0 and no ``quantize`` is
   asked; otherwise dequantised.
-- Q8_0, Q4_K, Q6_K: dequantised to the model's dtype (exact in float32). They do not fit our
-  formats exactly: Q8_0 has one scale per 32 inputs (our int8 has one per row), Q4_K's scales are
+- Q8_0, Q4_K, Q6_K (and Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K, which Q4_K_M and other mixes use for
+  some tensors): dequantised to the model's dtype (exact in float32). They do not fit our formats
+  exactly: Q8_0 has one scale per 32 inputs (our int8 has one per row), Q4_K's scales are
   products of a float16 and a 6-bit integer (not float16 numbers), Q6_K has 6-bit codes.
   ``quantize=`` then requantises tensor by tensor as for any other checkpoint.
 Each tensor is converted on its own, so the peak is the model plus one float32 tensor.
@@ -43,7 +44,7 @@ from ..model.quant4 import Int4Linear, Int4MoE
 from .checkpoint import interleaved_to_half
 from .quantized import QuantizationConfig, quantizers, structure
 
-SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K")
+SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K")
 Q4_0_GROUP = 32
 
 # GGUF tensor name -> our name; {L} the layer
