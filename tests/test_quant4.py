@@ -4,6 +4,11 @@ float32, the int4 experts against the reference loop, and whole int4 models agai
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import make_hf_model
@@ -249,3 +254,49 @@ def test_quantize_int4_errors(folder) -> None:
     m = load_model(folder, quantize="int4-hqq", progress=False)
     with pytest.raises(UserError, match="already quantised"):
         quantize_model(m, "int4")
+
+
+PORTABLE = """
+import torch
+from mixtral_lite.cpu import build, native4
+from mixtral_lite.model import quant4
+from mixtral_lite.model.routing import route_topk
+assert build.status().startswith('on'), build.status()
+assert build.load().few_rows_int4_path() == int(__import__('sys').argv[1])
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    for rows in (1, 3, 8):
+        for group in (32, 64, 512):
+            w, s, b = quant4.quantize4(torch.randn(48, 1024, generator=g) * 0.05, group)
+            x = torch.randn(rows, 1024, generator=g).to(dtype)
+            ref = quant4.linear_int4_reference(x, w, s, b).float()
+            out = native4.native_int4(x, w, s, b).float()
+            assert (out - ref).abs().max() <= 0.02 * ref.abs().max(), (dtype, rows, group)  # int8 activations
+    moe = [quant4.quantize4(torch.randn(3, *shape, generator=g) * 0.1, 32) for shape in ((64, 96), (96, 64), (64, 96))]
+    x = torch.randn(2, 96, generator=g).to(dtype)
+    idx, wts = route_topk(torch.randn(2, 3, generator=g), 2)
+    y = native4.native_experts_int4(x, tuple(moe), idx, wts).float()
+    d = [quant4.dequantize4(*p) for p in moe]
+    ref = torch.zeros(2, 96)
+    for n in range(2):
+        for k in range(2):
+            e = idx[n, k]
+            h = torch.nn.functional.silu(x[n].float() @ d[0][e].T) * (x[n].float() @ d[2][e].T)
+            ref[n] += wts[n, k] * (h @ d[1][e].T)
+    assert (y - ref).abs().max() <= 0.02 * ref.abs().max(), (y - ref).abs().max()
+print('ok')
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 -march names")
+@pytest.mark.parametrize("arch,path", [("x86-64-v3", 1), ("x86-64", 0)])
+def test_portable_int4_builds_match_reference(tmp_path: Path, arch: str, path: int) -> None:
+    """The int4 loops other CPUs take (AVX2 without VNNI: vpmaddubsw; plain x86-64: the float loop),
+    built and checked on this one against dequantise-then-float32."""
+    env = {**os.environ, "MIXTRAL_LITE_CACHE": str(tmp_path), "MIXTRAL_LITE_MARCH": arch}
+    done = subprocess.run(
+        [sys.executable, "-c", PORTABLE, str(path)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
