@@ -26,6 +26,7 @@ _EXPORTS = {
     "generate": "generation.generate",
     "stream": "generation.generate",
     "GenerationOptions": "generation.generate",
+    "PromptCache": "generation.prompt_cache",
     "GenerationResult": "generation.generate",
     "GenerationStats": "generation.generate",
     "TextStream": "generation.generate",
@@ -50,6 +51,7 @@ __all__ = [
     "MixtralConfig",
     "MoEConfig",
     "ParamCount",
+    "PromptCache",
     "SamplingParams",
     "TextStream",
     "Tokenizer",
@@ -85,6 +87,7 @@ if TYPE_CHECKING:
     from .cpu.install import CpuKernels, cpu_kernels_status, install_cpu_kernels, uninstall_cpu_kernels
     from .errors import UserError
     from .generation.generate import GenerationOptions, GenerationResult, GenerationStats, TextStream, generate, stream
+    from .generation.prompt_cache import PromptCache
     from .generation.sampling import SamplingParams
     from .generation.tokenizer import Tokenizer, load_tokenizer
     from .model.cache import KVCache

@@ -31,6 +31,7 @@ from ..model.cache import KVCache
 from ..validate import check_seed
 from ..weights.device_map import layer_devices
 from .detok import Detokenizer, continuation_text
+from .prompt_cache import PromptCache
 from .sampling import SamplingParams, make_generator, sample
 from .tokenizer import Tokenizer
 
@@ -43,6 +44,7 @@ class GenerationStats:
     """Timing of one ``generate`` call (all its prompts together)."""
 
     prompt_tokens: int = 0  # real prompt tokens, all rows
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from a PromptCache (not run)
     generated_tokens: int = 0  # tokens generated, all rows (EOS not counted)
     time_to_first_token: float = 0.0  # s, from the call to the first tokens on the host
     prefill_time: float = 0.0  # s, the prompt forward pass and the first sampled tokens
@@ -51,7 +53,8 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_time if self.prefill_time > 0 else 0.0
+        run = self.prompt_tokens - self.cached_tokens
+        return run / self.prefill_time if self.prefill_time > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -69,7 +72,9 @@ class GenerationStats:
     def summary(self) -> str:
         return (
             f"time to first token {self.time_to_first_token:.3f} s | "
-            f"prefill {self.prefill_tokens_per_s:.1f} tok/s ({self.prompt_tokens} tokens) | "
+            f"prefill {self.prefill_tokens_per_s:.1f} tok/s ({self.prompt_tokens} tokens"
+            + (f", {self.cached_tokens} cached" if self.cached_tokens else "")
+            + ") | "
             f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated_tokens} tokens)"
         )
 
@@ -78,7 +83,9 @@ class GenerationStats:
 class GenerationOptions:
     """What ``generate`` and ``stream`` take besides the model, tokenizer and prompts.
 
-    Greedy when ``temperature`` is 0; sampling is reproducible with ``seed``. ``continuation``: the
+    Greedy when ``temperature`` is 0; sampling is reproducible with ``seed``: every prompt of a batch
+    draws from its own generator seeded with it, so a prompt gives the same text alone and in any
+    batch (identical prompts, identical samples). ``continuation``: the
     text continues the prompt's text, keeping the first token's leading space (" Paris" after "The
     capital of France is"); False gives ``decode(token_ids)``, as for a chat answer after ``[/INST]``.
     """
@@ -172,6 +179,7 @@ def generate(
     options: GenerationOptions | None = None,
     *,
     decode_fn: Callable = decode_step,
+    cache: PromptCache | None = None,
     **fields: Any,
 ) -> GenerationResult | list[GenerationResult]:
     """Continue one prompt (text, or token ids used as given) or a list of them.
@@ -179,11 +187,15 @@ def generate(
     Text prompts are encoded with BOS. The options are a ``GenerationOptions`` or its fields as
     keywords (``max_new_tokens=20, temperature=0.8``; keywords override ``options``). Returns one
     ``GenerationResult`` per prompt (a list for a list of prompts); each carries the call's ``stats``.
+    ``cache``: a ``PromptCache`` kept across calls with one prompt each; a prompt that starts with
+    the tokens of the previous call (prompt and answer) prefills only the rest.
     """
     single = _is_single(prompts)
     opts = _merge(options, fields)
+    if cache is not None and not single:
+        raise UserError("cache: a PromptCache serves one prompt per call, got a list of prompts")
     request = prepare(model.config, tokenizer, [prompts] if single else list(prompts), **asdict(opts))
-    events = _run(model, request, stream=False, decode_fn=decode_fn)
+    events = _run(model, request, stream=False, decode_fn=decode_fn, prompt_cache=cache)
     while True:
         try:
             next(events)
@@ -221,6 +233,7 @@ def stream(
     options: GenerationOptions | None = None,
     *,
     decode_fn: Callable = decode_step,
+    cache: PromptCache | None = None,
     **fields: Any,
 ) -> TextStream:
     """Like ``generate`` for one prompt, but yields text pieces as they come. Their concatenation is
@@ -229,7 +242,7 @@ def stream(
     if not _is_single(prompt):
         raise UserError("stream: expected one prompt (a string or a list of token ids)")
     request = prepare(model.config, tokenizer, [prompt], **asdict(_merge(options, fields)))
-    return TextStream(_run(model, request, stream=True, decode_fn=decode_fn))
+    return TextStream(_run(model, request, stream=True, decode_fn=decode_fn, prompt_cache=cache))
 
 
 def _merge(options: GenerationOptions | None, fields: dict[str, Any]) -> GenerationOptions:
@@ -393,7 +406,14 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: Callable) -> Iterator[tuple[int, str]]:
+def _run(
+    model: torch.nn.Module,
+    request: Request,
+    *,
+    stream: bool,
+    decode_fn: Callable,
+    prompt_cache: PromptCache | None = None,
+) -> Iterator[tuple[int, str]]:
     """The prefill/decode loop. Yields (row, text piece) when streaming; returns the results."""
     start = time.perf_counter()
     tokenizer, params = request.tokenizer, request.params
@@ -408,19 +428,26 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
 
     if device.type == "cpu" and not hasattr(model, "cpu_kernels"):  # CPU inference: decided once per model
         install_cpu_kernels(model)
-    layers = model.layers
-    cache = KVCache(
-        model.config,
-        b,
-        t + steps - 1,  # the last token is sampled, never fed back
-        device=layer_devices(model),
-        dtype=model.dtype,
-        num_kv_heads=layers[0].attention.n_kv_heads,
-    )
-    logits = prefill(model, input_ids, cache, mask)  # [B, V]
+    length = t + steps - 1  # the last token is sampled, never fed back
+    n_kv = model.layers[0].attention.n_kv_heads
+    kept = 0
+    if prompt_cache is None:
+        cache = KVCache(model.config, b, length, device=layer_devices(model), dtype=model.dtype, num_kv_heads=n_kv)
+        logits = prefill(model, input_ids, cache, mask)  # [B, V]
+    else:  # one prompt: its first `kept` tokens are already in the cache
+        cache, kept = prompt_cache.take(model, request.prompts[0], length, layer_devices(model), n_kv)
+        slots = torch.arange(kept, t, device=device)
+        logits = model(input_ids[:, kept:], cache=cache, slots=slots, last_only=True)[:, -1]
+    fed: list[torch.Tensor] = []  # the tokens fed after the prompt (their keys are in the cache)
     out_device = logits.device
     vocab = min(tokenizer.vocab_size, logits.shape[-1])  # never sample ids the tokenizer cannot decode
-    generator = None if params.greedy else make_generator(request.seed, out_device)
+    generator: Any = None
+    if not params.greedy:  # seeded: one generator per row, so a prompt's sample is the same in any batch
+        generator = (
+            make_generator(None, out_device)
+            if request.seed is None
+            else [make_generator(request.seed, out_device) for _ in range(b)]
+        )
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(b, vocab, dtype=torch.bool, device=out_device)
@@ -442,7 +469,7 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
     out_ids: list[list[int]] = [[] for _ in range(b)]
     out_logprobs: list[list[float]] = [[] for _ in range(b)]
     finish: list[str | None] = [None] * b
-    stats = GenerationStats(prompt_tokens=sum(lengths))
+    stats = GenerationStats(prompt_tokens=sum(lengths), cached_tokens=kept)
     eos = tokenizer.eos_id
 
     def accept(host: list[torch.Tensor]) -> Iterator[tuple[int, str]]:
@@ -486,6 +513,7 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
         if all(f is not None for f in finish):
             break
         logits = decode_fn(model, tokens[:, None].to(device), cache, slot, positions)
+        fed.append(tokens)
         slot += 1
         positions += 1
         tokens, logprobs = pick(logits)
@@ -494,6 +522,8 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
         pending = _to_host(tokens, logprobs)
     if pending is not None:
         yield from accept(wait(pending))
+    if prompt_cache is not None:
+        prompt_cache.hold(request.prompts[0] + (torch.cat(fed).tolist() if fed else []))
     _sync(out_device)
     stats.decode_time = time.perf_counter() - first_done
     stats.generated_tokens = sum(len(ids) for ids in out_ids)

@@ -155,8 +155,13 @@ class HFTokenizer(Tokenizer):
     """A ``tokenizer.json``; bos/eos come from ``tokenizer_config.json`` beside it (else <s> / </s>)."""
 
     def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as _Tokenizer
-
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise UserError(
+                f"{path}: reading a tokenizer.json needs the `tokenizers` package: "
+                "pip install 'mixtral-lite[tokenizers]'"
+            ) from None
         self.path = Path(path)
         try:
             self.tok = _Tokenizer.from_file(str(path))
