@@ -225,3 +225,27 @@ def test_chat_help_unknown_command_and_bundled_note(folder) -> None:
     assert "/reset" in out.stderr and "start a new conversation" in out.stderr
     assert "unknown command /frobnicate: /help lists the commands" in out.stderr
     assert out.stdout == ""  # nothing reached the model
+
+
+def test_model_hub_name_resolves_in_the_local_cache(folder, tmp_path, monkeypatch, capsys) -> None:
+    """--model org/name finds the snapshot refs/main names in $HF_HUB_CACHE; absent: one line, exit 2."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someorg--tiny-moe" / "snapshots" / "abc123"
+    shutil.copytree(folder, snap)
+    (cache / "models--someorg--tiny-moe" / "refs").mkdir()
+    (cache / "models--someorg--tiny-moe" / "refs" / "main").write_text("abc123\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    args = ["--prompt", PROMPT, "--max-new-tokens", "3", "--quiet-stats"]
+    assert main(["generate", "--model", "someorg/tiny-moe", *args]) == 0
+    assert main(["generate", "--model", str(folder), *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == out[1]  # the same model, by name and by folder
+    assert main(["params", "--model", "someorg/tiny-moe"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", "someorg/absent", *args]) == 2
+    err = capsys.readouterr().err
+    assert "--model someorg/absent: no such folder, and not in the Hugging Face cache" in err
+    assert "never downloads" in err

@@ -129,10 +129,9 @@ def model_folder(args: argparse.Namespace) -> Path:
         if not (BUNDLED / "config.json").is_file():
             raise UserError(f"no --model given and the bundled model is missing ({BUNDLED}); pass --model DIR")
         return BUNDLED
-    folder = Path(args.model)
-    if not folder.is_dir():
-        raise UserError(f"--model {args.model}: no such folder")
-    return folder
+    from ..weights.hub_cache import resolve_model
+
+    return resolve_model(args.model)
 
 
 def load(args: argparse.Namespace, folder: Path):
