@@ -249,3 +249,16 @@ def test_model_hub_name_resolves_in_the_local_cache(folder, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "--model someorg/absent: no such folder, and not in the Hugging Face cache" in err
     assert "never downloads" in err
+
+
+def test_no_compiler_is_said_once_not_silent(folder, tmp_path) -> None:
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "MIXTRAL_LITE_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    cmd = [sys.executable, "-m", "mixtral_lite", "generate", "--model", str(folder), "--prompt", PROMPT,
+           "--max-new-tokens", "2", "--quiet-stats"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("warning: the CPU kernel is unavailable") == 1, out.stderr
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env={**env, "MIXTRAL_LITE_NATIVE": "0"},
+                           cwd=tmp_path, timeout=120)  # fmt: skip
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
