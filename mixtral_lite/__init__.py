@@ -38,6 +38,7 @@ _EXPORTS = {
     "install_cpu_kernels": "cpu.install",
     "uninstall_cpu_kernels": "cpu.install",
     "cpu_kernels_status": "cpu.install",
+    "bundled_path": "bundle",
 }
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "TextStream",
     "Tokenizer",
     "UserError",
+    "bundled_path",
     "count_parameters",
     "cpu_kernels_status",
     "generate",
@@ -83,6 +85,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .bundle import bundled_path
     from .config import ConfigError, MixtralConfig, MoEConfig
     from .cpu.install import CpuKernels, cpu_kernels_status, install_cpu_kernels, uninstall_cpu_kernels
     from .errors import UserError

@@ -20,11 +20,11 @@ import os
 import sys
 from pathlib import Path
 
+from ..bundle import BUNDLED
 from ..errors import UserError
 from ..validate import check_text, read_text_bounded
 
 HELP = "generate text from a prompt (streams to stdout)"
-BUNDLED = Path(__file__).resolve().parent.parent / "bundled"
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

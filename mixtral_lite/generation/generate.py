@@ -103,12 +103,23 @@ class GenerationOptions:
 
 @dataclass
 class GenerationResult:
+    """One prompt's continuation.
+
+    ``text``: what the tokens add to the prompt, cut before a stop string; ``token_ids``: the
+    generated tokens, without the final EOS; ``logprobs``: each token's log-probability under the
+    model (before penalty and temperature); ``finish_reason``: "stop" (EOS or a stop string, as
+    OpenAI and vLLM say) or "length"; ``stop_reason``: the stop string that ended it (None for
+    EOS and "length"); ``prompt_tokens``: the prompt's length in tokens; ``stats``: the timing of
+    the whole call (shared by every prompt of a batch).
+    """
+
     text: str  # the text the tokens add to the prompt (cut before a stop string)
     token_ids: list[int]  # generated tokens, without the final EOS
     logprobs: list[float]  # log-probability of each token under the model (before penalty/temperature)
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
     prompt_tokens: int
     stats: GenerationStats = field(repr=False, default_factory=GenerationStats)
+    stop_reason: str | None = None  # the stop string that ended the text; None for EOS or length
 
     def as_dict(self) -> dict:
         return {
@@ -116,6 +127,7 @@ class GenerationResult:
             "token_ids": self.token_ids,
             "logprobs": self.logprobs,
             "finish_reason": self.finish_reason,
+            "stop_reason": self.stop_reason,
             "prompt_tokens": self.prompt_tokens,
         }
 
@@ -346,6 +358,7 @@ class _RowText:
         self.emitted = 0  # characters handed out
         self.checked = 0  # characters searched for stop strings
         self.stopped = False
+        self.stop_hit: str | None = None  # the stop string found first in the text
 
     def push(self, token: int) -> tuple[str, bool]:
         if self.stopped:
@@ -364,9 +377,10 @@ class _RowText:
         stopped = False
         if self.stops:
             start = max(0, self.checked - max(map(len, self.stops)) + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
             if hits:
-                self.text, stopped, final = self.text[: min(hits)], True, True
+                at, self.stop_hit = min(hits, key=lambda h: h[0])
+                self.text, stopped, final = self.text[:at], True, True
                 self.stopped = True
             self.checked = len(self.text)
         end = len(self.text) if final else len(self.text) - self._partial_stop()
@@ -478,7 +492,7 @@ def _run(
             if finish[row] is not None:
                 continue
             if tok == eos:
-                finish[row] = "eos"
+                finish[row] = "stop"
             else:
                 out_ids[row].append(tok)
                 out_logprobs[row].append(lp)
@@ -543,6 +557,7 @@ def _run(
                 finish_reason=finish[row] or "length",
                 prompt_tokens=lengths[row],
                 stats=stats,
+                stop_reason=texts[row].stop_hit if texts[row] is not None else None,
             )
         )
     return results
