@@ -65,6 +65,9 @@ def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand: a user's error is one line and exit 2, Ctrl-C at any point (imports and
     loading too) one line and 130, a closed stdout (``| head``) a quiet exit."""
+    for name in ("stdout", "stderr"):  # started with the stream closed (`>&-`): output goes nowhere, quietly
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # lives as long as the process
     try:
         return _main(argv)
     except KeyboardInterrupt:
