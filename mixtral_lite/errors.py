@@ -25,3 +25,7 @@ class UserError(ValueError):
 
 class UserTypeError(UserError, TypeError):
     """An argument of the wrong type (``stop=5``)."""
+
+
+class ConfigError(UserError):
+    """A configuration value or file that cannot describe a model (re-exported by ``config``)."""
