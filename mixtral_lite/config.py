@@ -366,8 +366,8 @@ class MixtralConfig:
         if model_type == "mixtral_lite" and isinstance(data.get("mixtral_lite_config"), dict):
             return cls._build(dict(data["mixtral_lite_config"]), source)
         if model_type not in ("mixtral", "mixtral_lite"):
-            known = ", ".join(repr(t) for t in ("mixtral", *families.READERS, "mixtral_lite"))
-            raise ConfigError(f"{source}: model_type: expected one of {known}, got {model_type!r}")
+            others = ", ".join(repr(t) for t in (*families.READERS, "mixtral_lite"))
+            raise ConfigError(f"{source}: model_type: expected 'mixtral' (or one of {others}), got {model_type!r}")
         rope_theta = data.get("rope_theta")
         rope_parameters = data.get("rope_parameters")
         if rope_theta is None and isinstance(rope_parameters, dict):

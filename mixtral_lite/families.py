@@ -38,7 +38,7 @@ def model_type_of(data: dict[str, Any], source: str) -> str | None:
         arch_type = ARCHITECTURES[archs[0]]
     if model_type is None:
         return arch_type
-    if arch_type is not None and arch_type != model_type:
+    if arch_type is not None and model_type in ARCHITECTURES.values() and arch_type != model_type:
         raise ConfigError(f"{source}: model_type {model_type!r} and architectures {archs} name different families")
     return model_type
 

@@ -188,3 +188,65 @@ def test_unimplemented_settings_are_refused(tmp_path):
         MixtralConfig.from_hf_dict({"model_type": "qwen3moe"})  # exact names only
     detected = MixtralConfig.from_hf_dict({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4})
     assert detected.family == "qwen3_moe"
+
+
+# Real sizes: our count (from the config), a meta-device model's numel() and transformers' own
+# meta-device model's numel() (built from the same config.json) are the same number.
+REAL = {
+    "qwen3-30b-a3b": (30_532_122_624, 3_353_032_704),
+    "olmoe-1b-7b": (6_919_161_856, 1_282_017_280),
+    "qwen1.5-moe-a2.7b": (14_315_784_192, 2_689_173_504),
+    "deepseek-v2-lite": (15_706_484_224, 2_661_150_208),
+    "deepseek-v3": (671_026_404_352, 37_552_282_624),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(REAL))
+def test_real_size_presets_count_as_transformers(preset, capsys):
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    from mixtral_lite.cli import main
+    from mixtral_lite.config import PRESET_DIR
+
+    config = MixtralConfig.from_preset(preset)
+    counts = count_parameters(config)
+    assert (counts.total, counts.active) == REAL[preset]
+    with torch.device("meta"):
+        assert sum(p.numel() for p in Mixtral(config).parameters()) == counts.total
+    data = json.loads((Path(PRESET_DIR) / f"{preset}.json").read_text())
+    fields = {k: v for k, v in data.items() if k not in ("architectures", "model_type")}
+    hf_config = type(transformers.AutoConfig.for_model(data["model_type"]))(**fields)
+    with torch.device("meta"):
+        hf = getattr(transformers, data["architectures"][0])(hf_config)
+    assert sum(p.numel() for p in hf.parameters()) == counts.total
+    assert main(["params", "--preset", preset]) == 0
+    out = capsys.readouterr().out
+    assert f"{counts.total:,}" in out and f"{counts.active:,}" in out
+
+
+def test_info_prints_the_family_and_the_cache_per_token(pair, capsys):
+    from mixtral_lite.cli import main
+
+    _, _, ours, path = pair
+    assert main(["info", "--model", str(path)]) == 0
+    out = capsys.readouterr().out
+    per_token = kv_bytes_per_token(ours.config, torch.bfloat16)
+    assert f"family {ours.config.family}" in out and f"KV cache {per_token:,} bytes per token" in out
+
+
+def test_chat_cli_runs_a_family_model_with_its_template(pair, capsys):
+    """``generate --chat`` on a family folder renders the folder's chat template (ChatML here)."""
+    from mixtral_lite.cli import main
+
+    _, _, _, path = pair
+    write_tokenizer(path)
+    args = ["generate", "--model", str(path), "--chat", "--prompt", "Hi", "--max-new-tokens", "3", "--json"]
+    assert main(args) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    tokenizer = load_tokenizer(path)
+    assert result["prompt_tokens"] == len(tokenizer.encode_chat([{"role": "user", "content": "Hi"}]))
