@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = sampling_options(args)
     folder = model_folder(args)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, chat_template=args.chat_template)
     probe = tokenizer.encode_chat([{"role": "user", "content": "hi"}])
     prepare(MixtralConfig.from_pretrained(folder), tokenizer, [probe], **options)  # every flag, before loading
     model = load(args, folder)

@@ -41,6 +41,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verbose", action="store_true", help="print which CPU kernels were installed, and why not (stderr)"
     )
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="render chats with this jinja template (or a tokenizer_config.json's) instead of the model's own",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:
@@ -242,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise UserError(f"{source}: the prompt is empty; give some text to continue")
     folder = model_folder(args)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, chat_template=args.chat_template)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port: expected 0..65535, got {args.port}")
     folder = model_folder(args)
     name = args.served_model_name or folder.name
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, chat_template=args.chat_template)
     model = load(args, folder)
     engine = Engine(
         model,

@@ -63,15 +63,19 @@ class PromptCache:
         self.ids = list(ids)
 
     def _fits(self, model: torch.nn.Module, devices, num_kv_heads: int) -> bool:
+        """Whether the held cache has the layout this model needs now (dtype, heads, devices)."""
         kv = self.kv
         if kv is None:
             return False
+        probe = KVCache(model.config, 1, 1, device="meta", dtype=model.dtype, num_kv_heads=num_kv_heads)
         want = devices if isinstance(devices, list) else [torch.device(devices)] * len(kv.k)
+
+        def layout(ts):
+            return [(t.dtype, t.shape[:2] + t.shape[3:]) for t in ts]
+
         return (
-            kv.k[0].dtype == model.dtype
-            and len(kv.k) == model.config.num_hidden_layers
-            and kv.k[0].shape[1] == num_kv_heads
-            and kv.k[0].shape[3] == model.config.head_dim
+            layout(kv.k) == layout(probe.k)
+            and layout(kv.v) == layout(probe.v)
             and [t.device for t in kv.k] == [torch.device(d) for d in want]
         )
 
