@@ -166,8 +166,13 @@ def test_chat_in_a_terminal_edits_lines_and_recalls_history(tiny):
             if select.select([master], [], [], 0.2)[0]:
                 seen += os.read(master, 4096)
         assert seen.count(b"start a new conversation") == first + 1, seen.decode(errors="replace")
+        tail = len(seen)
+        end = time.monotonic() + 60
+        while b"> " not in seen[tail:] and time.monotonic() < end:  # the next prompt: input() reads again
+            if select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 4096)
         os.write(master, b"\x04")  # Ctrl-D
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()
         os.close(master)
