@@ -250,3 +250,20 @@ def test_chat_cli_runs_a_family_model_with_its_template(pair, capsys):
     result = json.loads(capsys.readouterr().out)
     tokenizer = load_tokenizer(path)
     assert result["prompt_tokens"] == len(tokenizer.encode_chat([{"role": "user", "content": "Hi"}]))
+
+
+def test_prompt_cache_reuses_the_conversation(pair, tmp_path):
+    """A second prompt that extends the first runs only its new tokens (the MLA latent cache too),
+    with the tokens of a fresh run."""
+    from mixtral_lite import PromptCache
+
+    name, _, model, path = pair
+    write_tokenizer(path)
+    tok = load_tokenizer(path)
+    cache = PromptCache()
+    first = [int(i) for i in _ids(1, 9, 4)[0]]
+    r1 = generate(model, tok, first, cache=cache, max_new_tokens=5)
+    second = first + r1.token_ids + [int(i) for i in _ids(1, 4, 5)[0]]
+    r2 = generate(model, tok, second, cache=cache, max_new_tokens=5)
+    assert r2.stats.cached_tokens >= len(first) + len(r1.token_ids) - 1, name
+    assert r2.token_ids == generate(model, tok, second, max_new_tokens=5).token_ids, name
