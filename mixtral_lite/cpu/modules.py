@@ -171,7 +171,9 @@ class CpuBlock(Block):
         """The weights the one-call layer reads, or None where a part is not the plain Mixtral one
         (other routers, shared experts, parallelism, recorded routing, another dispatch)."""
         att, ff, an, fn = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
-        if not isinstance(ff, SparseMoE) or not ff.plain or ff.record_routing or ff.dispatch != "auto":
+        if type(ff) not in (CpuSparseMoE, CpuInt8MoE):  # a dense FFN, or experts living elsewhere
+            return None
+        if not ff.plain or ff.record_routing or ff.dispatch != "auto":
             return None
         if ff.shared is not None or ff.reduce is not None or att.reduce is not None:
             return None

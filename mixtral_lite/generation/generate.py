@@ -48,6 +48,9 @@ class GenerationStats:
     prefill_time: float = 0.0  # s, the prompt forward pass and the first sampled tokens
     decode_time: float = 0.0  # s, every later token
     rows_with_tokens: int = 0  # rows that generated at least one token (their first is prefill's)
+    # Offloaded experts (``model.offload``): the counters of prefill and of decoding (``OffloadStats``)
+    offload_prefill: Any = None
+    offload_decode: Any = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -59,19 +62,33 @@ class GenerationStats:
         later = max(self.generated_tokens - self.rows_with_tokens, 0)
         return later / self.decode_time if self.decode_time > 0 else 0.0
 
+    @property
+    def decoded_tokens(self) -> int:
+        """Tokens fed through decode steps (each row's first token comes from prefill)."""
+        return max(self.generated_tokens - self.rows_with_tokens, 0)
+
     def as_dict(self) -> dict:
-        return {
-            **asdict(self),
+        out = {
+            **{k: v for k, v in asdict(self).items() if not k.startswith("offload")},
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
         }
+        if self.offload_prefill is not None:
+            out["experts"] = {
+                "prefill": self.offload_prefill.as_dict(self.prompt_tokens),
+                "decode": self.offload_decode.as_dict(self.decoded_tokens),
+            }
+        return out
 
     def summary(self) -> str:
-        return (
+        line = (
             f"time to first token {self.time_to_first_token:.3f} s | "
             f"prefill {self.prefill_tokens_per_s:.1f} tok/s ({self.prompt_tokens} tokens) | "
             f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated_tokens} tokens)"
         )
+        if self.offload_decode is not None:
+            line += f" | decode experts: {self.offload_decode.summary(self.decoded_tokens)}"
+        return line
 
 
 @dataclass
@@ -417,6 +434,9 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
         dtype=model.dtype,
         num_kv_heads=layers[0].attention.n_kv_heads,
     )
+    offload = getattr(model, "offload", None)
+    counters = None if offload is None else offload.stats
+    before = None if counters is None else counters.snapshot()
     logits = prefill(model, input_ids, cache, mask)  # [B, V]
     out_device = logits.device
     vocab = min(tokenizer.vocab_size, logits.shape[-1])  # never sample ids the tokenizer cannot decode
@@ -477,6 +497,8 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
     host = wait(first)
     stats.time_to_first_token = stats.prefill_time = time.perf_counter() - start
     first_done = time.perf_counter()
+    if counters is not None:
+        stats.offload_prefill, before = counters.since(before), counters.snapshot()
     yield from accept(host)
 
     slot = torch.tensor([t], device=device)  # cache slot of the token fed next, same for all rows
@@ -498,6 +520,8 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
     stats.decode_time = time.perf_counter() - first_done
     stats.generated_tokens = sum(len(ids) for ids in out_ids)
     stats.rows_with_tokens = sum(1 for ids in out_ids if ids)
+    if counters is not None:
+        stats.offload_decode = counters.since(before)
 
     results = []
     for row in range(b):

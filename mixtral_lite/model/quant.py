@@ -166,6 +166,10 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool
         raise UserError(f"quantize: expected one of {', '.join(MODES)}, got {mode!r}")
     if getattr(model, "quantized", None):
         raise UserError(f"quantize: the model is already quantised ({model.quantized})")
+    if getattr(model, "offload", None) is not None:
+        raise UserError(
+            "quantize: the model's experts are offloaded; load it with quantize= and the placement together"
+        )
     kernels = getattr(model, "cpu_kernels", None)
     if kernels is not None:  # installed for the float modules: decided again for the int8 ones
         kernels.uninstall(model)
