@@ -17,7 +17,7 @@ from helpers import make_hf_model, save_mistral_layout
 from mixtral_lite import MixtralConfig, UserError, generate, load_model, save_pretrained
 from mixtral_lite.cli import main
 from mixtral_lite.commands.generate import BUNDLED
-from mixtral_lite.model.experts import StackedExperts, experts_reference
+from mixtral_lite.model.experts import StackedExperts, dispatch_experts, experts_reference
 from mixtral_lite.model.quant import Int8MoE, quantize_model
 from mixtral_lite.offload import ExpertLRU, Placement, offload_experts, plan_placement
 from mixtral_lite.offload.cache import replay, reuse_rate
@@ -96,9 +96,9 @@ def test_explicit_placement_and_its_cache(mixtral, int8_bytes) -> None:
 
 def test_does_not_fit_even_so_names_the_bytes(mixtral) -> None:
     with pytest.raises(UserError) as err:
-        plan_placement(mixtral, torch.bfloat16, {"cpu": 2 * GB}, quantize="int8", experts_on="disk")
+        plan_placement(mixtral, torch.bfloat16, {"cpu": 1.5 * GB}, quantize="int8", experts_on="disk")
     message = str(err.value)
-    assert "does not fit" in message and "cpu needs" in message and "has 1.80 GB (1,800,000,000 bytes)" in message
+    assert "does not fit" in message and "cpu needs" in message and "has 1.35 GB (1,350,000,000 bytes)" in message
     with pytest.raises(UserError, match=r"cpu needs .* has"):
         plan_placement(mixtral, torch.bfloat16, {"cuda:0": 10 * GB, "cpu": 20 * GB}, quantize="int8", experts_on="cpu")
 
@@ -137,7 +137,7 @@ def test_replay_and_reuse_rate() -> None:
     steps = [[0, 1], [1, 2], [1, 2], [3, 4]]
     assert reuse_rate(steps) == pytest.approx(3 / 6)
     stats = replay(steps, 2)
-    assert (stats.hits, stats.misses) == (2, 6)
+    assert (stats.hits, stats.misses) == (3, 5)
     assert replay(steps, 8).misses == 5  # every expert once
 
 
@@ -173,10 +173,14 @@ def test_cached_host_experts_equal_the_reference_loop(capacity: int) -> None:
     x = torch.randn(9, 32, generator=g)
     idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)])
     w = torch.rand(9, 2, generator=g)
-    want = experts_reference(x, StackedExperts(*ws), idx, w)
-    for _ in range(2):
-        assert torch.equal(run_experts(x, cached, idx, w), want)
-        assert torch.equal(run_experts(x[:1], cached, idx[:1], w[:1]), want[:1])
+    resident = StackedExperts(*ws)
+    want = experts_reference(x, resident, idx, w)
+    for _ in range(2):  # the same dispatch as the resident stacks: exact; and the reference loop
+        assert torch.equal(run_experts(x, cached, idx, w), dispatch_experts(x, resident, idx, w))
+        assert torch.equal(
+            run_experts(x[:1], cached, idx[:1], w[:1]), dispatch_experts(x[:1], resident, idx[:1], w[:1])
+        )
+        torch.testing.assert_close(run_experts(x, cached, idx, w), want, rtol=1e-6, atol=1e-6)
     if capacity == 4:
         assert stats.misses == 4  # each expert loaded once, then hits
 
@@ -257,7 +261,7 @@ def test_host_experts_equal_the_resident_model(hub) -> None:
     """Experts in host memory (on a CPU-only machine the planner refuses it: placed by hand)."""
     resident = load_model(hub, cpu_kernels=False)
     model = load_model(hub, cpu_kernels=False)
-    offload_experts(model, Placement("cpu", ("cpu", "device", "cpu")))
+    offload_experts(model, Placement("cpu", ("cpu", "device", "cpu")), cpu_kernels=False)
     assert isinstance(model.layers[0].feed_forward.store, HostExperts)
     for ids in (IDS, IDS[:, :1]):
         with torch.no_grad():
@@ -317,3 +321,46 @@ class _Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(map(str, ids))
+
+
+# ---- a GPU beside host-memory experts, without a GPU ---------------------------------------------
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Run a meta-device model whose experts live in (real) host memory: a copy from meta to the
+    CPU is a host read; it is counted and given zeros of its shape (meta tensors hold no data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and args[0].is_meta and kwargs.get("device") == torch.device("cpu"):
+            self.reads.append(tuple(args[0].shape))
+            return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            if any(isinstance(a, torch.Tensor) and a.is_meta for a in args):
+                raise AssertionError(f"host sync on the device: {func}")
+        return func(*args, **kwargs)
+
+
+def test_experts_in_host_memory_beside_a_device_read_only_the_routing() -> None:
+    """The model on the meta device (a stand-in for a GPU), layers 0 and 2 with their experts in
+    host memory: each of those layers sends its hidden states, expert ids and weights to the
+    host (3 copies) and nothing else waits for the host; the resident layer never does."""
+    from mixtral_lite.bench.trace import meta_model
+
+    model = meta_model("tiny", layers=3, dtype=torch.float32)
+    c = model.config
+    e, d, i = c.num_experts, c.hidden_size, c.intermediate_size
+    g = torch.Generator().manual_seed(0)
+    for layer in (0, 2):
+        moe = model.layers[layer].feed_forward
+        for name, shape in (("w1", (e, i, d)), ("w2", (e, d, i)), ("w3", (e, i, d))):
+            setattr(moe, name, torch.nn.Parameter(torch.randn(*shape, generator=g), requires_grad=False))
+    offload_experts(model, Placement("meta", ("cpu", "device", "cpu"), cache=2), copy_min_tokens=1 << 30)
+    ids = torch.zeros(1, 5, dtype=torch.long, device="meta")
+    with torch.no_grad(), _HostReads() as mode:
+        model(ids)
+    assert mode.reads == [(5, d), (5, c.num_experts_per_tok), (5, c.num_experts_per_tok)] * 2

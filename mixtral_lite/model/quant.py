@@ -38,6 +38,10 @@ def quantize_per_channel(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
     q is rounded against the scale as stored (after its cast), so ``q * scale`` is the closest
     int8 grid to w that the stored scale can express.
     """
+    if w.is_meta:  # shapes only (planning, matching a quantised checkpoint): meta arithmetic is slow
+        return torch.empty(w.shape, dtype=torch.int8, device="meta"), torch.empty(
+            w.shape[:-1], dtype=scale_dtype, device="meta"
+        )
     if w.dim() > 2:  # one slice at a time: a float32 copy of a whole expert stack can be large
         parts = [quantize_per_channel(w_e, scale_dtype) for w_e in w]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])

@@ -56,7 +56,7 @@ def offload_experts(
     placement: Placement,
     reader: ExpertReader | None = None,
     *,
-    product: Product | None = None,
+    cpu_kernels: bool = True,
     copy_min_tokens: int = COPY_MIN_TOKENS,
 ) -> Offload:
     """Move every offloaded layer's experts (``placement.experts[i]`` ``cpu`` or ``disk``) into a
@@ -64,14 +64,14 @@ def offload_experts(
     layer's device keeps an LRU of ``placement.cache`` experts for prefills of at least
     ``copy_min_tokens`` rows. ``disk``: ``reader`` reads each expert on demand into an in-memory
     LRU of ``placement.cache`` experts (the stacks may be meta tensors: they are never read).
-    ``product``: the per-expert product on the CPU (default: the CPU kernels when installed there)."""
+    ``cpu_kernels``: the experts computed on the CPU use the CPU kernels' products (else the
+    reference products, as a model without the kernels installed)."""
     if len(placement.experts) != len(model.layers):
         raise UserError(f"placement: {len(placement.experts)} layers given, the model has {len(model.layers)}")
     if getattr(model, "offload", None) is not None:
         raise UserError("offload: the model's experts are offloaded already")
     stats = OffloadStats()
-    if product is None:
-        product = cpu_product
+    product: Product = cpu_product if cpu_kernels else expert_product
     for i, place in enumerate(placement.experts):
         if place == "device":
             continue

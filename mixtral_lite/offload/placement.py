@@ -198,12 +198,8 @@ def _checked(
             need[where] += sizes.experts[i]
     offloaded = [i for i, p in enumerate(experts) if p != "device"]
     # The LRU lives on the device for ``cpu`` layers (prefill copies) and in memory for ``disk``.
-    slots = {
-        device: sum(1 for i in offloaded if experts[i] == "cpu"),
-        host: sum(1 for i in offloaded if experts[i] == "disk"),
-    }
-    if on_cpu:
-        slots = {device: slots[device] + slots[host]}
+    n_cpu, n_disk = (sum(experts[i] == p for i in offloaded) for p in ("cpu", "disk"))
+    slots = {device: n_cpu + n_disk} if on_cpu else {device: n_cpu, host: n_disk}
     one = sizes.per_expert
     if cache is None:
         fits = []

@@ -108,7 +108,7 @@ def load_model(
     if quantize is not None:
         quantize_model(model, quantize)
     if placement is not None:
-        offload_experts(model, placement, reader)
+        offload_experts(model, placement, reader, cpu_kernels=cpu_kernels)
     if cpu_kernels and all(d.type == "cpu" for d in devices):
         install_cpu_kernels(model)
     return model
