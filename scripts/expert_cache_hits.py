@@ -44,18 +44,30 @@ def routing(model: Mixtral, ids: list[int]) -> list[list[list[int]]]:
     return layers or []
 
 
+def hit_rate(layers: list[list[list[int]]], size: int) -> tuple[float, int]:
+    stats = [replay(steps, size) for steps in layers]
+    hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
+    return hits / (hits + misses), misses
+
+
 def table_rows(name: str, text: str, layers: list[list[list[int]]], expert_bytes: int) -> list[str]:
+    """One row per LRU size; the shuffled columns replay the same tokens in a random order: what
+    the experts' uneven load alone gives, without the text's order."""
     rows = []
     tokens = len(layers[0])
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(tokens, generator=g).tolist()
+    shuffled = [[steps[i] for i in order] for steps in layers]
     locality = sum(reuse_rate(steps) for steps in layers) / len(layers)
+    locality_shuffled = sum(reuse_rate(steps) for steps in shuffled) / len(layers)
     for size in SIZES:
-        stats = [replay(steps, size) for steps in layers]
-        hits = sum(s.hits for s in stats)
-        misses = sum(s.misses for s in stats)
+        rate, misses = hit_rate(layers, size)
+        rate_shuffled, _ = hit_rate(shuffled, size)
         per_token = misses / tokens  # experts loaded per token, all layers
         rows.append(
-            f"| {name} | {text} | {size}/8 | {hits / (hits + misses):.1%} | {per_token:.2f} | "
-            f"{per_token * expert_bytes / 1e6:.2f} MB | {per_token * EXPERT_8X7B_INT8 / 1e9:.2f} GB | {locality:.1%} |"
+            f"| {name} | {text} | {size}/8 | {rate:.1%} ({rate_shuffled:.1%}) | {per_token:.2f} | "
+            f"{per_token * expert_bytes / 1e6:.2f} MB | {per_token * EXPERT_8X7B_INT8 / 1e9:.2f} GB | "
+            f"{locality:.1%} ({locality_shuffled:.1%}) |"
         )
     return rows
 
@@ -77,8 +89,8 @@ def main() -> None:
     print(f"{shape}; {args.tokens} tokens per text")
     print()
     print(
-        "| model | text | LRU size | hit rate | experts loaded / token | bytes / token (this model) "
-        "| bytes / token (8x7B int8 experts) | locality (reuse by the next token) |"
+        "| model | text | LRU size | hit rate (shuffled) | experts loaded / token | bytes / token (this model) "
+        "| bytes / token (8x7B int8 experts) | reuse by the next token (shuffled) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for path in texts:

@@ -8,10 +8,11 @@ cache that runs.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass
@@ -29,6 +30,7 @@ class OffloadStats:
     bytes_copied: int = 0
     bytes_moved: int = 0
     calls: int = 0
+    lock: ClassVar[threading.Lock] = threading.Lock()  # experts are read by several threads at once
 
     def snapshot(self) -> OffloadStats:
         return OffloadStats(**asdict(self))
@@ -85,18 +87,27 @@ class ExpertLRU:
         return list(self._items)
 
     def get(self, e: int, load: Callable[[int], Any]) -> Any:
+        item = self.lookup(e)
+        if item is None:
+            item = load(e)
+            self.put(e, item)
+        return item
+
+    def lookup(self, e: int) -> Any:
+        """Expert ``e``'s weights if cached (a hit, now the most recent), else None."""
         item = self._items.get(e)
         if item is not None:
             self._items.move_to_end(e)
             self.stats.hits += 1
-            return item
+        return item
+
+    def put(self, e: int, item: Any) -> None:
+        """Record a miss and keep ``item`` (evicting the least recently used beyond capacity)."""
         self.stats.misses += 1
-        item = load(e)
         if self.capacity:
             while len(self._items) >= self.capacity:
                 self._items.popitem(last=False)
             self._items[e] = item
-        return item
 
     def clear(self) -> None:
         self._items.clear()

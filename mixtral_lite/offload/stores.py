@@ -15,7 +15,9 @@ Axis legend: E experts, I expert intermediate size, D hidden.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from .cache import ExpertLRU, OffloadStats
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Weights = tuple[Triple, Triple | None]  # (w1, w2, w3) and their int8 scales (None: float weights)
 Product = Callable[[torch.Tensor, Triple, Triple | None], torch.Tensor]
+READERS = 4  # experts loaded at once by ``CachedExperts.holding``
 
 
 def expert_product(x: torch.Tensor, ws: Triple, ss: Triple | None) -> torch.Tensor:
@@ -56,6 +59,12 @@ class ExpertStore:
 
     def weights(self, e: int) -> Weights:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def holding(self, ids: list[int]) -> Iterator[None]:
+        """Within the block, experts ``ids`` are at hand (stores that load them load them here,
+        together); the stacks held in memory need nothing."""
+        yield
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         ws, ss = self.weights(e)
@@ -102,15 +111,45 @@ class CachedExperts(ExpertStore):
         self.product = product
         self.stats = stats
         self.lru = ExpertLRU(capacity, stats)
+        self._held: dict[int, Weights] = {}
 
     def weights(self, e: int) -> Weights:
-        return self.lru.get(e, self._load)
+        held = self._held.get(e)
+        return held if held is not None else self.lru.get(e, self._load)
+
+    @contextlib.contextmanager
+    def holding(self, ids: list[int]) -> Iterator[None]:
+        """Load the missing experts of ``ids`` at once, ``READERS`` at a time (reads from disk
+        overlap: one stream reads a fraction of what the disk gives several), and keep them for
+        the call even where the LRU is smaller than the call needs."""
+        held: dict[int, Weights] = {}
+        missing = []
+        for e in dict.fromkeys(ids):
+            item = self.lru.lookup(e)
+            if item is None:
+                missing.append(e)
+            else:
+                held[e] = item
+        if len(missing) > 1 and isinstance(self.source, DiskExperts):  # the reads overlap; copies need not
+            with ThreadPoolExecutor(min(READERS, len(missing))) as pool:
+                loaded = list(pool.map(self._load, missing))
+        else:
+            loaded = [self._load(e) for e in missing]
+        for e, item in zip(missing, loaded, strict=True):
+            self.lru.put(e, item)
+            held[e] = item
+        self._held = held
+        try:
+            yield
+        finally:
+            self._held = {}
 
     def _load(self, e: int) -> Weights:
         ws, ss = self.source.weights(e)
         if ws[0].device == self.device:
             return ws, ss
-        self.stats.bytes_copied += weights_bytes((ws, ss))
+        with self.stats.lock:
+            self.stats.bytes_copied += weights_bytes((ws, ss))
         move = lambda t: t.to(self.device, non_blocking=t.is_pinned())  # noqa: E731
         return tuple(map(move, ws)), None if ss is None else tuple(map(move, ss))
 
@@ -193,7 +232,8 @@ class DiskExperts(ExpertStore):
                 q, s = quantize_per_channel(w, scale_dtype)
                 ws.append(q)
                 ss.append(s)
-            self.stats.bytes_read += n
+            with self.stats.lock:
+                self.stats.bytes_read += n
         return tuple(ws), tuple(ss) if ss else None
 
 
@@ -203,9 +243,10 @@ def run_experts(
     """The reference dispatch over a store. Off the CPU ``auto`` sorts and loops over the chosen
     experts (one host read of the counts): a store must know which experts to fetch, and the
     sync-free dispatches would read every expert."""
-    if impl == "auto" and x.device.type != "cpu":
-        return experts_sorted(x, store, idx, weights, grouped_mm=False)
-    return dispatch_experts(x, store, idx, weights, impl)
+    with store.holding(idx.unique().tolist()):
+        if impl == "auto" and x.device.type != "cpu":
+            return experts_sorted(x, store, idx, weights, grouped_mm=False)
+        return dispatch_experts(x, store, idx, weights, impl)
 
 
 __all__ = [
