@@ -364,3 +364,18 @@ def test_experts_in_host_memory_beside_a_device_read_only_the_routing() -> None:
     with torch.no_grad(), _HostReads() as mode:
         model(ids)
     assert mode.reads == [(5, d), (5, c.num_experts_per_tok), (5, c.num_experts_per_tok)] * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("copy_min_tokens", [1 << 30, 1], ids=["cpu computes", "prefill copies"])
+def test_cuda_experts_in_host_memory_equal_the_resident_model(hub, copy_min_tokens: int) -> None:
+    """On a GPU: experts in pinned host memory computed by the CPU (or copied through the GPU's
+    LRU) against the model all on the GPU, float32 (the CPU's and the GPU's products round apart)."""
+    resident = load_model(hub, device="cuda", dtype="float32")
+    model = load_model(hub, device="cuda", dtype="float32")
+    offload_experts(model, Placement("cuda:0", ("cpu", "device", "cpu"), cache=2), copy_min_tokens=copy_min_tokens)
+    assert model.layers[0].feed_forward.store.ws[0].is_pinned()
+    for ids in (IDS.cuda(), IDS[:, :1].cuda()):
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), resident(ids), rtol=1e-4, atol=1e-4)
+    assert (model.offload.stats.bytes_copied > 0) == (copy_min_tokens == 1)
