@@ -39,6 +39,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8"], help="quantize the weights after loading")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice, one per core)")
     p.add_argument(
+        "--experts-on",
+        choices=("cpu", "disk", "auto"),
+        help="keep the routed experts apart: cpu (host memory beside a GPU, computed there), disk (read from the "
+        "memory-mapped checkpoint as tokens choose them), auto (only as many layers as needed to fit)",
+    )
+    p.add_argument(
+        "--n-cpu-moe", type=int, metavar="N", help="only the first N layers' experts go where --experts-on says"
+    )
+    p.add_argument(
+        "--expert-cache",
+        type=int,
+        metavar="N",
+        help="experts per offloaded layer kept in an LRU (default: as many as fit, at most half)",
+    )
+    p.add_argument(
         "--verbose", action="store_true", help="print which CPU kernels were installed, and why not (stderr)"
     )
     p.add_argument(
@@ -151,9 +166,20 @@ def load(args: argparse.Namespace, folder: Path):
             raise UserError(f"--threads: expected an integer >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.device_map else "cpu")
-    model = load_model(folder, dtype=args.dtype, device=device, device_map=args.device_map, quantize=args.quantize)
+    model = load_model(
+        folder,
+        dtype=args.dtype,
+        device=device,
+        device_map=args.device_map,
+        quantize=args.quantize,
+        experts_on=args.experts_on,
+        n_cpu_moe=args.n_cpu_moe,
+        expert_cache=args.expert_cache,
+    )
     if getattr(args, "verbose", False):
         print(cpu_kernels_status(model), file=sys.stderr)
+        if getattr(model, "offload", None) is not None:
+            print(model.offload, file=sys.stderr)
     return model
 
 
@@ -161,8 +187,8 @@ def start_parallel(args: argparse.Namespace, config):
     """Join torchrun's process group for --tp / --ep; None for a plain single-process run."""
     if args.tp * args.ep == 1 and os.environ.get("WORLD_SIZE", "1") == "1":
         return None
-    if args.device_map or args.quantize:
-        raise UserError("--tp/--ep: cannot be combined with --device-map or --quantize")
+    if args.device_map or args.quantize or args.experts_on or args.n_cpu_moe is not None:
+        raise UserError("--tp/--ep: cannot be combined with --device-map, --quantize, --experts-on or --n-cpu-moe")
     from ..parallel.launch import start_parallel as start
 
     if not args.step_timeout > 0:
@@ -259,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
     config = MixtralConfig.from_pretrained(folder)
     prepare(config, tokenizer, [prompt_ids], **options, continuation=continuation)
 
+    if args.compile and (args.experts_on or args.n_cpu_moe is not None):
+        raise UserError("--compile: not available with --experts-on / --n-cpu-moe (the expert stores run eagerly)")
     parallel = start_parallel(args, config)
     if parallel is None:
         model, decode_fn = load(args, folder), decode_step

@@ -187,6 +187,8 @@ class CpuBlock(Block):
         """The weights the one-call layer reads, or None where a part is not the plain Mixtral one
         (other routers, shared experts, parallelism, recorded routing, another dispatch)."""
         att, ff, an, fn = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
+        if type(ff) not in (CpuSparseMoE, CpuInt8MoE):  # a dense FFN, or experts living elsewhere
+            return None
         if self.declined() is not None or ff.record_routing or ff.dispatch != "auto":
             return None
         if ff.reduce is not None or att.reduce is not None:

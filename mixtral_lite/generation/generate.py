@@ -50,6 +50,9 @@ class GenerationStats:
     prefill_time: float = 0.0  # s, the prompt forward pass and the first sampled tokens
     decode_time: float = 0.0  # s, every later token
     rows_with_tokens: int = 0  # rows that generated at least one token (their first is prefill's)
+    # Offloaded experts (``model.offload``): the counters of prefill and of decoding (``OffloadStats``)
+    offload_prefill: Any = None
+    offload_decode: Any = None
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -62,21 +65,35 @@ class GenerationStats:
         later = max(self.generated_tokens - self.rows_with_tokens, 0)
         return later / self.decode_time if self.decode_time > 0 else 0.0
 
+    @property
+    def decoded_tokens(self) -> int:
+        """Tokens fed through decode steps (each row's first token comes from prefill)."""
+        return max(self.generated_tokens - self.rows_with_tokens, 0)
+
     def as_dict(self) -> dict:
-        return {
-            **asdict(self),
+        out = {
+            **{k: v for k, v in asdict(self).items() if not k.startswith("offload")},
             "prefill_tokens_per_s": self.prefill_tokens_per_s,
             "decode_tokens_per_s": self.decode_tokens_per_s,
         }
+        if self.offload_prefill is not None:
+            out["experts"] = {
+                "prefill": self.offload_prefill.as_dict(self.prompt_tokens),
+                "decode": self.offload_decode.as_dict(self.decoded_tokens),
+            }
+        return out
 
     def summary(self) -> str:
-        return (
+        line = (
             f"time to first token {self.time_to_first_token:.3f} s | "
             f"prefill {self.prefill_tokens_per_s:.1f} tok/s ({self.prompt_tokens} tokens"
             + (f", {self.cached_tokens} cached" if self.cached_tokens else "")
             + ") | "
             f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated_tokens} tokens)"
         )
+        if self.offload_decode is not None:
+            line += f" | decode experts: {self.offload_decode.summary(self.decoded_tokens)}"
+        return line
 
 
 @dataclass
@@ -444,6 +461,9 @@ def _run(
         install_cpu_kernels(model)
     length = t + steps - 1  # the last token is sampled, never fed back
     n_kv = model.layers[0].attention.n_kv_heads
+    offload = getattr(model, "offload", None)
+    counters = None if offload is None else offload.stats
+    before = None if counters is None else counters.snapshot()
     kept = 0
     if prompt_cache is None:
         cache = KVCache(model.config, b, length, device=layer_devices(model), dtype=model.dtype, num_kv_heads=n_kv)
@@ -518,6 +538,8 @@ def _run(
     host = wait(first)
     stats.time_to_first_token = stats.prefill_time = time.perf_counter() - start
     first_done = time.perf_counter()
+    if counters is not None:
+        stats.offload_prefill, before = counters.since(before), counters.snapshot()
     yield from accept(host)
 
     slot = torch.tensor([t], device=device)  # cache slot of the token fed next, same for all rows
@@ -542,6 +564,8 @@ def _run(
     stats.decode_time = time.perf_counter() - first_done
     stats.generated_tokens = sum(len(ids) for ids in out_ids)
     stats.rows_with_tokens = sum(1 for ids in out_ids if ids)
+    if counters is not None:
+        stats.offload_decode = counters.since(before)
 
     results = []
     for row in range(b):

@@ -38,6 +38,10 @@ def quantize_per_channel(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
     q is rounded against the scale as stored (after its cast), so ``q * scale`` is the closest
     int8 grid to w that the stored scale can express.
     """
+    if w.is_meta:  # shapes only (planning, matching a quantised checkpoint): meta arithmetic is slow
+        return torch.empty(w.shape, dtype=torch.int8, device="meta"), torch.empty(
+            w.shape[:-1], dtype=scale_dtype, device="meta"
+        )
     if w.dim() > 2:  # one slice at a time: a float32 copy of a whole expert stack can be large
         parts = [quantize_per_channel(w_e, scale_dtype) for w_e in w]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
@@ -172,6 +176,10 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool
         raise UserError(f"quantize: expected one of {', '.join(MODES)}, got {mode!r}")
     if getattr(model, "quantized", None):
         raise UserError(f"quantize: the model is already quantised ({model.quantized})")
+    if getattr(model, "offload", None) is not None:
+        raise UserError(
+            "quantize: the model's experts are offloaded; load it with quantize= and the placement together"
+        )
     kernels = getattr(model, "cpu_kernels", None)
     if kernels is not None:  # installed for the float modules: decided again for the int8 ones
         kernels.uninstall(model)

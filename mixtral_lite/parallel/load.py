@@ -19,7 +19,7 @@ import torch
 from ..model.mixtral import Mixtral
 from ..weights.checkpoint import Copy, interleaved_to_half, open_checkpoint
 from ..weights.loading import assign_tensors, plan_load, resolve_dtype, storage_dtype
-from .dist import ParallelState
+from .dist import ParallelError, ParallelState
 from .shard import check_parallel, configure, local_shape, param_slices
 
 
@@ -39,6 +39,9 @@ def load_parallel(
     with open_checkpoint(path) as ckpt:
         config = ckpt.config
         check_parallel(config, state.tp, state.ep)
+        if ckpt.quantization is not None:
+            mode = ckpt.quantization["mode"]
+            raise ParallelError(f"{ckpt.folder}: {mode} weights: --tp/--ep shard float checkpoints only")
         dtype = resolve_dtype(dtype, [device])
         plan = plan_load(ckpt)
         model, expected = plan.model, plan.expected

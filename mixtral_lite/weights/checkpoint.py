@@ -105,6 +105,7 @@ class Checkpoint:
     broken: set[Path] = field(default_factory=set)  # files whose tensors were left out (strict=False)
     config_dtype: str | None = None
     save_ids: dict[str, str | None] = field(default_factory=dict)  # file name -> save id (see ``saving``)
+    quantization: dict | None = None  # config.json ``mixtral_lite_quantization``: weights stored quantised
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
     _pth: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -235,6 +236,7 @@ def _open_hf(folder: Path, has: set[str], strict: bool) -> Checkpoint:
         config_dtype=raw.get("dtype") or raw.get("torch_dtype"),
     )
     ckpt.save_ids["config.json"] = raw.get(SAVE_ID_KEY)
+    ckpt.quantization = _read_quantization(raw, config_file)
     if SINGLE_FILE in has:
         ckpt.files = [folder / SINGLE_FILE]
         _read_headers(ckpt, strict)
@@ -253,6 +255,29 @@ def _open_hf(folder: Path, has: set[str], strict: bool) -> Checkpoint:
         elif info is None and (folder / name) not in ckpt.broken:
             _problem(ckpt, strict, f"{ckpt.index_file}: {key} is listed in {name}, which does not hold it")
     return ckpt
+
+
+QUANTIZATION_KEY = "mixtral_lite_quantization"
+QUANTIZED_MODES = ("int8",)
+
+
+def _read_quantization(raw: dict, source: Path) -> dict | None:
+    """``{"mode": "int8", "include_output": bool}`` for a checkpoint written by ``save_pretrained``
+    from a quantised model (its own parameter names, ``model_type: mixtral_lite``), else None."""
+    q = raw.get(QUANTIZATION_KEY)
+    if q is None:
+        return None
+    if not isinstance(q, dict) or q.get("mode") not in QUANTIZED_MODES or not isinstance(q.get("include_output"), bool):
+        raise UserError(
+            f'{source}: {QUANTIZATION_KEY}: expected {{"mode": one of {list(QUANTIZED_MODES)}, "include_output": '
+            f"true|false}}, got {q!r:.120}"
+        )
+    if raw.get("model_type") != "mixtral_lite":
+        raise UserError(
+            f"{source}: {QUANTIZATION_KEY}: quantised weights need model_type 'mixtral_lite', "
+            f"got {raw.get('model_type')!r}"
+        )
+    return q
 
 
 def _open_mistral(folder: Path, has: set[str], strict: bool) -> Checkpoint:

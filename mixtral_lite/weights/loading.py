@@ -19,7 +19,10 @@ from torch import nn
 from ..cpu import install_cpu_kernels
 from ..errors import UserError
 from ..model.mixtral import Mixtral
-from ..model.quant import quantize_model
+from ..model.quant import _tensor_bytes, quantize_model
+from ..offload.install import offload_experts, resolve_placement
+from ..offload.placement import Placement, expert_tensor
+from ..offload.stores import ExpertReader
 from .checkpoint import Checkpoint, Copy, TensorPlan, match_tensors, open_checkpoint
 from .device_map import check_device, device_of, resolve_device_map
 
@@ -44,6 +47,9 @@ def load_model(
     quantize: str | None = None,
     progress: bool | None = None,
     cpu_kernels: bool = True,
+    experts_on: str | None = None,
+    n_cpu_moe: int | None = None,
+    expert_cache: int | None = None,
 ) -> Mixtral:
     """Load a checkpoint folder (Hugging Face or original Mistral layout) into a ``Mixtral``.
 
@@ -52,10 +58,17 @@ def load_model(
     explicit map (see ``weights.device_map``); excludes ``device``. ``quantize`` is passed to
     ``model.quant.quantize_model``. ``cpu_kernels``: install the CPU kernels
     (``mixtral_lite.install_cpu_kernels``) when every weight is on the CPU. ``progress``: None
-    shows a bar on a terminal for loads longer than a moment, True always, False never. Raises
-    ``UserError`` before returning anything when a file, key, shape or dtype is wrong.
+    shows a bar on a terminal for loads longer than a moment, True always, False never.
+
+    ``experts_on`` ("cpu", "disk" or "auto"), ``n_cpu_moe`` (only the first N layers' experts) and
+    ``expert_cache`` (experts per offloaded layer kept in an LRU) place the routed experts apart
+    from the rest of the model (``mixtral_lite.offload``): disk-resident experts are never loaded,
+    they are read from the memory-mapped files as tokens choose them. Raises ``UserError`` before
+    returning anything when a file, key, shape, dtype or placement is wrong.
     """
-    with open_checkpoint(path) as ckpt:
+    ckpt = open_checkpoint(path)
+    reader = None
+    try:
         config = ckpt.config
         if device_map is not None:
             if str(device) != "cpu":  # the default; a map names every device itself
@@ -65,18 +78,52 @@ def load_model(
         else:
             devices = [check_device(device)] * config.num_hidden_layers
         dtype = resolve_dtype(dtype, devices)
-        plan = plan_load(ckpt)
+        if quantize is not None and ckpt.quantization is not None:
+            raise UserError(f"quantize={quantize!r}: {ckpt.folder} holds {ckpt.quantization['mode']} weights already")
+        plan = plan_load(ckpt, dtype=dtype)
         expected = plan.expected
-        placement = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
-        tensors = _stream(ckpt, plan.tensors.copies, expected, placement, dtype, progress)
+        placement = None
+        if experts_on is not None or n_cpu_moe is not None:
+            if device_map is not None and len(set(devices)) > 1:
+                raise UserError("experts_on / n_cpu_moe: not combined with a device_map over several devices yet")
+            quant = quantize or (ckpt.quantization or {}).get("mode")
+            placement = resolve_placement(
+                config, dtype, devices[0], quantize=quant, experts_on=experts_on, n_cpu_moe=n_cpu_moe,
+                expert_cache=expert_cache, ckpt=ckpt,
+            )  # fmt: skip
+        on_disk = _disk_tensors(expected, placement)
+        where = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
+        copies = [c for c in plan.tensors.copies if c.name not in on_disk]
+        tensors = _stream(ckpt, copies, expected, where, dtype, progress)
+        if on_disk:
+            reader = ExpertReader(ckpt, [c for c in plan.tensors.copies if c.name in on_disk])
+    finally:
+        if reader is None:
+            ckpt.close()
     model = plan.model
-    assign_tensors(model, tensors, plan.aliases)
+    assign_tensors(model, tensors, plan.aliases, left_on_meta=on_disk)
     model.eval()
+    if ckpt.quantization is not None:
+        model.quantization = {"mode": model.quantized, "bytes_before": None, "bytes_after": _tensor_bytes(model)}
     if quantize is not None:
         quantize_model(model, quantize)
+    if placement is not None:
+        offload_experts(model, placement, reader, cpu_kernels=cpu_kernels)
     if cpu_kernels and all(d.type == "cpu" for d in devices):
         install_cpu_kernels(model)
     return model
+
+
+def _disk_tensors(expected: dict[str, torch.Tensor], placement: Placement | None) -> set[str]:
+    """The expert tensors of the layers whose experts stay on disk (never streamed)."""
+    if placement is None:
+        return set()
+    out = set()
+    for name in expected:
+        where = expert_tensor(name)
+        if where is not None and placement.experts[where[0]] == "disk":
+            out.add(name)
+    return out
 
 
 @dataclass
@@ -89,11 +136,16 @@ class LoadPlan:
     tensors: TensorPlan  # file tensors -> model tensors, and the problems found
 
 
-def plan_load(ckpt: Checkpoint, *, strict: bool = True) -> LoadPlan:
+def plan_load(ckpt: Checkpoint, *, strict: bool = True, dtype: torch.dtype | None = None) -> LoadPlan:
     """Build the model on the meta device and match every file tensor to it; ``strict``: any
-    problem (missing, unexpected or misshapen tensor) is a ``UserError`` naming the folder."""
+    problem (missing, unexpected or misshapen tensor) is a ``UserError`` naming the folder. A
+    quantised checkpoint is matched against the model quantised on the meta device, its scales
+    in ``dtype`` (what quantising after loading in ``dtype`` gives)."""
     with torch.device("meta"):
         model = Mixtral(ckpt.config)
+    if ckpt.quantization is not None:
+        model.to(dtype or torch.float32)
+        quantize_model(model, ckpt.quantization["mode"], include_output=ckpt.quantization["include_output"])
     expected, aliases = model_tensors(model)
     tensors = match_tensors(ckpt, expected, aliases)
     if strict and tensors.problems:
@@ -179,8 +231,11 @@ def _copy_interleaved_to_half(dest: torch.Tensor, src: torch.Tensor, heads: int)
     dest.view(heads, 2, half, dim).copy_(src.view(heads, half, 2, dim).transpose(1, 2))
 
 
-def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
-    """Put the loaded storage in place of the meta tensors (assign semantics) and re-tie aliases."""
+def assign_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str], left_on_meta: set[str] = frozenset()
+) -> None:
+    """Put the loaded storage in place of the meta tensors (assign semantics) and re-tie aliases;
+    ``left_on_meta``: tensors that stay meta (experts read from disk later)."""
     for name, t in tensors.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -193,7 +248,7 @@ def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: 
         module_name, _, leaf = alias.rpartition(".")
         source_module, _, source_leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, getattr(model.get_submodule(source_module), source_leaf))
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in left_on_meta]
     if left:
         raise RuntimeError(f"load_model: tensors left on the meta device (not in the state dict?): {left[:5]}")
 

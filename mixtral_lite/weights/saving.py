@@ -21,7 +21,7 @@ from torch import nn
 from ..atomic import atomic_folder
 from ..errors import UserError
 from ..generation.tokenizer import Tokenizer, tokenizer_file
-from .checkpoint import DTYPE_NAMES, INDEX_FILE, SAVE_ID_KEY, SINGLE_FILE
+from .checkpoint import DTYPE_NAMES, INDEX_FILE, QUANTIZATION_KEY, SAVE_ID_KEY, SINGLE_FILE
 from .keymap import hf_items
 from .loading import model_tensors
 
@@ -47,26 +47,40 @@ def save_pretrained(
     atomically (a caller that switches a larger folder in itself, as training checkpoints do).
     ``tokenizer`` (a loaded tokenizer, its file or its model folder) is copied in too, so the
     folder is one that ``generate --model`` runs; without it the folder has weights only.
+    An int8 model (``quantize_model``) is written as it is in memory, int8 buffers and scales under
+    our own names (``model_type: mixtral_lite``); ``load_model`` reads it back without quantising.
     """
     source = _tokenizer_files(tokenizer) if tokenizer is not None else []
     config = model.config
     if any(hasattr(m, "num_weight_elements") for m in model.modules()):
         raise UserError("save_pretrained: the model is quantized; save it before quantizing")
+    if getattr(model, "offload", None) is not None:
+        raise UserError(
+            "save_pretrained: the model's experts are offloaded (not in memory); load it without a placement to save it"
+        )
     limit = parse_size(max_shard_size)
     tensors, _ = model_tensors(model)  # tied aliases (output.weight) are written once, under the other name
-    try:
-        if config.family != "mixtral":  # another family: written as our own variant, names as they are
-            raise KeyError(config.family)
-        items = list(hf_items(tensors))
-    except KeyError:  # a variant parameter without a hub name: keep our own names (model_type mixtral_lite)
-        if config.is_plain_mixtral:
-            raise
+    quantized = getattr(model, "quantized", None)
+    if quantized:  # int8 buffers and their scales have no hub names: our own names, model_type mixtral_lite
         items = list(tensors.items())
+    else:
+        try:
+            if config.family != "mixtral":  # another family: written as our own variant, names as they are
+                raise KeyError(config.family)
+            items = list(hf_items(tensors))
+        except KeyError:  # a variant parameter without a hub name: keep our own names (model_type mixtral_lite)
+            if config.is_plain_mixtral:
+                raise
+            items = list(tensors.items())
     items = [(k, t.detach()) for k, t in items]
     shards = _split(items, limit)
     folder = Path(path)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     config_data = {**config.to_hf_dict(), "torch_dtype": dtype, "dtype": dtype}
+    if quantized:  # transformers refuses the folder instead of loading int8 buffers as weights
+        include_output = "output.scale" in tensors
+        config_data.update(model_type="mixtral_lite", architectures=["MixtralLiteForCausalLM"])
+        config_data[QUANTIZATION_KEY] = {"mode": quantized, "include_output": include_output}
     if into is not None:
         return [into / name for name in write_pretrained_files(into, shards, config_data, source)]
     names = {f.name for f in source}
