@@ -103,3 +103,28 @@ def test_seeded_sample_is_the_same_alone_and_in_any_batch(tiny):
     assert batched == alone
     assert reordered == alone
     assert len({tuple(a) for a in alone}) > 1  # the prompts do sample differently
+
+
+def test_a_compiled_steps_pool_reuses_one_cache_per_bucket(tiny):
+    """A decode_fn with a CachePool (what compile_decode_step returns) gets the same cache object
+    for calls whose lengths fall in one bucket, lengths rounded up; tokens equal the plain step's."""
+    from mixtral_lite.generation.cache_pool import CachePool
+    from mixtral_lite.generation.generate import decode_step
+
+    _, model, tok = tiny
+    seen = []
+
+    def step(model, tokens, cache, slot, positions):
+        seen.append(cache)
+        return decode_step(model, tokens, cache, slot, positions)
+
+    step.cache_pool = CachePool(bucket=64, size=2)
+    prompts = ["The quick brown fox", "Once upon a time, in a land far away"]
+    for p in prompts:
+        for n in (5, 20):
+            assert generate(model, tok, p, max_new_tokens=n, decode_fn=step).token_ids == \
+                generate(model, tok, p, max_new_tokens=n).token_ids  # fmt: skip
+    assert len({id(c) for c in seen}) == 1  # every length fitted the first 64-slot bucket
+    assert seen[0].max_seq_len == 64
+    generate(model, tok, prompts[0], max_new_tokens=100, decode_fn=step)
+    assert seen[-1].max_seq_len == 128 and seen[-1] is not seen[0]

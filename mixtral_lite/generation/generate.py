@@ -30,6 +30,7 @@ from ..errors import UserError, UserTypeError
 from ..model.cache import KVCache
 from ..validate import check_seed
 from ..weights.device_map import layer_devices
+from .cache_pool import CachePool
 from .detok import Detokenizer, continuation_text
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, make_generator, sample
@@ -173,7 +174,8 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
     plus new tokens) compiles once more. On the CPU the first call with a model stores its weight
     matrices row-major (``cpu.layout.cpu_layout(model, compiled=True)``: same values, other
     strides), the layout the generated matrix-vector kernels read fastest; the compiled graph runs
-    PyTorch's ops, not the C kernel."""
+    PyTorch's ops, not the C kernel. The returned step carries a ``CachePool``: ``generate``
+    reuses its caches, with lengths rounded up to a bucket, so shapes (and CUDA graphs) repeat."""
     device = torch.device(device)
     if mode is None and device.type == "cuda":
         mode = "reduce-overhead"
@@ -190,6 +192,7 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
                 laid_out.add(model)
             return compiled(model, tokens, cache, slot, positions)
 
+        cpu_step.cache_pool = CachePool()
         return cpu_step
 
     @scalars
@@ -198,6 +201,7 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
             torch._dynamo.mark_static_address(t)
         return compiled(model, tokens, cache, slot, positions).clone()  # outlives the next replay
 
+    step.cache_pool = CachePool()
     return step
 
 
@@ -465,8 +469,12 @@ def _run(
     counters = None if offload is None else offload.stats
     before = None if counters is None else counters.snapshot()
     kept = 0
+    pool: CachePool | None = getattr(decode_fn, "cache_pool", None)  # a compiled step's: shapes repeat
     if prompt_cache is None:
-        cache = KVCache(model.config, b, length, device=layer_devices(model), dtype=model.dtype, num_kv_heads=n_kv)
+        if pool is not None:
+            cache = pool.get(model, b, length, layer_devices(model), n_kv)
+        else:
+            cache = KVCache(model.config, b, length, device=layer_devices(model), dtype=model.dtype, num_kv_heads=n_kv)
         logits = prefill(model, input_ids, cache, mask)  # [B, V]
     else:  # one prompt: its first `kept` tokens are already in the cache
         cache, kept = prompt_cache.take(model, request.prompts[0], length, layer_devices(model), n_kv)
