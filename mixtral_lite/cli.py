@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "count total and active parameters of a model"),
     "info": ("info", "describe a checkpoint folder without loading the weights"),
     "bench": ("bench", "benchmark against transformers on the same weights"),
+    "eval": ("eval", "perplexity of a text file, and KL divergence against a reference model"),
     "train": ("train", "train a model (any MoE variant) on a text file"),
     "train-tokenizer": ("train_tokenizer", "train a SentencePiece tokenizer on a text file"),
 }

@@ -134,12 +134,17 @@ def split_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[str | Non
 
 
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, proto: bytes | None = None) -> None:
+        """From a ``tokenizer.model`` file, or from its serialised ``proto`` (``path`` then names
+        where it came from: a GGUF file's metadata)."""
         import sentencepiece as spm
 
         self.path = Path(path)
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+            if proto is not None:
+                self.sp = spm.SentencePieceProcessor(model_proto=proto)
+            else:
+                self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as exc:
             raise UserError(f"{path}: not a readable SentencePiece model ({exc})") from None
         self.vocab_size = self.sp.get_piece_size()
@@ -247,6 +252,10 @@ def load_tokenizer(path: str | Path, *, chat_template: str | Path | None = None)
     ``tokenizer.json`` beside a ``tokenizer_config.json`` with a ``chat_template`` uses that one,
     unless the folder's ``config.json`` is a Mixtral's: Mixtral keeps the Mistral formats.
     """
+    if Path(path).suffix == ".gguf" and Path(path).is_file():  # the vocabulary in a GGUF file's metadata
+        from ..weights.gguf import gguf_tokenizer_proto
+
+        return SentencePieceTokenizer(Path(path), proto=gguf_tokenizer_proto(path))
     path = tokenizer_file(path)
     tok: Tokenizer = HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
     tokens = _special_token_names(path.parent / "tokenizer_config.json")

@@ -33,6 +33,7 @@ import torch
 from ..config import MixtralConfig, read_json
 from ..errors import UserError
 from .keymap import hf_items, layout_of, map_key_chunks
+from .quantized import QuantizationConfig, read_quantization_config
 
 # safetensors dtype names -> torch dtypes.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -105,7 +106,7 @@ class Checkpoint:
     broken: set[Path] = field(default_factory=set)  # files whose tensors were left out (strict=False)
     config_dtype: str | None = None
     save_ids: dict[str, str | None] = field(default_factory=dict)  # file name -> save id (see ``saving``)
-    quantization: dict | None = None  # config.json ``mixtral_lite_quantization``: weights stored quantised
+    quantization: QuantizationConfig | None = None  # a quantised checkpoint's config (``quantized.py``)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
     _pth: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -234,9 +235,9 @@ def _open_hf(folder: Path, has: set[str], strict: bool) -> Checkpoint:
         files=[],
         index_file=None,
         config_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        quantization=read_quantization_config(raw.get("quantization_config"), str(config_file)),
     )
     ckpt.save_ids["config.json"] = raw.get(SAVE_ID_KEY)
-    ckpt.quantization = _read_quantization(raw, config_file)
     if SINGLE_FILE in has:
         ckpt.files = [folder / SINGLE_FILE]
         _read_headers(ckpt, strict)
@@ -255,29 +256,6 @@ def _open_hf(folder: Path, has: set[str], strict: bool) -> Checkpoint:
         elif info is None and (folder / name) not in ckpt.broken:
             _problem(ckpt, strict, f"{ckpt.index_file}: {key} is listed in {name}, which does not hold it")
     return ckpt
-
-
-QUANTIZATION_KEY = "mixtral_lite_quantization"
-QUANTIZED_MODES = ("int8",)
-
-
-def _read_quantization(raw: dict, source: Path) -> dict | None:
-    """``{"mode": "int8", "include_output": bool}`` for a checkpoint written by ``save_pretrained``
-    from a quantised model (its own parameter names, ``model_type: mixtral_lite``), else None."""
-    q = raw.get(QUANTIZATION_KEY)
-    if q is None:
-        return None
-    if not isinstance(q, dict) or q.get("mode") not in QUANTIZED_MODES or not isinstance(q.get("include_output"), bool):
-        raise UserError(
-            f'{source}: {QUANTIZATION_KEY}: expected {{"mode": one of {list(QUANTIZED_MODES)}, "include_output": '
-            f"true|false}}, got {q!r:.120}"
-        )
-    if raw.get("model_type") != "mixtral_lite":
-        raise UserError(
-            f"{source}: {QUANTIZATION_KEY}: quantised weights need model_type 'mixtral_lite', "
-            f"got {raw.get('model_type')!r}"
-        )
-    return q
 
 
 def _open_mistral(folder: Path, has: set[str], strict: bool) -> Checkpoint:
