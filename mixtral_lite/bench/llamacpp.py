@@ -74,7 +74,7 @@ class LlamaCpp:
         return all(self.tool(t).is_file() for t in TARGETS) and (self.src / "convert_hf_to_gguf.py").is_file()
 
     def version(self) -> str:
-        out = subprocess.run([str(self.tool("llama-bench")), "--version"], capture_output=True, text=True)
+        out = subprocess.run([str(self.tool("llama-server")), "--version"], capture_output=True, text=True)
         lines = (out.stdout + out.stderr).strip().splitlines()
         return next((line for line in lines if "version" in line), lines[-1] if lines else "unknown")
 
