@@ -332,3 +332,39 @@ def test_tensor_and_expert_parallel_partials_sum_to_the_layer(tp, ep):
                                                                         "v_head_dim": 8}})  # fmt: skip
     with pytest.raises(ParallelError, match="latent attention"):
         check_parallel(latent, tp, ep)
+
+
+def test_deepseek_v3_multi_token_prediction_layers_are_named_not_read(tmp_path):
+    """DeepSeek-V3's files hold one more layer (``num_nextn_predict_layers``: the MTP module,
+    which transformers skips too). Its keys are left out and named in the plan; without the
+    config field the same keys are unexpected and refused."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from mixtral_lite.commands.info import describe
+    from mixtral_lite.errors import UserError
+
+    hf = make_case("dsv3-group-qlora", seed=2)
+    hf.save_pretrained(tmp_path)
+    ids = _ids(1, 7, 3)
+    with torch.no_grad():
+        expected = load_model(tmp_path, progress=False)(ids)
+    state = load_file(tmp_path / "model.safetensors")
+    last = hf.config.num_hidden_layers - 1
+    prefix = f"model.layers.{last}."
+    extra = {
+        k.replace(prefix, f"model.layers.{last + 1}."): v.clone() for k, v in state.items() if k.startswith(prefix)
+    }
+    extra[f"model.layers.{last + 1}.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file({**state, **extra}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("num_mtp_layers", None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(UserError, match="unexpected keys"):
+        load_model(tmp_path, progress=False)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path, progress=False)(ids), expected)
+    names = describe(tmp_path)["key_names"]
+    assert any(f"multi-token-prediction layer(s) {last + 1}-{last + 1}: {len(extra)} keys" in n for n in names)
