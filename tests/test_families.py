@@ -368,3 +368,23 @@ def test_deepseek_v3_multi_token_prediction_layers_are_named_not_read(tmp_path):
         assert torch.equal(load_model(tmp_path, progress=False)(ids), expected)
     names = describe(tmp_path)["key_names"]
     assert any(f"multi-token-prediction layer(s) {last + 1}-{last + 1}: {len(extra)} keys" in n for n in names)
+
+
+def test_serving_engine_equals_generate_alone(pair):
+    """The continuous-batching engine (chunked prefill into the cache, rows joining mid-batch,
+    cache compaction) gives each request ``generate``'s tokens: for MLA the latent cache too."""
+    from mixtral_lite.generation.sampling import SamplingParams
+    from mixtral_lite.serving.engine import Engine, SeqRequest
+
+    _, _, ours, path = pair
+    write_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    requests = []
+    for i in range(5):
+        prompt = _ids(1, 3 + 2 * i, 20 + i)[0].tolist()
+        requests.append(SeqRequest(prompt, 4 + i, SamplingParams(0.0, None, None, None, 1.0), seed=i, stop=[]))
+    engine = Engine(ours, tokenizer, max_batch=2, max_queue=8, max_seq_len=24, prefill_chunk=3)
+    results = engine.generate(requests)
+    for req, res in zip(requests, results, strict=True):
+        ref = generate(ours, tokenizer, req.prompt, max_new_tokens=req.max_tokens, temperature=0.0)
+        assert res.token_ids == ref.token_ids
