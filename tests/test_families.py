@@ -388,3 +388,31 @@ def test_serving_engine_equals_generate_alone(pair):
     for req, res in zip(requests, results, strict=True):
         ref = generate(ours, tokenizer, req.prompt, max_new_tokens=req.max_tokens, temperature=0.0)
         assert res.token_ids == ref.token_ids
+
+
+@pytest.mark.slow  # two torchrun launches, ~25 s; the in-process partial sums above run by default
+@pytest.mark.parametrize("flag", ["--tp", "--ep"])
+def test_torchrun_qwen3_generate_prints_the_single_process_text(tmp_path, capsys, flag):
+    """`torchrun --nproc-per-node 2 -m mixtral_lite generate --tp 2` (and --ep 2) on a Qwen3-MoE
+    folder (per-head q/k norms replicated, heads and experts split): greedy, the same stdout."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from family_fixtures import make_family_model
+
+    from mixtral_lite.cli import main
+
+    make_family_model("qwen3_moe", seed=3, mlp_only_layers=[]).save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    args = ["generate", "--model", str(tmp_path), "--prompt", "The experts", "--max-new-tokens", "8",
+            "--device", "cpu", "--quiet-stats"]  # fmt: skip
+    assert main(args) == 0
+    single = capsys.readouterr().out
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mixtral_lite", *args, flag, "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == single
