@@ -6,7 +6,8 @@ Layouts (chosen from the files in the folder, never from its name):
 - ``hf``: ``config.json`` + ``model.safetensors``, or ``model.safetensors.index.json`` + the shards
   it names. Key names: the hub's (``block_sparse_moe.experts.N.w1``), transformers 5.x fused
   experts (``mlp.experts.gate_up_proj``), or, for ``model_type: mixtral_lite`` variant checkpoints,
-  our own parameter names (a key equal to one of our names maps to itself).
+  our own parameter names (a key equal to one of our names maps to itself). The other families
+  (OLMoE, Qwen2/3-MoE, DeepSeek-V2/V3: ``config.family``) are read with their own key table.
 - ``mistral``: ``params.json`` + ``consolidated.safetensors`` or ``consolidated.00.pth``. Original
   key names; wq/wk rows rotate interleaved pairs and are converted to our half-split RoPE layout.
 
