@@ -104,6 +104,10 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except RunError as exc:
         print(f"mixtral-lite {args.command}: error: {exc}", file=sys.stderr)
+        if exc.exit_now:  # a broken process group's threads abort in their destructors at exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except OSError as exc:
         if isinstance(exc, BrokenPipeError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):

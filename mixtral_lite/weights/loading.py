@@ -85,6 +85,7 @@ def load_model(
             path, dtype=gdtype, device=devices[0], quantize=quantize, group_size=group_size or DEFAULT_GROUP_SIZE
         )
         assign_tensors(model, tensors, model_tensors(model)[1])
+        del tensors  # as below: installing may move the weights
         model.eval()
         if cpu_kernels and devices[0].type == "cpu":
             install_cpu_kernels(model)
@@ -135,6 +136,7 @@ def load_model(
         if reader is None:
             ckpt.close()
     assign_tensors(model, tensors, aliases, left_on_meta=on_disk)
+    del tensors  # the model holds them now: installing may move them (huge pages) and free these
     model.eval()
     if placement is not None:
         if quantize is not None:  # the resident weights now; experts on disk are quantised as they are read
