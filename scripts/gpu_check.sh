@@ -27,8 +27,9 @@ fi
 
 TESTS_LOG="$RESULTS/gpu_check_tests.log"
 if [ "$DRY" = 0 ] && "$PY" -c 'import pytest' 2>/dev/null; then
-    echo "== parity tests on CUDA (tests/test_cuda.py), at most 150 s"
-    timeout 150 "$PY" -u -m pytest -q -m '' -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$TESTS_LOG"
+    echo "== parity tests on CUDA (tests/test_cuda.py, experts in host memory), at most 150 s"
+    timeout 150 "$PY" -u -m pytest -q -m '' -p no:cacheprovider tests/test_cuda.py \
+        tests/test_offload.py::test_cuda_experts_in_host_memory_equal_the_resident_model 2>&1 | tee "$TESTS_LOG"
     echo "tests exit status: ${PIPESTATUS[0]}" | tee -a "$TESTS_LOG"
 else
     echo "tests skipped (dry run, or no pytest on this machine)" | tee "$TESTS_LOG"

@@ -47,6 +47,9 @@ UPCAST_MIN_ROWS = 4
 # of PyTorch's int8 kernel grows with the rows.
 INT8_UPCAST_MIN_ROWS = 32
 HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
+# PyTorch's CPU ``_weight_int8pack_mm`` reads the inner dimension in blocks of 16: other widths
+# crash the process (measured: 8, 24, 40 segfault; 16, 32, 48 run). Such products dequantise.
+INT8_MM_INNER_MULTIPLE = 16
 _FAST_ACT = (torch.bfloat16, torch.float16)
 
 
@@ -73,7 +76,7 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """
     if use_native_int8(x, q, scale):  # decoding: the C kernel
         return native_int8(x, q, scale)
-    if not HAS_INT8_MM or not q.is_contiguous():
+    if not HAS_INT8_MM or not q.is_contiguous() or q.shape[-1] % INT8_MM_INNER_MULTIPLE:
         return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     rows = x.numel() // x.shape[-1]
     if rows < INT8_UPCAST_MIN_ROWS and x.dtype == scale.dtype and x.dtype in _FAST_ACT and x.is_contiguous():

@@ -18,9 +18,11 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from ..validate import check_text
+from .chat_template import ChatTemplate, special_tokens, template_from_tokenizer_config
 
 ROLES = ("system", "user", "assistant")
 
@@ -32,6 +34,7 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int | None
     vocab_size: int
+    chat_template: ChatTemplate | None = None  # set: encode_chat renders it (else the Mistral formats)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = self._encode(check_text(text, "prompt"))
@@ -43,6 +46,10 @@ class Tokenizer:
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """A rendered chat template: special tokens in the text are the special tokens, nothing added."""
+        raise UserError(f"{self.path}: chat templates need a tokenizer.json (Hugging Face) tokenizer")
 
     def control_id(self, piece: str) -> int | None:
         """The id of a control token such as ``[INST]``, or None when the vocabulary has none."""
@@ -62,15 +69,19 @@ class Tokenizer:
         """ "v1" (text markers) or "v3" ([INST] / [/INST] control tokens)."""
         return "v3" if self.control_id("[INST]") is not None and self.control_id("[/INST]") is not None else "v1"
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation that ends with a user message, ready for the answer.
 
         ``messages``: ``{"role": "system" | "user" | "assistant", "content": str}`` dicts; system
         messages first, then user and assistant turns alternating, starting and ending with user.
+        With a ``chat_template`` the ids are transformers' ``apply_chat_template`` ids
+        (``add_generation_prompt`` passed to the template); without, the Mistral formats.
         """
         system, turns = split_conversation(messages)
         for m in messages:  # checked by split_conversation: dicts with a role and str content
             check_text(m["content"], f"{m['role']} message")
+        if self.chat_template is not None:
+            return self.encode_rendered(self.chat_template.render(messages, add_generation_prompt))
         if self.bos_id is None or self.eos_id is None:
             raise UserError(f"{self.path}: the chat format needs bos and eos tokens; this tokenizer lacks them")
         ids = [self.bos_id]
@@ -160,8 +171,13 @@ class HFTokenizer(Tokenizer):
     """A ``tokenizer.json``; bos/eos come from ``tokenizer_config.json`` beside it (else <s> / </s>)."""
 
     def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as _Tokenizer
-
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise UserError(
+                f"{path}: reading a tokenizer.json needs the `tokenizers` package: "
+                "pip install 'mixtral-lite[tokenizers]'"
+            ) from None
         self.path = Path(path)
         try:
             self.tok = _Tokenizer.from_file(str(path))
@@ -171,11 +187,27 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         names = _special_token_names(self.path.parent / "tokenizer_config.json")
         self.bos_id = self.tok.token_to_id(names.get("bos_token") or "<s>")
+        if names.get("add_bos_token") is False:  # e.g. OLMoE: prompts start without one
+            self.bos_id = None
         self.eos_id = self.tok.token_to_id(names.get("eos_token") or "</s>")
         self._special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
 
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """With a post-processor in tokenizer.json (Qwen's, DeepSeek's) the special tokens are
+        the ones it adds, exactly as ``tokenizers`` encodes; without one, bos as the base class."""
+        if bos and self.tok.post_processor is not None:
+            return self.tok.encode(check_text(text, "prompt"), add_special_tokens=True).ids
+        return super().encode(text, bos)
+
     def _encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_rendered(self, text: str) -> list[int]:
+        self.tok.encode_special_tokens = False
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = True
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -187,20 +219,19 @@ class HFTokenizer(Tokenizer):
         return self.tok.token_to_id(piece)
 
 
-def _special_token_names(config_path: Path) -> dict[str, str]:
+def _special_token_names(config_path: Path) -> dict[str, Any]:
+    """The named special tokens of a ``tokenizer_config.json``, and its ``add_bos_token`` if set."""
     if not config_path.is_file():
         return {}
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{config_path}: not readable JSON ({exc})") from None
-    names = {}
-    for key in ("bos_token", "eos_token"):
-        value = config.get(key)
-        if isinstance(value, Mapping):  # {"content": "<s>", ...}
-            value = value.get("content")
-        if isinstance(value, str):
-            names[key] = value
+    if not isinstance(config, dict):
+        return {}
+    names: dict[str, Any] = special_tokens(config)
+    if isinstance(config.get("add_bos_token"), bool):
+        names["add_bos_token"] = config["add_bos_token"]
     return names
 
 
@@ -230,17 +261,44 @@ def tokenizer_file(path: str | Path) -> Path:
     return path
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer from a model folder or a tokenizer file (SentencePiece model or tokenizer.json),
-    or the vocabulary in a GGUF file's metadata."""
-    if Path(path).suffix == ".gguf" and Path(path).is_file():
+def load_tokenizer(path: str | Path, *, chat_template: str | Path | None = None) -> Tokenizer:
+    """A tokenizer from a model folder or a tokenizer file (SentencePiece model or tokenizer.json).
+
+    ``chat_template``: a template file to render chats with (``--chat-template``). Without it, a
+    ``tokenizer.json`` beside a ``tokenizer_config.json`` with a ``chat_template`` uses that one,
+    unless the folder's ``config.json`` is a Mixtral's: Mixtral keeps the Mistral formats.
+    """
+    if Path(path).suffix == ".gguf" and Path(path).is_file():  # the vocabulary in a GGUF file's metadata
         from ..weights.gguf import gguf_tokenizer_proto
 
         return SentencePieceTokenizer(Path(path), proto=gguf_tokenizer_proto(path))
     path = tokenizer_file(path)
-    if path.suffix == ".json":
-        return HFTokenizer(path)
-    return SentencePieceTokenizer(path)
+    tok: Tokenizer = HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
+    tokens = {
+        k: v for k, v in _special_token_names(path.parent / "tokenizer_config.json").items() if k != "add_bos_token"
+    }
+    if chat_template is not None:
+        tok.chat_template = ChatTemplate.from_file(chat_template, tokens)
+    elif isinstance(tok, HFTokenizer) and not _is_mixtral_folder(path.parent):
+        tok.chat_template = template_from_tokenizer_config(path.parent / "tokenizer_config.json")
+    return tok
+
+
+def _is_mixtral_folder(folder: Path) -> bool:
+    """The folder's config.json describes a Mixtral (or our Mixtral variants), or there is none."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return True
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # the model loader reports it
+    if not isinstance(data, dict):
+        return True
+    own = data.get("mixtral_lite_config")
+    if data.get("model_type") == "mixtral_lite" and isinstance(own, dict):
+        return own.get("family", "mixtral") == "mixtral"
+    return data.get("model_type") in ("mixtral", "mixtral_lite", None)
 
 
 __all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "find_tokenizer", "load_tokenizer", "tokenizer_file"]

@@ -66,6 +66,10 @@ def quantize_per_channel(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
     q is rounded against the scale as stored (after its cast), so ``q * scale`` is the closest
     int8 grid to w that the stored scale can express.
     """
+    if w.is_meta:  # shapes only (planning, matching a quantised checkpoint): meta arithmetic is slow
+        return torch.empty(w.shape, dtype=torch.int8, device="meta"), torch.empty(
+            w.shape[:-1], dtype=scale_dtype, device="meta"
+        )
     if w.dim() > 2:  # one slice at a time: a float32 copy of a whole expert stack can be large
         parts = [quantize_per_channel(w_e, scale_dtype) for w_e in w]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
@@ -146,6 +150,7 @@ class Int8MoE(SparseMoE):
         for name in ("top_k", "moe_config", "plain", "dispatch", "reduce"):
             setattr(self, name, getattr(moe, name))
         self.gate, self.group_gate, self.shared = moe.gate, moe.group_gate, moe.shared
+        self.shared_gate = moe.shared_gate
         if "expert_bias" in moe._buffers:
             self.register_buffer("expert_bias", moe.expert_bias)
         for name in ("w1", "w2", "w3"):
@@ -188,6 +193,11 @@ def experts_int8_reference(x: torch.Tensor, moe: Int8MoE, idx: torch.Tensor, wei
     return experts_reference(x.float(), StackedExperts(w1, w2, w3), idx, weights).to(x.dtype)
 
 
+# Attention projections quantised: GQA's four and latent attention's, except ``wkv_b``, whose
+# float matrix the absorbed decode folds into the queries.
+QUANTIZED_PROJECTIONS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a")
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module, mode: str = "int8", *, include_output: bool = True, group_size: int = DEFAULT_GROUP_SIZE
@@ -206,6 +216,10 @@ def quantize_model(
         raise UserError(f"quantize: expected one of {', '.join(MODES)}, got {mode!r}")
     if getattr(model, "quantized", None):
         raise UserError(f"quantize: the model is already quantised ({model.quantized})")
+    if getattr(model, "offload", None) is not None:
+        raise UserError(
+            "quantize: the model's experts are offloaded; load it with quantize= and the placement together"
+        )
     kernels = getattr(model, "cpu_kernels", None)
     if kernels is not None:  # installed for the float modules: decided again for the quantised ones
         kernels.uninstall(model)
@@ -219,8 +233,9 @@ def quantize_model(
 
     for layer in model.layers:
         att = layer.attention
-        for name in ("wq", "wk", "wv", "wo"):
-            setattr(att, name, linear(getattr(att, name), spec.attention))
+        for name in QUANTIZED_PROJECTIONS:
+            if type(getattr(att, name, None)) is Linear:  # biased ones (BiasLinear) stay float
+                setattr(att, name, linear(getattr(att, name), spec.attention))
         ff = layer.feed_forward
         if isinstance(ff, SparseMoE):
             if spec.experts == 4:

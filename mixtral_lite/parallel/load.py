@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..model.mixtral import Mixtral
 from ..weights.checkpoint import Copy, interleaved_to_half, open_checkpoint
 from ..weights.loading import assign_tensors, plan_load, resolve_dtype, storage_dtype
-from .dist import ParallelState
+from .dist import ParallelError, ParallelState
 from .shard import check_parallel, configure, local_shape, param_slices
 
 
@@ -41,7 +40,8 @@ def load_parallel(
         config = ckpt.config
         check_parallel(config, state.tp, state.ep)
         if ckpt.quantization is not None:
-            raise UserError(f"{path}: a quantised checkpoint cannot be split across ranks (--tp/--ep)")
+            mode = ckpt.quantization.mode
+            raise ParallelError(f"{ckpt.folder}: {mode} weights: --tp/--ep shard float checkpoints only")
         dtype = resolve_dtype(dtype, [device])
         plan = plan_load(ckpt)
         model, expected = plan.model, plan.expected

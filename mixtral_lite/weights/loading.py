@@ -22,7 +22,10 @@ from torch import nn
 from ..cpu import install_cpu_kernels
 from ..errors import UserError
 from ..model.mixtral import Mixtral
-from ..model.quant import DEFAULT_GROUP_SIZE
+from ..model.quant import DEFAULT_GROUP_SIZE, quantize_model
+from ..offload.install import offload_experts, resolve_placement
+from ..offload.placement import Placement, expert_tensor
+from ..offload.stores import ExpertReader
 from .checkpoint import Checkpoint, Copy, TensorPlan, match_tensors, open_checkpoint
 from .device_map import check_device, device_of, resolve_device_map
 from .gguf import is_gguf, read_gguf
@@ -51,6 +54,9 @@ def load_model(
     group_size: int | None = None,
     progress: bool | None = None,
     cpu_kernels: bool = True,
+    experts_on: str | None = None,
+    n_cpu_moe: int | None = None,
+    expert_cache: int | None = None,
 ) -> Mixtral:
     """Load a checkpoint folder (Hugging Face or original Mistral layout) or a GGUF file (llama.cpp's,
     ``weights/gguf.py``) into a ``Mixtral``.
@@ -60,23 +66,33 @@ def load_model(
     explicit map (see ``weights.device_map``); excludes ``device``. ``quantize`` is passed to
     ``model.quant.quantize_model`` (``group_size``: its int4 group size). ``cpu_kernels``: install the CPU kernels
     (``mixtral_lite.install_cpu_kernels``) when every weight is on the CPU. ``progress``: None
-    shows a bar on a terminal for loads longer than a moment, True always, False never. Raises
-    ``UserError`` before returning anything when a file, key, shape or dtype is wrong.
+    shows a bar on a terminal for loads longer than a moment, True always, False never.
+
+    ``experts_on`` ("cpu", "disk" or "auto"), ``n_cpu_moe`` (only the first N layers' experts) and
+    ``expert_cache`` (experts per offloaded layer kept in an LRU) place the routed experts apart
+    from the rest of the model (``mixtral_lite.offload``): disk-resident experts are never loaded,
+    they are read from the memory-mapped files as tokens choose them. Raises ``UserError`` before
+    returning anything when a file, key, shape, dtype or placement is wrong.
     """
     if is_gguf(path):
         if device_map is not None:
             raise UserError(f"device_map: not supported for GGUF files ({path})", param="device_map")
+        if experts_on is not None or n_cpu_moe is not None:
+            raise UserError(f"experts_on / n_cpu_moe: not supported for GGUF files ({path})", param="experts_on")
         devices = [check_device(device)]
         gdtype = resolve_dtype(dtype, devices)
         model, tensors = read_gguf(
-            path, dtype=gdtype, device=devices[0], quantize=quantize, group_size=group_size or 64
+            path, dtype=gdtype, device=devices[0], quantize=quantize, group_size=group_size or DEFAULT_GROUP_SIZE
         )
         assign_tensors(model, tensors, model_tensors(model)[1])
+        del tensors  # as below: installing may move the weights
         model.eval()
         if cpu_kernels and devices[0].type == "cpu":
             install_cpu_kernels(model)
         return model
-    with open_checkpoint(path) as ckpt:
+    ckpt = open_checkpoint(path)
+    reader = None
+    try:
         config = ckpt.config
         if device_map is not None:
             if str(device) != "cpu":  # the default; a map names every device itself
@@ -86,26 +102,61 @@ def load_model(
         else:
             devices = [check_device(device)] * config.num_hidden_layers
         dtype = resolve_dtype(dtype, devices)
+        if quantize is not None and ckpt.quantization is not None:
+            raise UserError(f"quantize: {ckpt.folder} is already quantised ({ckpt.quantization.mode})")
+        if group_size is not None and quantize is None:
+            raise UserError("group_size: only used with quantize", param="group_size")
         plan = plan_load(ckpt, dtype=dtype)
         model, aliases, quantizers = plan.model, plan.aliases, {}
-        if quantize is not None:  # quantised tensor by tensor as they arrive (``quantized.py``)
-            if ckpt.quantization is not None:
-                raise UserError(f"quantize: {ckpt.folder} is already quantised ({ckpt.quantization.mode})")
+        expected = plan.expected
+        placement = None
+        if experts_on is not None or n_cpu_moe is not None:
+            if device_map is not None and len(set(devices)) > 1:
+                raise UserError("experts_on / n_cpu_moe: not combined with a device_map over several devices yet")
+            quant = quantize or (ckpt.quantization.mode if ckpt.quantization is not None else None)
+            if quant not in (None, "int8"):
+                raise UserError(f"experts_on: offloaded experts are float or int8 weights, not {quant}")
+            placement = resolve_placement(
+                config, dtype, devices[0], quantize=quant, experts_on=experts_on, n_cpu_moe=n_cpu_moe,
+                expert_cache=expert_cache, ckpt=ckpt,
+            )  # fmt: skip
+        elif quantize is not None:  # quantised tensor by tensor as they arrive (``quantized.py``)
             qc = QuantizationConfig(quantize, group_size or DEFAULT_GROUP_SIZE, include_output=True)
             with torch.device("meta"):
                 model = structure(Mixtral(config), qc, dtype)
             aliases = model_tensors(model)[1]
-            quantizers = make_quantizers(model, list(plan.expected))
-        elif group_size is not None:
-            raise UserError("group_size: only used with quantize", param="group_size")
-        expected = plan.expected
-        placement = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
-        tensors = _stream(ckpt, plan.tensors.copies, expected, placement, dtype, progress, quantizers)
-    assign_tensors(model, tensors, aliases)
+            quantizers = make_quantizers(model, list(expected))
+        on_disk = _disk_tensors(expected, placement)
+        where = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
+        copies = [c for c in plan.tensors.copies if c.name not in on_disk]
+        tensors = _stream(ckpt, copies, expected, where, dtype, progress, quantizers)
+        if on_disk:
+            reader = ExpertReader(ckpt, [c for c in plan.tensors.copies if c.name in on_disk])
+    finally:
+        if reader is None:
+            ckpt.close()
+    assign_tensors(model, tensors, aliases, left_on_meta=on_disk)
+    del tensors  # the model holds them now: installing may move them (huge pages) and free these
     model.eval()
+    if placement is not None:
+        if quantize is not None:  # the resident weights now; experts on disk are quantised as they are read
+            quantize_model(model, quantize)
+        offload_experts(model, placement, reader, cpu_kernels=cpu_kernels)
     if cpu_kernels and all(d.type == "cpu" for d in devices):
         install_cpu_kernels(model)
     return model
+
+
+def _disk_tensors(expected: dict[str, torch.Tensor], placement: Placement | None) -> set[str]:
+    """The expert tensors of the layers whose experts stay on disk (never streamed)."""
+    if placement is None:
+        return set()
+    out = set()
+    for name in expected:
+        where = expert_tensor(name)
+        if where is not None and placement.experts[where[0]] == "disk":
+            out.add(name)
+    return out
 
 
 @dataclass
@@ -246,8 +297,11 @@ def _copy_interleaved_to_half(dest: torch.Tensor, src: torch.Tensor, heads: int)
     dest.view(heads, 2, half, dim).copy_(src.view(heads, half, 2, dim).transpose(1, 2))
 
 
-def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
-    """Put the loaded storage in place of the meta tensors (assign semantics) and re-tie aliases."""
+def assign_tensors(
+    model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str], left_on_meta: set[str] = frozenset()
+) -> None:
+    """Put the loaded storage in place of the meta tensors (assign semantics) and re-tie aliases;
+    ``left_on_meta``: tensors that stay meta (experts read from disk later)."""
     for name, t in tensors.items():
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -260,7 +314,7 @@ def assign_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: 
         module_name, _, leaf = alias.rpartition(".")
         source_module, _, source_leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, getattr(model.get_submodule(source_module), source_leaf))
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta and n not in left_on_meta]
     if left:
         raise RuntimeError(f"load_model: tensors left on the meta device (not in the state dict?): {left[:5]}")
 

@@ -48,11 +48,17 @@ def save_pretrained(
     atomically (a caller that switches a larger folder in itself, as training checkpoints do).
     ``tokenizer`` (a loaded tokenizer, its file or its model folder) is copied in too, so the
     folder is one that ``generate --model`` runs; without it the folder has weights only.
+    An int8 model (``quantize_model``) is written as it is in memory, int8 buffers and scales under
+    our own names (``model_type: mixtral_lite``); ``load_model`` reads it back without quantising.
     """
     source = _tokenizer_files(tokenizer) if tokenizer is not None else []
     config = model.config
     if any(hasattr(m, "num_weight_elements") for m in model.modules()):
         raise UserError("save_pretrained: the model is quantized; save it before quantizing")
+    if getattr(model, "offload", None) is not None:
+        raise UserError(
+            "save_pretrained: the model's experts are offloaded (not in memory); load it without a placement to save it"
+        )
     limit = parse_size(max_shard_size)
     tensors, _ = model_tensors(model)  # tied aliases (output.weight) are written once, under the other name
     quantization = model_quantization_config(model)
@@ -60,9 +66,11 @@ def save_pretrained(
         items = list(tensors.items())
     else:
         try:
+            if config.family != "mixtral":  # another family: written as our own variant, names as they are
+                raise KeyError(config.family)
             items = list(hf_items(tensors))
         except KeyError:  # a variant parameter without a hub name: keep our own names (model_type mixtral_lite)
-            if config.moe.is_plain_mixtral:
+            if config.is_plain_mixtral:
                 raise
             items = list(tensors.items())
     items = [(k, t.detach()) for k, t in items]
