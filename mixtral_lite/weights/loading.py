@@ -103,12 +103,12 @@ def load_model(
     model = plan.model
     assign_tensors(model, tensors, plan.aliases, left_on_meta=on_disk)
     model.eval()
-    if ckpt.quantization is not None:
-        model.quantization = {"mode": model.quantized, "bytes_before": None, "bytes_after": _tensor_bytes(model)}
     if quantize is not None:
         quantize_model(model, quantize)
     if placement is not None:
         offload_experts(model, placement, reader, cpu_kernels=cpu_kernels)
+    if ckpt.quantization is not None:  # read as int8: no float size to report; the bytes held
+        model.quantization = {"mode": model.quantized, "bytes_before": None, "bytes_after": _tensor_bytes(model)}
     if cpu_kernels and all(d.type == "cpu" for d in devices):
         install_cpu_kernels(model)
     return model
