@@ -257,6 +257,12 @@ def test_first_layers_only_and_generation_with_the_cpu_kernels(hub) -> None:
     assert "decode experts: expert cache hit rate" in got.stats.summary()
 
 
+def test_auto_keeps_a_model_that_fits_resident(hub) -> None:
+    model = load_model(hub, experts_on="auto")
+    assert getattr(model, "offload", None) is None
+    assert type(model.layers[0].feed_forward).__name__ == "CpuSparseMoE"
+
+
 def test_host_experts_equal_the_resident_model(hub) -> None:
     """Experts in host memory (on a CPU-only machine the planner refuses it: placed by hand)."""
     resident = load_model(hub, cpu_kernels=False)

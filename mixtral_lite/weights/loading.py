@@ -91,6 +91,8 @@ def load_model(
                 config, dtype, devices[0], quantize=quant, experts_on=experts_on, n_cpu_moe=n_cpu_moe,
                 expert_cache=expert_cache, ckpt=ckpt,
             )  # fmt: skip
+        if placement is not None and placement.resident:  # "auto" may find that everything fits
+            placement = None
         on_disk = _disk_tensors(expected, placement)
         where = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
         copies = [c for c in plan.tensors.copies if c.name not in on_disk]
