@@ -8,7 +8,7 @@ RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: run test test-all bench lint install clean
+.PHONY: run test test-all wheel-check bench lint install clean
 
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: $(TEST_STAMP)
 
 test-all: $(TEST_STAMP)
 	$(PY) -m pytest -m ''
+
+wheel-check: $(TEST_STAMP)  # the wheel in a clean venv, run from another folder
+	$(PY) -m pytest -q -m slow tests/test_wheel.py
 
 bench: $(TEST_STAMP)
 	$(PY) scripts/bench.py

@@ -26,6 +26,7 @@ _EXPORTS = {
     "generate": "generation.generate",
     "stream": "generation.generate",
     "GenerationOptions": "generation.generate",
+    "PromptCache": "generation.prompt_cache",
     "GenerationResult": "generation.generate",
     "GenerationStats": "generation.generate",
     "TextStream": "generation.generate",
@@ -37,6 +38,7 @@ _EXPORTS = {
     "install_cpu_kernels": "cpu.install",
     "uninstall_cpu_kernels": "cpu.install",
     "cpu_kernels_status": "cpu.install",
+    "bundled_path": "bundle",
 }
 
 __all__ = [
@@ -50,10 +52,12 @@ __all__ = [
     "MixtralConfig",
     "MoEConfig",
     "ParamCount",
+    "PromptCache",
     "SamplingParams",
     "TextStream",
     "Tokenizer",
     "UserError",
+    "bundled_path",
     "count_parameters",
     "cpu_kernels_status",
     "generate",
@@ -81,10 +85,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .bundle import bundled_path
     from .config import ConfigError, MixtralConfig, MoEConfig
     from .cpu.install import CpuKernels, cpu_kernels_status, install_cpu_kernels, uninstall_cpu_kernels
     from .errors import UserError
     from .generation.generate import GenerationOptions, GenerationResult, GenerationStats, TextStream, generate, stream
+    from .generation.prompt_cache import PromptCache
     from .generation.sampling import SamplingParams
     from .generation.tokenizer import Tokenizer, load_tokenizer
     from .model.cache import KVCache

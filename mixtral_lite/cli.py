@@ -13,7 +13,8 @@ import importlib
 import os
 import sys
 
-from .errors import UserError
+from . import __version__
+from .errors import RunError, UserError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -28,19 +29,34 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default where it has a real one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and "default" not in text
+            and default not in (None, False, [], argparse.SUPPRESS)
+            and not isinstance(action, argparse._HelpAction | argparse._VersionAction)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mixtral-lite", description="Run, inspect and train Mixtral-style sparse Mixture-of-Experts models."
     )
+    parser.add_argument("--version", action="version", version=f"mixtral-lite {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         if names is not None and name not in names:
             sub.add_parser(name, help=help_text, add_help=False)
             continue
         module = importlib.import_module(f"mixtral_lite.commands.{module_name}")
-        p = sub.add_parser(
-            name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-        )
+        p = sub.add_parser(name, help=help_text, description=module.__doc__, formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -49,6 +65,9 @@ def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand: a user's error is one line and exit 2, Ctrl-C at any point (imports and
     loading too) one line and 130, a closed stdout (``| head``) a quiet exit."""
+    for name in ("stdout", "stderr"):  # started with the stream closed (`>&-`): output goes nowhere, quietly
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # lives as long as the process
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -82,6 +101,9 @@ def _main(argv: list[str] | None) -> int:
         message = exc.for_flag() if exc.param and hasattr(args, exc.param) else str(exc)
         print(f"mixtral-lite {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"mixtral-lite {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         if isinstance(exc, BrokenPipeError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
             raise

@@ -13,14 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from . import families
+from .errors import ConfigError
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value or file that cannot describe a model."""
-
 
 ROUTER_KINDS = ("topk", "hard", "soft", "hierarchical")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -52,6 +48,14 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     first_k_dense: int = 0  # the first k layers use a dense FFN
     dense_intermediate_size: int | None = None  # size of those dense FFNs (default: I * top_k)
+    # Options the other checkpoint families need (families.py reads them from their config.json).
+    norm_topk_prob: bool = True  # renormalise the k chosen weights to sum 1 (Mixtral); False: as scored
+    group_score_topk: int = 2  # group-limited routing: a group scores the sum of its best this many (V2: 1)
+    router_float32: bool = False  # DeepSeek: the router's product in float32 whatever the weights' dtype
+    n_shared_intermediate: int | None = None  # size of the shared FFN (default: n_shared_experts * I)
+    shared_expert_gate: bool = False  # Qwen2-MoE: the shared FFN's output times sigmoid(Linear(h, 1))
+    sparse_step: int = 1  # Qwen: layer l is sparse when (l + 1) % sparse_step == 0
+    dense_layers: list[int] = field(default_factory=list)  # Qwen's mlp_only_layers: dense FFN layers
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -101,11 +105,102 @@ class MoEConfig:
             )
         if not self.routed_scaling_factor > 0:
             raise ConfigError(f"moe.routed_scaling_factor: must be > 0, got {self.routed_scaling_factor}")
+        _positive(self, "group_score_topk", "sparse_step")
+        if self.group_score_topk > self.num_experts // self.n_group:
+            raise ConfigError(
+                f"moe.group_score_topk: must be <= the {self.num_experts // self.n_group} experts of a group, "
+                f"got {self.group_score_topk}"
+            )
+        if self.n_shared_intermediate is not None and (self.n_shared_intermediate < 1 or not self.n_shared_experts):
+            raise ConfigError(
+                f"moe.n_shared_intermediate: must be >= 1 and needs n_shared_experts, got {self.n_shared_intermediate}"
+            )
+        if self.shared_expert_gate and not self.n_shared_experts:
+            raise ConfigError("moe.shared_expert_gate: needs a shared expert (n_shared_experts >= 1)")
+        if self.kind != "topk" and (not self.norm_topk_prob or self.router_float32):
+            raise ConfigError(f"moe.norm_topk_prob, moe.router_float32: options of kind 'topk', got kind {self.kind!r}")
+        if any(i < 0 for i in self.dense_layers):
+            raise ConfigError(f"moe.dense_layers: layer indices must be >= 0, got {self.dense_layers}")
 
     @property
     def is_plain_mixtral(self) -> bool:
         """True when this section describes Mixtral's own router (loadable by transformers)."""
         return self == MoEConfig(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
+
+
+QK_NORMS = (None, "head", "full")
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+
+
+@dataclass
+class AttentionConfig:
+    """Attention beyond Mixtral's plain grouped-query attention (all off by default).
+
+    ``qk_norm``: RMSNorm of queries and keys, per head (``head``, Qwen3-MoE) or over the whole
+    projection before the head split (``full``, OLMoE). ``kv_lora_rank`` set means multi-head
+    latent attention (DeepSeek-V2/V3): keys and values come from a small latent, which is all the
+    cache holds; ``head_dim`` is then the rotary part (``qk_rope_head_dim``).
+    """
+
+    qkv_bias: bool = False  # Qwen2-MoE: biases on the q, k, v projections
+    qk_norm: str | None = None
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip]
+    kv_lora_rank: int | None = None
+    q_lora_rank: int | None = None  # None: queries from one projection
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary pairs (x0, x1), (x2, x3), ... instead of halves (DeepSeek)
+    latent_norm_eps: float = 1e-6  # transformers builds MLA's q/kv latent norms with this, not rms_norm_eps
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.qk_norm not in QK_NORMS:
+            raise ConfigError(f"attention.qk_norm: expected one of {QK_NORMS}, got {self.qk_norm!r}")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise ConfigError(f"attention.clip_qkv: must be > 0 or null, got {self.clip_qkv}")
+        if self.kv_lora_rank is None:
+            if self.q_lora_rank is not None or self.qk_nope_head_dim or self.v_head_dim:
+                raise ConfigError("attention.q_lora_rank, qk_nope_head_dim, v_head_dim: need kv_lora_rank (MLA)")
+            return
+        _positive(self, "kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
+        if self.q_lora_rank is not None:
+            _positive(self, "q_lora_rank")
+        if self.qkv_bias or self.qk_norm or self.clip_qkv is not None:
+            raise ConfigError("attention: qkv_bias, qk_norm and clip_qkv are not options of latent attention")
+
+    @property
+    def latent(self) -> bool:
+        """Multi-head latent attention (DeepSeek)."""
+        return self.kv_lora_rank is not None
+
+
+ROPE_TYPES = ("yarn",)
+
+
+@dataclass
+class RopeScaling:
+    """YaRN rotary scaling as transformers computes it (``_compute_yarn_parameters``); DeepSeek-V2/V3
+    use it for their long context. ``factor`` None: max_position_embeddings / original."""
+
+    rope_type: str = "yarn"
+    factor: float | None = None
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_scaling.rope_type: expected one of {ROPE_TYPES}, got {self.rope_type!r}")
+        _positive(self, "original_max_position_embeddings")
+        for name in ("factor", "beta_fast", "beta_slow"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"rope_scaling.{name}: must be > 0, got {value}")
 
 
 @dataclass
@@ -127,16 +222,25 @@ class MixtralConfig:
     max_position_embeddings: int = 32768
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
-    bos_token_id: int = 1
+    bos_token_id: int | None = 1
     eos_token_id: int = 2
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # The checkpoint family this config was read from: it picks the key table, nothing else. The
+    # computation is decided by the sections (``attention``, ``moe``, ``rope_scaling``) alone.
+    family: str = "mixtral"
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            self.moe = MoEConfig(**_known(MoEConfig, self.moe, "moe"))
-        if not isinstance(self.moe, MoEConfig):
-            raise ConfigError(f"moe: expected an object, got {self.moe!r:.80}")
+        for name, kind in (("moe", MoEConfig), ("attention", AttentionConfig), ("rope_scaling", RopeScaling)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, kind(**_known(kind, value, name)))
+            elif not isinstance(value, kind) and not (value is None and name == "rope_scaling"):
+                raise ConfigError(f"{name}: expected an object, got {value!r:.80}")
         _check_fields(self)
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family: expected one of {FAMILIES}, got {self.family!r}")
         _positive(
             self,
             "vocab_size",
@@ -176,6 +280,35 @@ class MixtralConfig:
                 f"moe.first_k_dense: must be <= num_hidden_layers ({self.num_hidden_layers}), "
                 f"got {self.moe.first_k_dense}"
             )
+        bad = [i for i in self.moe.dense_layers if i >= self.num_hidden_layers]
+        if bad:
+            raise ConfigError(f"moe.dense_layers: layers {bad} are beyond num_hidden_layers ({self.num_hidden_layers})")
+
+    def is_dense_layer(self, layer: int) -> bool:
+        """Whether ``layer`` has a dense FFN instead of experts (DeepSeek's first layers, Qwen's
+        ``mlp_only_layers`` and ``decoder_sparse_step``)."""
+        moe = self.moe
+        return layer < moe.first_k_dense or layer in moe.dense_layers or (layer + 1) % moe.sparse_step != 0
+
+    @property
+    def dense_intermediate_size(self) -> int:
+        """Hidden size of the dense FFN layers."""
+        return self.moe.dense_intermediate_size or self.intermediate_size * self.moe.num_experts_per_tok
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        """Hidden size of the shared FFN (0 without shared experts)."""
+        return self.moe.n_shared_intermediate or self.moe.n_shared_experts * self.intermediate_size
+
+    @property
+    def is_plain_mixtral(self) -> bool:
+        """True when transformers' ``MixtralForCausalLM`` computes exactly this model."""
+        return (
+            self.family == "mixtral"
+            and self.moe.is_plain_mixtral
+            and self.attention == AttentionConfig()
+            and self.rope_scaling is None
+        )
 
     # Convenience views of the MoE section.
     @property
@@ -225,9 +358,16 @@ class MixtralConfig:
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], source: str = "config.json") -> MixtralConfig:
-        model_type = data.get("model_type")
+        """A Hugging Face ``config.json`` of Mixtral, of one of the other families (``families``),
+        or of our own variants (``model_type: mixtral_lite``)."""
+        model_type = families.model_type_of(data, source)
+        if model_type in families.READERS:
+            return cls._build(families.READERS[model_type](data, source), source)
+        if model_type == "mixtral_lite" and isinstance(data.get("mixtral_lite_config"), dict):
+            return cls._build(dict(data["mixtral_lite_config"]), source)
         if model_type not in ("mixtral", "mixtral_lite"):
-            raise ConfigError(f"{source}: model_type: expected 'mixtral' (or 'mixtral_lite'), got {model_type!r}")
+            others = ", ".join(repr(t) for t in (*families.READERS, "mixtral_lite"))
+            raise ConfigError(f"{source}: model_type: expected 'mixtral' (or one of {others}), got {model_type!r}")
         rope_theta = data.get("rope_theta")
         rope_parameters = data.get("rope_parameters")
         if rope_theta is None and isinstance(rope_parameters, dict):
@@ -276,8 +416,12 @@ class MixtralConfig:
             "eos_token_id": eos,
             "moe": moe,
         }
+        return cls._build(kwargs, source)
+
+    @classmethod
+    def _build(cls, kwargs: dict[str, Any], source: str) -> MixtralConfig:
         try:
-            return cls(**kwargs)
+            return cls(**_known(cls, kwargs, source))
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         except TypeError as exc:
@@ -322,7 +466,7 @@ class MixtralConfig:
         Variant routers (anything but plain Mixtral) are written under ``mixtral_lite_moe`` with
         ``model_type: mixtral_lite``, so transformers refuses them instead of loading wrong weights.
         """
-        plain = self.moe.is_plain_mixtral
+        plain = self.is_plain_mixtral
         data: dict[str, Any] = {
             "architectures": ["MixtralForCausalLM"] if plain else ["MixtralLiteForCausalLM"],
             "model_type": "mixtral" if plain else "mixtral_lite",
@@ -350,6 +494,8 @@ class MixtralConfig:
         }
         if not plain:
             data["mixtral_lite_moe"] = dataclasses.asdict(self.moe)
+        if self.family != "mixtral" or self.attention != AttentionConfig() or self.rope_scaling is not None:
+            data["mixtral_lite_config"] = self.to_dict()  # every section, read back as it is
         return data
 
 
@@ -399,6 +545,14 @@ LIMITS = {
     "n_group": 2**14,
     "topk_group": 2**14,
     "first_k_dense": 1024,
+    "sparse_step": 1024,
+    "group_score_topk": 2**14,
+    "n_shared_intermediate": 2**22,
+    "kv_lora_rank": 2**16,
+    "q_lora_rank": 2**16,
+    "qk_nope_head_dim": 2**12,
+    "v_head_dim": 2**12,
+    "original_max_position_embeddings": 2**24,
     "dense_intermediate_size": 2**22,
     "bos_token_id": 2**22,
     "eos_token_id": 2**22,
@@ -408,12 +562,17 @@ LIMITS = {
 def _check_fields(obj: object) -> None:
     """Every field of its declared type (bools are not ints, strings are not numbers, floats are
     finite) and ints under ``LIMITS``, the field named in the message; before any other check."""
-    prefix = "moe." if isinstance(obj, MoEConfig) else ""
+    prefix = _prefix(obj)
     for f in dataclasses.fields(obj):
-        if f.name == "moe":
+        if f.name in SECTIONS:
             continue
         value, kind = getattr(obj, f.name), str(f.type)
         if value is None and "None" in kind:
+            continue
+        if kind.startswith("list[int]"):
+            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            if not ok:
+                raise ConfigError(f"{prefix}{f.name}: expected a list of integers, got {value!r:.80}")
             continue
         if kind.startswith("bool"):
             ok, want = isinstance(value, bool), "true or false"
@@ -431,8 +590,19 @@ def _check_fields(obj: object) -> None:
             raise ConfigError(f"{prefix}{f.name}: {value} is above the limit of {limit}")
 
 
+SECTIONS = ("moe", "attention", "rope_scaling")
+
+
+def _prefix(obj: object) -> str:
+    if isinstance(obj, MoEConfig):
+        return "moe."
+    if isinstance(obj, AttentionConfig):
+        return "attention."
+    return "rope_scaling." if isinstance(obj, RopeScaling) else ""
+
+
 def _positive(obj: object, *names: str) -> None:
-    prefix = "moe." if isinstance(obj, MoEConfig) else ""
+    prefix = _prefix(obj)
     for name in names:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -25,3 +25,12 @@ class UserError(ValueError):
 
 class UserTypeError(UserError, TypeError):
     """An argument of the wrong type (``stop=5``)."""
+
+
+class ConfigError(UserError):
+    """A configuration value or file that cannot describe a model (re-exported by ``config``)."""
+
+
+class RunError(RuntimeError):
+    """A run that failed for a reason outside the user's input (a torchrun peer that died or stopped
+    answering). The CLI prints it as one line and exits with 1."""

@@ -59,21 +59,39 @@ def count_parameters(config_or_model: MixtralConfig | nn.Module) -> ParamCount:
     return counted
 
 
+def attention_parameters(c: MixtralConfig) -> int:
+    """One layer's attention: the projections (and biases, q/k norms; latent attention's LoRA
+    projections and norms)."""
+    d, hd, h, kv, a = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.attention
+    if a.latent:
+        qk = a.qk_nope_head_dim + hd
+        q = d * h * qk if a.q_lora_rank is None else d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * h * qk
+        kv_part = d * (a.kv_lora_rank + hd) + a.kv_lora_rank + a.kv_lora_rank * h * (a.qk_nope_head_dim + a.v_head_dim)
+        return q + kv_part + h * a.v_head_dim * d
+    n = d * hd * (h * 2 + kv * 2)
+    if a.qkv_bias:
+        n += (h + 2 * kv) * hd
+    if a.qk_norm == "full":
+        n += (h + kv) * hd
+    elif a.qk_norm == "head":
+        n += 2 * hd
+    return n
+
+
 def _from_config(c: MixtralConfig) -> ParamCount:
-    d, hd, i = c.hidden_size, c.head_dim, c.intermediate_size
+    d, i = c.hidden_size, c.intermediate_size
     moe = c.moe
     n_layers = c.num_hidden_layers
-    n_dense = moe.first_k_dense
+    n_dense = sum(c.is_dense_layer(layer) for layer in range(n_layers))
     n_moe = n_layers - n_dense
-    attn = d * hd * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
     expert = 3 * d * i
-    dense_i = moe.dense_intermediate_size or i * moe.num_experts_per_tok
+    shared = 3 * d * c.shared_intermediate_size + (d if moe.shared_expert_gate else 0)
     parts = {
         "embeddings": c.vocab_size * d,
-        "attention": n_layers * attn,
+        "attention": n_layers * attention_parameters(c),
         "experts": n_moe * moe.num_experts * expert,
-        "shared_experts": n_moe * moe.n_shared_experts * expert,
-        "dense_ffn": n_dense * 3 * d * dense_i,
+        "shared_experts": n_moe * shared if moe.n_shared_experts else 0,
+        "dense_ffn": n_dense * 3 * d * c.dense_intermediate_size,
         "router": n_moe * d * (moe.num_experts + (moe.num_groups if moe.kind == "hierarchical" else 0)),
         "norms": (2 * n_layers + 1) * d,
         "lm_head": 0 if c.tie_word_embeddings else c.vocab_size * d,

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from gen_fixtures import make_model_folder, one_thread  # noqa: F401 (autouse fixture)
@@ -125,3 +126,54 @@ def test_long_conversations_drop_the_oldest_turns(tmp_path):
     with pytest.raises(UserError, match="longer than the model's context"):
         session.ask("word " * 60, lambda piece: None)
     assert session.turns == before  # the failed question left no trace
+
+
+def test_chat_in_a_terminal_edits_lines_and_recalls_history(tiny):
+    """In a pty: left-arrow editing fixes "/hlp" into "/help", up-arrow recalls it, Ctrl-D quits."""
+    import pty
+    import select
+    import time
+
+    folder = tiny[0]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mixtral_lite", "chat", "--model", str(folder), "--max-new-tokens", "2"],
+        stdin=slave, stdout=slave, stderr=slave, cwd=Path(__file__).parent, close_fds=True,
+        env={**os.environ, "TERM": "xterm", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 60) -> None:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < end:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+        assert marker in seen, seen.decode(errors="replace")
+
+    try:
+        read_until(b"> ")
+        os.write(master, b"/hlp\x1b[D\x1b[De\r")  # two left arrows, insert "e"
+        read_until(b"start a new conversation")
+        first = seen.count(b"start a new conversation")
+        os.write(master, b"\x1b[A\r")  # up arrow: the previous line, "/help"
+        end = time.monotonic() + 60
+        while seen.count(b"start a new conversation") <= first and time.monotonic() < end:
+            if select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 4096)
+        assert seen.count(b"start a new conversation") == first + 1, seen.decode(errors="replace")
+        tail = len(seen)
+        end = time.monotonic() + 60
+        while b"> " not in seen[tail:] and time.monotonic() < end:  # the next prompt: input() reads again
+            if select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 4096)
+        os.write(master, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    assert b"unknown command" not in seen

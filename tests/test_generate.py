@@ -165,6 +165,7 @@ def test_stop_strings(tiny):
     assert result.token_ids == full.token_ids[: len(result.token_ids)]
     pieces = stream(model, tok, PROMPTS[0], max_new_tokens=30, stop=stop)
     assert "".join(pieces) == result.text and pieces.result.finish_reason == "stop"
+    assert result.stop_reason == pieces.result.stop_reason == stop
 
 
 def test_eos_ends_a_row(tiny):
@@ -173,7 +174,7 @@ def test_eos_ends_a_row(tiny):
     full = generate(model, tok, PROMPTS, max_new_tokens=12)
     tok.eos_id = full[0].token_ids[3]  # the same tokenizer, with a token the model is about to emit as EOS
     results = generate(model, tok, PROMPTS, max_new_tokens=12)
-    assert results[0].finish_reason == "eos"
+    assert (results[0].finish_reason, results[0].stop_reason) == ("stop", None)  # OpenAI's word for EOS
     assert results[0].token_ids == full[0].token_ids[:3]
     for got, before in zip(results[1:], full[1:], strict=True):
         if tok.eos_id in before.token_ids:

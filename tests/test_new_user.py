@@ -171,3 +171,94 @@ def test_python_errors_name_the_parameter(folder) -> None:
 def test_cli_names_the_flag_for_the_same_error(folder, capsys) -> None:
     assert main(["generate", "--model", str(folder), "--prompt", PROMPT, "--temperature", "-1"]) == 2
     assert capsys.readouterr().err == "mixtral-lite generate: error: --temperature: expected a number >= 0, got -1.0\n"
+
+
+def test_version_flag_prints_the_version_without_torch() -> None:
+    code = "import sys; from mixtral_lite.cli import main\ntry:\n main(['--version'])\nexcept SystemExit: pass\n" \
+        "print('torch' in sys.modules)"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    from mixtral_lite import __version__
+
+    assert out.stdout.splitlines() == [f"mixtral-lite {__version__}", "False"], out.stderr
+
+
+def test_sampling_flags_at_temperature_0_warn(folder, capsys) -> None:
+    args = ["generate", "--model", str(folder), "--prompt", PROMPT, "--max-new-tokens", "2", "--quiet-stats"]
+    assert main([*args, "--top-k", "5", "--seed", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --top-k, --seed ignored at --temperature 0 (greedy decoding)" in err
+    assert main([*args, "--top-k", "5", "--temperature", "0.7"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_help_shows_defaults_and_choices(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS tokens to generate at most (default: 128)" in out
+    assert "--dtype {float32,bfloat16,float16}" in out
+    assert "--quantize {int8}" in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_threads_flag_sets_torch_threads_and_rejects_zero(folder, capsys) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        args = ["generate", "--model", str(folder), "--prompt", PROMPT, "--max-new-tokens", "1", "--quiet-stats"]
+        assert main([*args, "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main([*args, "--threads", "0"]) == 2
+        assert "--threads: expected an integer >= 1, got 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_chat_help_unknown_command_and_bundled_note(folder) -> None:
+    lines = "/help\n/frobnicate\n/exit\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "mixtral_lite", "chat", "--model", str(folder), "--max-new-tokens", "2"],
+        input=lines, capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "/reset" in out.stderr and "start a new conversation" in out.stderr
+    assert "unknown command /frobnicate: /help lists the commands" in out.stderr
+    assert out.stdout == ""  # nothing reached the model
+
+
+def test_model_hub_name_resolves_in_the_local_cache(folder, tmp_path, monkeypatch, capsys) -> None:
+    """--model org/name finds the snapshot refs/main names in $HF_HUB_CACHE; absent: one line, exit 2."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someorg--tiny-moe" / "snapshots" / "abc123"
+    shutil.copytree(folder, snap)
+    (cache / "models--someorg--tiny-moe" / "refs").mkdir()
+    (cache / "models--someorg--tiny-moe" / "refs" / "main").write_text("abc123\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    args = ["--prompt", PROMPT, "--max-new-tokens", "3", "--quiet-stats"]
+    assert main(["generate", "--model", "someorg/tiny-moe", *args]) == 0
+    assert main(["generate", "--model", str(folder), *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == out[1]  # the same model, by name and by folder
+    assert main(["params", "--model", "someorg/tiny-moe"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", "someorg/absent", *args]) == 2
+    err = capsys.readouterr().err
+    assert "--model someorg/absent: no such folder, and not in the Hugging Face cache" in err
+    assert "never downloads" in err
+
+
+def test_no_compiler_is_said_once_not_silent(folder, tmp_path) -> None:
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "MIXTRAL_LITE_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    cmd = [sys.executable, "-m", "mixtral_lite", "generate", "--model", str(folder), "--prompt", PROMPT,
+           "--max-new-tokens", "2", "--quiet-stats"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("warning: the CPU kernel is unavailable") == 1, out.stderr
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env={**env, "MIXTRAL_LITE_NATIVE": "0"},
+                           cwd=tmp_path, timeout=120)  # fmt: skip
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr

@@ -379,3 +379,62 @@ def _worker(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1:]))
+
+
+def _start_pair(folder: Path, extra: list[str]) -> list[subprocess.Popen]:
+    """Two ranks of `generate --tp 2`, joined by hand (no torchrun: the test signals one rank)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [PY, *_generate_args(folder), "--tp", "2", "--temperature", "1", "--seed", "0", *extra]
+    base = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return [
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=Path(__file__).parent,
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "OMP_NUM_THREADS": "1"},
+        )
+        for r in range(2)
+    ]
+
+
+@needs_processes
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_a_peer_that_stops_or_dies_mid_generation_ends_the_job_in_seconds(gen_folder, how):
+    """Rank 1 SIGSTOPped (or SIGKILLed) once rank 0 has streamed text: rank 0 exits 1 within the
+    3 s step timeout plus start-up slack, with one line naming the cause and no traceback."""
+    import signal
+
+    procs = _start_pair(gen_folder, ["--max-new-tokens", "100000", "--step-timeout", "3"])
+    try:
+        first = procs[0].stdout.read(1)  # rank 0 streams its first piece after prefill
+        assert first, procs[0].stderr.read().decode()
+        procs[1].send_signal(signal.SIGSTOP if how == "stopped" else signal.SIGKILL)
+        start = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - start
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    err = err.decode()
+    assert procs[0].returncode == 1, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    want = "a peer rank stopped answering" if how == "stopped" else "lost a peer rank"
+    assert lines[0].startswith(f"mixtral-lite generate: error: rank 0: {want} during generation"), err
+    assert waited < (20 if how == "stopped" else 10), waited
+
+
+def test_step_timeout_must_be_positive(gen_folder):
+    """--step-timeout 0 is refused before joining."""
+    cmd = [PY, *_generate_args(gen_folder), "--tp", "2", "--step-timeout", "0"]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, env=env, timeout=60)
+    assert out.returncode == 2
+    assert "--step-timeout: expected a positive number of seconds, got 0.0" in out.stderr

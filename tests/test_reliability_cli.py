@@ -132,3 +132,19 @@ def test_nan_in_json_is_valid_json_with_a_warning():
 
     line = json_line({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"})
     assert json.loads(line) == {"a": None, "b": [1.0, None], "c": "x"}
+
+
+@pytest.mark.parametrize("args", [["generate", "--max-new-tokens", "5", "--prompt", "ROMEO:"],
+                                  ["params", "--preset", "mixtral-8x7b"]])  # fmt: skip
+def test_closed_stdout_exits_quietly_and_a_full_disk_is_one_line(args):
+    """Started with stdout closed (`>&-`): exit 0, nothing on stderr; writing to /dev/full: exit 1, one line."""
+    closed = subprocess.run([*CMD, *args, "--quiet-stats"] if args[0] == "generate" else [*CMD, *args],
+                            capture_output=False, stdout=None, stderr=subprocess.PIPE, env=ENV, timeout=120,
+                            preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert closed.returncode == 0, closed.stderr.decode()
+    assert closed.stderr.decode() == ""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([*CMD, *args], stdout=full, stderr=subprocess.PIPE, env=ENV, timeout=120)
+    err = [line for line in result.stderr.decode().splitlines() if line.startswith("mixtral-lite")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr.decode(), result.stderr.decode()
+    assert err == [f"mixtral-lite {args[0]}: error: cannot write: No space left on device"], result.stderr.decode()

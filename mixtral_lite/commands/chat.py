@@ -1,9 +1,11 @@
 """Chat with an Instruct model in the terminal; the conversation is kept between turns.
 
-Type a message and press Enter; the answer streams to stdout. Commands: /reset starts a new
-conversation, /exit (or Ctrl-D) quits. Ctrl-C stops the current answer and keeps the conversation
-(with the part of the answer already shown). When the conversation outgrows the model's context,
-the oldest turns are dropped.
+Type a message and press Enter; the answer streams to stdout. In a terminal the line can be
+edited and the arrow keys recall earlier lines (readline). Commands: /help lists them, /reset
+starts a new conversation, /exit (or Ctrl-D) quits. Ctrl-C stops the current answer and keeps the
+conversation (with the part of the answer already shown). The keys and values of the conversation
+so far stay in a cache between turns, so each turn runs only its new tokens. When the conversation
+outgrows the model's context, the oldest turns are dropped.
 
 Examples:
   mixtral-lite chat --model /data/Mixtral-8x7B-Instruct-v0.1 --system "Answer briefly."
@@ -17,9 +19,22 @@ import sys
 from collections.abc import Callable
 
 from ..errors import UserError
-from .generate import add_model_arguments, add_sampling_arguments, ensure_utf8, load, model_folder, sampling_options
+from .generate import (
+    BUNDLED,
+    add_model_arguments,
+    add_sampling_arguments,
+    ensure_utf8,
+    load,
+    model_folder,
+    sampling_options,
+)
 
 HELP = "interactive chat with an Instruct model"
+COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "start a new conversation",
+    "/exit": "quit (Ctrl-D too)",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,12 +48,16 @@ class ChatSession:
     """A conversation: ``ask(text, on_piece)`` streams the answer and remembers both turns."""
 
     def __init__(self, model, tokenizer, *, system: str | None = None, **options) -> None:
+        from ..generation.prompt_cache import PromptCache
+
         self.model, self.tokenizer, self.system, self.options = model, tokenizer, system, options
         self.turns: list[dict[str, str]] = []
         self.last_result = None
+        self.cache = PromptCache()  # the conversation's keys and values, reused by the next turn
 
     def reset(self) -> None:
         self.turns = []
+        self.cache.reset()
 
     def system_messages(self) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.system}] if self.system else []
@@ -55,7 +74,7 @@ class ChatSession:
         self.turns.append({"role": "user", "content": text})
         try:
             ids = self._fit(self.tokenizer.encode_chat(self.messages()))
-            pieces = stream(self.model, self.tokenizer, ids, **self.options, continuation=False)
+            pieces = stream(self.model, self.tokenizer, ids, **self.options, continuation=False, cache=self.cache)
         except UserError:
             self.turns.pop()
             raise
@@ -94,7 +113,7 @@ class ChatSession:
 def read_line(interactive: bool) -> str:
     """One line of input; raises EOFError at the end (Ctrl-D)."""
     if interactive:
-        return input("> ")
+        return input("> ")  # with readline imported: line editing and history
     line = sys.stdin.readline() if sys.stdin is not None else ""  # stdin closed (<&-): as at its end
     if not line:
         raise EOFError
@@ -108,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = sampling_options(args)
     folder = model_folder(args)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, chat_template=args.chat_template)
     probe = tokenizer.encode_chat([{"role": "user", "content": "hi"}])
     prepare(MixtralConfig.from_pretrained(folder), tokenizer, [probe], **options)  # every flag, before loading
     model = load(args, folder)
@@ -116,7 +135,17 @@ def run(args: argparse.Namespace) -> int:
     session = ChatSession(model, tokenizer, system=args.system, **options)
     interactive = sys.stdin is not None and sys.stdin.isatty()
     if interactive:
-        print("Chat: /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)
+        try:
+            import readline  # noqa: F401  (input() then edits lines and keeps a history)
+        except ImportError:  # not on every platform
+            pass
+        print("Chat: /help lists the commands, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)
+    if folder == BUNDLED:
+        print(
+            "(the bundled model is a small demo trained on Shakespeare, not an instruction-tuned model: "
+            "expect play-like text rather than answers; pass --model DIR for a real one)",
+            file=sys.stderr,
+        )
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
@@ -126,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             line = read_line(interactive)
         except EOFError:
+            if interactive:
+                print(file=sys.stderr)  # Ctrl-D: end the prompt's line, as a shell does
             break
         except KeyboardInterrupt:  # at the prompt: drop the line, like a shell
             print(file=sys.stderr)
@@ -133,11 +164,19 @@ def run(args: argparse.Namespace) -> int:
         command = line.strip()
         if command == "/exit":
             break
+        if command == "/help":
+            for name, text in COMMANDS.items():
+                print(f"  {name:8s} {text}", file=sys.stderr)
+            print("  Ctrl-C   stop the current answer", file=sys.stderr)
+            continue
         if command == "/reset":
             session.reset()
             print("(new conversation)", file=sys.stderr)
             continue
         if not command:
+            continue
+        if command.startswith("/") and command[1:].isalpha():
+            print(f"unknown command {command}: /help lists the commands", file=sys.stderr)
             continue
         try:
             session.ask(line, show)

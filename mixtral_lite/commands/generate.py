@@ -13,25 +13,31 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 from pathlib import Path
 
+from ..bundle import BUNDLED
 from ..errors import UserError
 from ..validate import check_text, read_text_bounded
 
 HELP = "generate text from a prompt (streams to stdout)"
-BUNDLED = Path(__file__).resolve().parent.parent / "bundled"
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder (config + safetensors + tokenizer); default: the bundled demo model")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights and activations (default: bfloat16 on a GPU, float32 on the CPU)",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--device-map", help="split layers across devices: 'auto' or '0-15=cuda:0,16-31=cuda:1'")
-    p.add_argument("--quantize", help="quantize the weights after loading (e.g. int8)")
+    p.add_argument("--quantize", choices=["int8"], help="quantize the weights after loading")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice, one per core)")
     p.add_argument(
         "--experts-on",
         choices=("cpu", "disk", "auto"),
@@ -50,15 +56,20 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--verbose", action="store_true", help="print which CPU kernels were installed, and why not (stderr)"
     )
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="render chats with this jinja template (or a tokenizer_config.json's) instead of the model's own",
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, *, max_new_tokens: int, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, help="nucleus sampling: the smallest set with probability >= p, in (0, 1]")
     p.add_argument("--min-p", type=float, help="keep tokens with probability >= min_p * the top probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument(
         "--stop",
@@ -86,9 +97,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (launch with torchrun)")
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --tp/--ep: a rank that does not answer a collective for this long stops the job",
+    )
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
+    """The sampling flags as ``generate``'s options; warns (stderr) about flags greedy decoding ignores."""
+    from ..generation.sampling import SamplingParams
+    from ..validate import check_seed
+
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)  # errors first
+    check_seed(args.seed)
+    if args.temperature == 0:
+        ignored = [
+            f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "min_p", "seed") if getattr(args, n) is not None
+        ]
+        if ignored:
+            print(
+                f"mixtral-lite: warning: {', '.join(ignored)} ignored at --temperature 0 (greedy decoding); "
+                "pass --temperature 0.8 (say) to sample",
+                file=sys.stderr,
+            )
     return {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -115,10 +149,9 @@ def model_folder(args: argparse.Namespace) -> Path:
         if not (BUNDLED / "config.json").is_file():
             raise UserError(f"no --model given and the bundled model is missing ({BUNDLED}); pass --model DIR")
         return BUNDLED
-    folder = Path(args.model)
-    if not folder.is_dir():
-        raise UserError(f"--model {args.model}: no such folder")
-    return folder
+    from ..weights.hub_cache import resolve_model
+
+    return resolve_model(args.model)
 
 
 def load(args: argparse.Namespace, folder: Path):
@@ -128,6 +161,10 @@ def load(args: argparse.Namespace, folder: Path):
     from ..cpu import cpu_kernels_status
     from ..weights.loading import load_model
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads: expected an integer >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() and not args.device_map else "cpu")
     model = load_model(
         folder,
@@ -154,7 +191,9 @@ def start_parallel(args: argparse.Namespace, config):
         raise UserError("--tp/--ep: cannot be combined with --device-map, --quantize, --experts-on or --n-cpu-moe")
     from ..parallel.launch import start_parallel as start
 
-    return start(args.tp, args.ep, args.device, config=config)
+    if not args.step_timeout > 0:
+        raise UserError(f"--step-timeout: expected a positive number of seconds, got {args.step_timeout}")
+    return start(args.tp, args.ep, args.device, config=config, step_timeout_s=args.step_timeout)
 
 
 def read_prompt(args: argparse.Namespace) -> tuple[str, str]:
@@ -201,9 +240,30 @@ def ensure_utf8(stream) -> None:
         stream.reconfigure(errors="replace")
 
 
+def _write(args, model, tokenizer, prompt: str, prompt_ids, options: dict, continuation: bool, decode_fn):
+    """Generate and print (a JSON line, or the text as it streams); the result for the stats line."""
+    from ..generation.generate import generate, stream
+
+    ensure_utf8(sys.stdout)
+    kwargs = dict(**options, continuation=continuation, decode_fn=decode_fn)
+    if args.json:
+        result = generate(model, tokenizer, prompt_ids, **kwargs)
+        print(json_line({**result.as_dict(), "stats": result.stats.as_dict()}))
+        return result
+    pieces = stream(model, tokenizer, prompt_ids, **kwargs)
+    if args.echo:
+        sys.stdout.write(prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return pieces.result
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import MixtralConfig
-    from ..generation.generate import decode_step, generate, prepare, stream
+    from ..generation.generate import decode_step, prepare
     from ..generation.tokenizer import load_tokenizer
 
     options = sampling_options(args)
@@ -213,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise UserError(f"{source}: the prompt is empty; give some text to continue")
     folder = model_folder(args)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, chat_template=args.chat_template)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
@@ -234,26 +294,19 @@ def run(args: argparse.Namespace) -> int:
             from ..generation.generate import compile_decode_step
 
             decode_fn = compile_decode_step(model.device)
+            print(
+                "mixtral-lite: --compile: the first decode step compiles the model (tens of seconds on a CPU); "
+                "the decode rate below includes that time",
+                file=sys.stderr,
+            )
     elif args.compile:
         raise UserError("--compile: not available with --tp/--ep")
     else:  # every rank runs the same loop on its shard, fed rank 0's seed and tokens
         model, decode_fn = parallel.load(folder, dtype=args.dtype), parallel.decode_fn(decode_step)
-        options["seed"] = parallel.seed(args.seed)
-    ensure_utf8(sys.stdout)
-    kwargs = dict(**options, continuation=continuation, decode_fn=decode_fn)
-    if args.json:
-        result = generate(model, tokenizer, prompt_ids, **kwargs)
-        print(json_line({**result.as_dict(), "stats": result.stats.as_dict()}))
-    else:
-        pieces = stream(model, tokenizer, prompt_ids, **kwargs)
-        if args.echo:
-            sys.stdout.write(prompt)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        result = pieces.result
+    with parallel.guard() if parallel is not None else contextlib.nullcontext():
+        if parallel is not None:
+            options["seed"] = parallel.seed(args.seed)
+        result = _write(args, model, tokenizer, prompt, prompt_ids, options, continuation, decode_fn)
     if not args.quiet_stats and (parallel is None or parallel.state.is_main):
         print(f"{result.stats.summary()} | finish: {result.finish_reason}", file=sys.stderr)
     if parallel is not None:

@@ -18,7 +18,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..generation.tokenizer import find_tokenizer
+from ..model.cache import kv_bytes_per_token
 from ..params import count_parameters
 from ..weights.checkpoint import INDEX_FILE, open_checkpoint
 from ..weights.loading import plan_load
@@ -32,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = describe(args.model)
+    from ..weights.hub_cache import resolve_model
+
+    report = describe(resolve_model(args.model))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if report["problems"] else 0
 
@@ -75,6 +80,9 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "max_position_embeddings": config.max_position_embeddings,
                 "sliding_window": config.sliding_window,
                 "tie_word_embeddings": config.tie_word_embeddings,
+                "family": config.family,
+                "attention": "latent (MLA)" if config.attention.latent else "grouped-query",
+                "kv_cache_bytes_per_token_bf16": kv_bytes_per_token(config, torch.bfloat16),
             },
             "parameters": {
                 "total": counts.total,
@@ -107,6 +115,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"({c['router']} routing), vocab {c['vocab_size']}",
         f"             rope_theta {c['rope_theta']:g}, max positions {c['max_position_embeddings']}, "
         f"sliding window {c['sliding_window']}, tied embeddings {c['tie_word_embeddings']}",
+        f"             family {c['family']}, {c['attention']} attention, KV cache "
+        f"{c['kv_cache_bytes_per_token_bf16']:,} bytes per token (bfloat16)",
         f"parameters:  {p['total']:,} total ({_count(p['total'])}), {p['active_per_token']:,} active per token "
         f"({_count(p['active_per_token'])}); {p['in_files']:,} in the files",
         f"tokenizer:   {r['tokenizer'] or 'none (generate needs tokenizer.model or tokenizer.json in the folder)'}",

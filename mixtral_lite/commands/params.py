@@ -38,7 +38,9 @@ def load_config(args: argparse.Namespace) -> MixtralConfig:
         from .train import read_config_file  # the same files `train --config` takes
 
         return read_config_file(args.config)[0]
-    return MixtralConfig.from_pretrained(args.model)
+    from ..weights.hub_cache import resolve_model
+
+    return MixtralConfig.from_pretrained(resolve_model(args.model))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,7 +40,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the model folder's name)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get at SIGTERM")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,11 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port: expected 0..65535, got {args.port}")
     folder = model_folder(args)
     name = args.served_model_name or folder.name
-    tokenizer = load_tokenizer(folder)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(folder, chat_template=args.chat_template)
     model = load(args, folder)
     engine = Engine(
         model,

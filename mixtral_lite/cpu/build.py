@@ -160,6 +160,12 @@ def load() -> ctypes.CDLL | None:
         ly.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 3 + [ctypes.c_int]
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status = f"off ({e})"
+        print(
+            f"mixtral_lite: warning: the CPU kernel is unavailable ({str(e)[:200]}); CPU decoding runs on PyTorch's "
+            "kernels, several times slower. Install a C compiler (cc) for it, or set MIXTRAL_LITE_NATIVE=0 to "
+            "choose PyTorch's kernels without this warning",
+            file=sys.stderr,
+        )
         return None
     _lib, _status = lib, f"on ({target})"
     return _lib

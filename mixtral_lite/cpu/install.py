@@ -81,6 +81,9 @@ def install_cpu_kernels(model: nn.Module) -> CpuKernels:
         if fast is CpuBlock:
             m.step_inputs = step_inputs
         installed[name] += 1
+    for m in model.modules():
+        if isinstance(m, CpuBlock) and m.declined() is not None:
+            skipped[f"one-call layer ({m.declined()})"] += 1
     cpu_layout(model, kernel=kernel)
     layout = "float32 matrices row-major" if kernel else "float32 matrices column-major (PyTorch's matrix-vector)"
     report = CpuKernels(build.status(), dict(installed), dict(skipped), layout)

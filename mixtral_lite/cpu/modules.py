@@ -167,15 +167,31 @@ class CpuBlock(Block):
             self.__dict__["_layer_plan"] = plan  # a plain attribute (not a module or tensor)
         return plan if plan.ok else None
 
+    def declined(self) -> str | None:
+        """Why the one-call layer and the fused attention half never run this layer (a part that
+        is not Mixtral's: the kernels compute Mixtral's layer only), or None."""
+        att, ff = self.attention, self.feed_forward
+        if type(att) is not CpuAttention:
+            return f"{type(att).__name__}"
+        if att.qk_norm is not None or att.clip_qkv is not None:
+            return "q/k norm or clip_qkv"
+        if not isinstance(ff, SparseMoE):
+            return "dense feed-forward layer"
+        if not ff.plain:
+            return "routing other than Mixtral's"
+        if ff.shared is not None:
+            return "shared experts"
+        return None
+
     def _layer_weights(self) -> LayerWeights | None:
         """The weights the one-call layer reads, or None where a part is not the plain Mixtral one
         (other routers, shared experts, parallelism, recorded routing, another dispatch)."""
         att, ff, an, fn = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
         if type(ff) not in (CpuSparseMoE, CpuInt8MoE):  # a dense FFN, or experts living elsewhere
             return None
-        if not ff.plain or ff.record_routing or ff.dispatch != "auto":
+        if self.declined() is not None or ff.record_routing or ff.dispatch != "auto":
             return None
-        if ff.shared is not None or ff.reduce is not None or att.reduce is not None:
+        if ff.reduce is not None or att.reduce is not None:
             return None
         projections = _projections(att)
         if projections is None or type(ff.gate) is not CpuLinear:
@@ -197,6 +213,8 @@ class CpuBlock(Block):
     ) -> torch.Tensor | None:
         """``x + attention(attention_norm(x))`` as one kernel call, or None where it does not fit."""
         att, norm = self.attention, self.attention_norm
+        if type(att) is not CpuAttention or att.qk_norm is not None or att.clip_qkv is not None:
+            return None  # the kernel computes Mixtral's attention only
         projections = _projections(att)
         if projections is None or att.reduce is not None:
             return None

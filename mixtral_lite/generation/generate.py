@@ -30,7 +30,9 @@ from ..errors import UserError, UserTypeError
 from ..model.cache import KVCache
 from ..validate import check_seed
 from ..weights.device_map import layer_devices
+from .cache_pool import CachePool
 from .detok import Detokenizer, continuation_text
+from .prompt_cache import PromptCache
 from .sampling import SamplingParams, make_generator, sample
 from .tokenizer import Tokenizer
 
@@ -43,6 +45,7 @@ class GenerationStats:
     """Timing of one ``generate`` call (all its prompts together)."""
 
     prompt_tokens: int = 0  # real prompt tokens, all rows
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from a PromptCache (not run)
     generated_tokens: int = 0  # tokens generated, all rows (EOS not counted)
     time_to_first_token: float = 0.0  # s, from the call to the first tokens on the host
     prefill_time: float = 0.0  # s, the prompt forward pass and the first sampled tokens
@@ -54,7 +57,8 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_time if self.prefill_time > 0 else 0.0
+        run = self.prompt_tokens - self.cached_tokens
+        return run / self.prefill_time if self.prefill_time > 0 else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -83,7 +87,9 @@ class GenerationStats:
     def summary(self) -> str:
         line = (
             f"time to first token {self.time_to_first_token:.3f} s | "
-            f"prefill {self.prefill_tokens_per_s:.1f} tok/s ({self.prompt_tokens} tokens) | "
+            f"prefill {self.prefill_tokens_per_s:.1f} tok/s ({self.prompt_tokens} tokens"
+            + (f", {self.cached_tokens} cached" if self.cached_tokens else "")
+            + ") | "
             f"decode {self.decode_tokens_per_s:.1f} tok/s ({self.generated_tokens} tokens)"
         )
         if self.offload_decode is not None:
@@ -95,7 +101,9 @@ class GenerationStats:
 class GenerationOptions:
     """What ``generate`` and ``stream`` take besides the model, tokenizer and prompts.
 
-    Greedy when ``temperature`` is 0; sampling is reproducible with ``seed``. ``continuation``: the
+    Greedy when ``temperature`` is 0; sampling is reproducible with ``seed``: every prompt of a batch
+    draws from its own generator seeded with it, so a prompt gives the same text alone and in any
+    batch (identical prompts, identical samples). ``continuation``: the
     text continues the prompt's text, keeping the first token's leading space (" Paris" after "The
     capital of France is"); False gives ``decode(token_ids)``, as for a chat answer after ``[/INST]``.
     """
@@ -113,12 +121,23 @@ class GenerationOptions:
 
 @dataclass
 class GenerationResult:
+    """One prompt's continuation.
+
+    ``text``: what the tokens add to the prompt, cut before a stop string; ``token_ids``: the
+    generated tokens, without the final EOS; ``logprobs``: each token's log-probability under the
+    model (before penalty and temperature); ``finish_reason``: "stop" (EOS or a stop string, as
+    OpenAI and vLLM say) or "length"; ``stop_reason``: the stop string that ended it (None for
+    EOS and "length"); ``prompt_tokens``: the prompt's length in tokens; ``stats``: the timing of
+    the whole call (shared by every prompt of a batch).
+    """
+
     text: str  # the text the tokens add to the prompt (cut before a stop string)
     token_ids: list[int]  # generated tokens, without the final EOS
     logprobs: list[float]  # log-probability of each token under the model (before penalty/temperature)
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
     prompt_tokens: int
     stats: GenerationStats = field(repr=False, default_factory=GenerationStats)
+    stop_reason: str | None = None  # the stop string that ended the text; None for EOS or length
 
     def as_dict(self) -> dict:
         return {
@@ -126,6 +145,7 @@ class GenerationResult:
             "token_ids": self.token_ids,
             "logprobs": self.logprobs,
             "finish_reason": self.finish_reason,
+            "stop_reason": self.stop_reason,
             "prompt_tokens": self.prompt_tokens,
         }
 
@@ -154,7 +174,8 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
     plus new tokens) compiles once more. On the CPU the first call with a model stores its weight
     matrices row-major (``cpu.layout.cpu_layout(model, compiled=True)``: same values, other
     strides), the layout the generated matrix-vector kernels read fastest; the compiled graph runs
-    PyTorch's ops, not the C kernel."""
+    PyTorch's ops, not the C kernel. The returned step carries a ``CachePool``: ``generate``
+    reuses its caches, with lengths rounded up to a bucket, so shapes (and CUDA graphs) repeat."""
     device = torch.device(device)
     if mode is None and device.type == "cuda":
         mode = "reduce-overhead"
@@ -171,6 +192,7 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
                 laid_out.add(model)
             return compiled(model, tokens, cache, slot, positions)
 
+        cpu_step.cache_pool = CachePool()
         return cpu_step
 
     @scalars
@@ -179,6 +201,7 @@ def compile_decode_step(device: torch.device | str = "cpu", mode: str | None = N
             torch._dynamo.mark_static_address(t)
         return compiled(model, tokens, cache, slot, positions).clone()  # outlives the next replay
 
+    step.cache_pool = CachePool()
     return step
 
 
@@ -189,6 +212,7 @@ def generate(
     options: GenerationOptions | None = None,
     *,
     decode_fn: Callable = decode_step,
+    cache: PromptCache | None = None,
     **fields: Any,
 ) -> GenerationResult | list[GenerationResult]:
     """Continue one prompt (text, or token ids used as given) or a list of them.
@@ -196,11 +220,15 @@ def generate(
     Text prompts are encoded with BOS. The options are a ``GenerationOptions`` or its fields as
     keywords (``max_new_tokens=20, temperature=0.8``; keywords override ``options``). Returns one
     ``GenerationResult`` per prompt (a list for a list of prompts); each carries the call's ``stats``.
+    ``cache``: a ``PromptCache`` kept across calls with one prompt each; a prompt that starts with
+    the tokens of the previous call (prompt and answer) prefills only the rest.
     """
     single = _is_single(prompts)
     opts = _merge(options, fields)
+    if cache is not None and not single:
+        raise UserError("cache: a PromptCache serves one prompt per call, got a list of prompts")
     request = prepare(model.config, tokenizer, [prompts] if single else list(prompts), **asdict(opts))
-    events = _run(model, request, stream=False, decode_fn=decode_fn)
+    events = _run(model, request, stream=False, decode_fn=decode_fn, prompt_cache=cache)
     while True:
         try:
             next(events)
@@ -238,6 +266,7 @@ def stream(
     options: GenerationOptions | None = None,
     *,
     decode_fn: Callable = decode_step,
+    cache: PromptCache | None = None,
     **fields: Any,
 ) -> TextStream:
     """Like ``generate`` for one prompt, but yields text pieces as they come. Their concatenation is
@@ -246,7 +275,7 @@ def stream(
     if not _is_single(prompt):
         raise UserError("stream: expected one prompt (a string or a list of token ids)")
     request = prepare(model.config, tokenizer, [prompt], **asdict(_merge(options, fields)))
-    return TextStream(_run(model, request, stream=True, decode_fn=decode_fn))
+    return TextStream(_run(model, request, stream=True, decode_fn=decode_fn, prompt_cache=cache))
 
 
 def _merge(options: GenerationOptions | None, fields: dict[str, Any]) -> GenerationOptions:
@@ -350,6 +379,7 @@ class _RowText:
         self.emitted = 0  # characters handed out
         self.checked = 0  # characters searched for stop strings
         self.stopped = False
+        self.stop_hit: str | None = None  # the stop string found first in the text
 
     def push(self, token: int) -> tuple[str, bool]:
         if self.stopped:
@@ -368,9 +398,10 @@ class _RowText:
         stopped = False
         if self.stops:
             start = max(0, self.checked - max(map(len, self.stops)) + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
             if hits:
-                self.text, stopped, final = self.text[: min(hits)], True, True
+                at, self.stop_hit = min(hits, key=lambda h: h[0])
+                self.text, stopped, final = self.text[:at], True, True
                 self.stopped = True
             self.checked = len(self.text)
         end = len(self.text) if final else len(self.text) - self._partial_stop()
@@ -410,7 +441,14 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: Callable) -> Iterator[tuple[int, str]]:
+def _run(
+    model: torch.nn.Module,
+    request: Request,
+    *,
+    stream: bool,
+    decode_fn: Callable,
+    prompt_cache: PromptCache | None = None,
+) -> Iterator[tuple[int, str]]:
     """The prefill/decode loop. Yields (row, text piece) when streaming; returns the results."""
     start = time.perf_counter()
     tokenizer, params = request.tokenizer, request.params
@@ -425,22 +463,33 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
 
     if device.type == "cpu" and not hasattr(model, "cpu_kernels"):  # CPU inference: decided once per model
         install_cpu_kernels(model)
-    layers = model.layers
-    cache = KVCache(
-        model.config,
-        b,
-        t + steps - 1,  # the last token is sampled, never fed back
-        device=layer_devices(model),
-        dtype=model.dtype,
-        num_kv_heads=layers[0].attention.n_kv_heads,
-    )
+    length = t + steps - 1  # the last token is sampled, never fed back
+    n_kv = model.layers[0].attention.n_kv_heads
     offload = getattr(model, "offload", None)
     counters = None if offload is None else offload.stats
     before = None if counters is None else counters.snapshot()
-    logits = prefill(model, input_ids, cache, mask)  # [B, V]
+    kept = 0
+    pool: CachePool | None = getattr(decode_fn, "cache_pool", None)  # a compiled step's: shapes repeat
+    if prompt_cache is None:
+        if pool is not None:
+            cache = pool.get(model, b, length, layer_devices(model), n_kv)
+        else:
+            cache = KVCache(model.config, b, length, device=layer_devices(model), dtype=model.dtype, num_kv_heads=n_kv)
+        logits = prefill(model, input_ids, cache, mask)  # [B, V]
+    else:  # one prompt: its first `kept` tokens are already in the cache
+        cache, kept = prompt_cache.take(model, request.prompts[0], length, layer_devices(model), n_kv)
+        slots = torch.arange(kept, t, device=device)
+        logits = model(input_ids[:, kept:], cache=cache, slots=slots, last_only=True)[:, -1]
+    fed: list[torch.Tensor] = []  # the tokens fed after the prompt (their keys are in the cache)
     out_device = logits.device
     vocab = min(tokenizer.vocab_size, logits.shape[-1])  # never sample ids the tokenizer cannot decode
-    generator = None if params.greedy else make_generator(request.seed, out_device)
+    generator: Any = None
+    if not params.greedy:  # seeded: one generator per row, so a prompt's sample is the same in any batch
+        generator = (
+            make_generator(None, out_device)
+            if request.seed is None
+            else [make_generator(request.seed, out_device) for _ in range(b)]
+        )
     seen = None
     if params.repetition_penalty != 1.0:
         seen = torch.zeros(b, vocab, dtype=torch.bool, device=out_device)
@@ -462,7 +511,7 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
     out_ids: list[list[int]] = [[] for _ in range(b)]
     out_logprobs: list[list[float]] = [[] for _ in range(b)]
     finish: list[str | None] = [None] * b
-    stats = GenerationStats(prompt_tokens=sum(lengths))
+    stats = GenerationStats(prompt_tokens=sum(lengths), cached_tokens=kept)
     eos = tokenizer.eos_id
 
     def accept(host: list[torch.Tensor]) -> Iterator[tuple[int, str]]:
@@ -471,7 +520,7 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
             if finish[row] is not None:
                 continue
             if tok == eos:
-                finish[row] = "eos"
+                finish[row] = "stop"
             else:
                 out_ids[row].append(tok)
                 out_logprobs[row].append(lp)
@@ -508,6 +557,7 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
         if all(f is not None for f in finish):
             break
         logits = decode_fn(model, tokens[:, None].to(device), cache, slot, positions)
+        fed.append(tokens)
         slot += 1
         positions += 1
         tokens, logprobs = pick(logits)
@@ -516,6 +566,8 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
         pending = _to_host(tokens, logprobs)
     if pending is not None:
         yield from accept(wait(pending))
+    if prompt_cache is not None:
+        prompt_cache.hold(request.prompts[0] + (torch.cat(fed).tolist() if fed else []))
     _sync(out_device)
     stats.decode_time = time.perf_counter() - first_done
     stats.generated_tokens = sum(len(ids) for ids in out_ids)
@@ -537,6 +589,7 @@ def _run(model: torch.nn.Module, request: Request, *, stream: bool, decode_fn: C
                 finish_reason=finish[row] or "length",
                 prompt_tokens=lengths[row],
                 stats=stats,
+                stop_reason=texts[row].stop_hit if texts[row] is not None else None,
             )
         )
     return results

@@ -9,6 +9,7 @@ so a decode step can run them without a host synchronisation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -94,21 +95,27 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     seen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row: tokens [B] and their log-probabilities [B] under the model's own
     (unpenalised, untempered) distribution, the number a caller can use to score the text.
 
     Sampling draws ``argmax(p / q)`` with ``q ~ Exp(1)``: an exact draw from ``p`` (the exponential
-    race) that needs no host synchronisation, unlike ``torch.multinomial``.
+    race) that needs no host synchronisation, unlike ``torch.multinomial``. ``generator`` may be one
+    per row: each row's draw then depends on its own generator only, not on the rows beside it.
     """
     processed = process_logits(logits, params, seen)
     if params.greedy:  # max's index: the first maximum, like argmax, and faster on the CPU
         tokens = processed.max(-1).indices
     else:
         probs = processed.softmax(-1)
-        q = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        if isinstance(generator, Sequence):
+            q = torch.stack(
+                [torch.empty_like(row).exponential_(1.0, generator=g) for row, g in zip(probs, generator, strict=True)]
+            )
+        else:
+            q = torch.empty_like(probs).exponential_(1.0, generator=generator)
         q = q.clamp_min_(torch.finfo(q.dtype).tiny)  # a zero draw would make 0/0 = nan for filtered tokens
         tokens = (probs / q).max(-1).indices
     logprobs = logits.float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]

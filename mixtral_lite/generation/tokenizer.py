@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..validate import check_text
+from .chat_template import ChatTemplate, special_tokens, template_from_tokenizer_config
 
 ROLES = ("system", "user", "assistant")
 
@@ -32,6 +33,7 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int | None
     vocab_size: int
+    chat_template: ChatTemplate | None = None  # set: encode_chat renders it (else the Mistral formats)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids = self._encode(check_text(text, "prompt"))
@@ -43,6 +45,10 @@ class Tokenizer:
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """A rendered chat template: special tokens in the text are the special tokens, nothing added."""
+        raise UserError(f"{self.path}: chat templates need a tokenizer.json (Hugging Face) tokenizer")
 
     def control_id(self, piece: str) -> int | None:
         """The id of a control token such as ``[INST]``, or None when the vocabulary has none."""
@@ -62,15 +68,19 @@ class Tokenizer:
         """ "v1" (text markers) or "v3" ([INST] / [/INST] control tokens)."""
         return "v3" if self.control_id("[INST]") is not None and self.control_id("[/INST]") is not None else "v1"
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation that ends with a user message, ready for the answer.
 
         ``messages``: ``{"role": "system" | "user" | "assistant", "content": str}`` dicts; system
         messages first, then user and assistant turns alternating, starting and ending with user.
+        With a ``chat_template`` the ids are transformers' ``apply_chat_template`` ids
+        (``add_generation_prompt`` passed to the template); without, the Mistral formats.
         """
         system, turns = split_conversation(messages)
         for m in messages:  # checked by split_conversation: dicts with a role and str content
             check_text(m["content"], f"{m['role']} message")
+        if self.chat_template is not None:
+            return self.encode_rendered(self.chat_template.render(messages, add_generation_prompt))
         if self.bos_id is None or self.eos_id is None:
             raise UserError(f"{self.path}: the chat format needs bos and eos tokens; this tokenizer lacks them")
         ids = [self.bos_id]
@@ -155,8 +165,13 @@ class HFTokenizer(Tokenizer):
     """A ``tokenizer.json``; bos/eos come from ``tokenizer_config.json`` beside it (else <s> / </s>)."""
 
     def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer as _Tokenizer
-
+        try:
+            from tokenizers import Tokenizer as _Tokenizer
+        except ImportError:
+            raise UserError(
+                f"{path}: reading a tokenizer.json needs the `tokenizers` package: "
+                "pip install 'mixtral-lite[tokenizers]'"
+            ) from None
         self.path = Path(path)
         try:
             self.tok = _Tokenizer.from_file(str(path))
@@ -171,6 +186,13 @@ class HFTokenizer(Tokenizer):
 
     def _encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_rendered(self, text: str) -> list[int]:
+        self.tok.encode_special_tokens = False
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = True
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -189,14 +211,7 @@ def _special_token_names(config_path: Path) -> dict[str, str]:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{config_path}: not readable JSON ({exc})") from None
-    names = {}
-    for key in ("bos_token", "eos_token"):
-        value = config.get(key)
-        if isinstance(value, Mapping):  # {"content": "<s>", ...}
-            value = value.get("content")
-        if isinstance(value, str):
-            names[key] = value
-    return names
+    return special_tokens(config) if isinstance(config, dict) else {}
 
 
 def find_tokenizer(folder: str | Path) -> Path | None:
@@ -225,12 +240,38 @@ def tokenizer_file(path: str | Path) -> Path:
     return path
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer from a model folder or a tokenizer file (SentencePiece model or tokenizer.json)."""
+def load_tokenizer(path: str | Path, *, chat_template: str | Path | None = None) -> Tokenizer:
+    """A tokenizer from a model folder or a tokenizer file (SentencePiece model or tokenizer.json).
+
+    ``chat_template``: a template file to render chats with (``--chat-template``). Without it, a
+    ``tokenizer.json`` beside a ``tokenizer_config.json`` with a ``chat_template`` uses that one,
+    unless the folder's ``config.json`` is a Mixtral's: Mixtral keeps the Mistral formats.
+    """
     path = tokenizer_file(path)
-    if path.suffix == ".json":
-        return HFTokenizer(path)
-    return SentencePieceTokenizer(path)
+    tok: Tokenizer = HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
+    tokens = _special_token_names(path.parent / "tokenizer_config.json")
+    if chat_template is not None:
+        tok.chat_template = ChatTemplate.from_file(chat_template, tokens)
+    elif isinstance(tok, HFTokenizer) and not _is_mixtral_folder(path.parent):
+        tok.chat_template = template_from_tokenizer_config(path.parent / "tokenizer_config.json")
+    return tok
+
+
+def _is_mixtral_folder(folder: Path) -> bool:
+    """The folder's config.json describes a Mixtral (or our Mixtral variants), or there is none."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return True
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # the model loader reports it
+    if not isinstance(data, dict):
+        return True
+    own = data.get("mixtral_lite_config")
+    if data.get("model_type") == "mixtral_lite" and isinstance(own, dict):
+        return own.get("family", "mixtral") == "mixtral"
+    return data.get("model_type") in ("mixtral", "mixtral_lite", None)
 
 
 __all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "find_tokenizer", "load_tokenizer", "tokenizer_file"]

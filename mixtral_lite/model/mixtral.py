@@ -35,13 +35,19 @@ from .routing import (
     route_soft,
     route_topk,
 )
+from .yarn import softmax_scale, yarn_frequencies
 
 
 class Linear(nn.Linear):
-    """A bias-free ``nn.Linear`` (the checkpoints have no biases)."""
+    """A bias-free ``nn.Linear`` (Mixtral's checkpoints have no biases)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
+
+
+class BiasLinear(nn.Linear):
+    """An ``nn.Linear`` with a bias (Qwen2-MoE's q, k, v). Its own class, so the accelerator and
+    int8, which multiply bias-free matrices, leave it as it is."""
 
 
 class RMSNorm(nn.Module):
@@ -58,11 +64,14 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, T, hd] for ``positions`` [B, T], in the half-split (Hugging Face) layout."""
+    """cos, sin [B, 1, T, hd] for ``positions`` [B, T], in the half-split (Hugging Face) layout,
+    multiplied by ``scale`` in float32 (YaRN's attention factor)."""
     freqs = positions.float()[..., None] * inv_freq  # [B, T, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+    if scale != 1.0:
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -77,6 +86,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def pairs_to_halves(x: torch.Tensor) -> torch.Tensor:
+    """Rotary dims in interleaved pairs (x0, x1), (x2, x3), ... reordered to halves (evens, odds),
+    so ``apply_rotary`` turns the same pairs; queries and keys reordered alike keep every dot product."""
+    return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+
+
 class Attention(nn.Module):
     """Grouped-query attention through ``scaled_dot_product_attention``.
 
@@ -86,15 +101,25 @@ class Attention(nn.Module):
 
     def __init__(self, config: MixtralConfig, layer_idx: int) -> None:
         super().__init__()
-        d, hd = config.hidden_size, config.head_dim
+        d, hd, a = config.hidden_size, config.head_dim, config.attention
         self.layer_idx = layer_idx
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = hd
-        self.wq = Linear(d, self.n_heads * hd)
-        self.wk = Linear(d, self.n_kv_heads * hd)
-        self.wv = Linear(d, self.n_kv_heads * hd)
+        qkv = BiasLinear if a.qkv_bias else Linear
+        self.wq = qkv(d, self.n_heads * hd)
+        self.wk = qkv(d, self.n_kv_heads * hd)
+        self.wv = qkv(d, self.n_kv_heads * hd)
         self.wo = Linear(self.n_heads * hd, d)
+        # The family options: q/k RMSNorm per head (Qwen3-MoE) or over the whole projection
+        # (OLMoE), and OLMoE's clamp of q, k, v. None / None / None is Mixtral.
+        self.qk_norm = a.qk_norm
+        self.q_norm = self.k_norm = None
+        if a.qk_norm is not None:
+            full = a.qk_norm == "full"
+            self.q_norm = RMSNorm(self.n_heads * hd if full else hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.n_kv_heads * hd if full else hd, config.rms_norm_eps)
+        self.clip_qkv = a.clip_qkv
         self.reduce = None
 
     def forward(
@@ -108,9 +133,18 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.head_dim
-        q = self.wq(x).view(b, t, self.n_heads, hd).transpose(1, 2)  # [B, H, T, hd]
-        k = self.wk(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)  # [B, KV, T, hd]
-        v = self.wv(x).view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)  # [B, T, H*hd], [B, T, KV*hd] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(b, t, self.n_heads, hd)  # [B, T, H, hd]
+        k = k.view(b, t, self.n_kv_heads, hd)  # [B, T, KV, hd]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, KV, T, hd]
+        v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, slots, k, v)  # [B, KV, S, hd]
@@ -137,6 +171,99 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=h != kv)
 
 
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values are expanded from a latent
+    c [B, 1, S, R] (R = kv LoRA rank) plus one rotary key k_pe [B, 1, S, r] shared by every head,
+    and the cache holds only those two, R + r numbers per token and layer.
+
+    Axis legend here: R kv LoRA rank, r rotary dims (``head_dim``), n no-rotary query/key dims,
+    dv value dims. Without a cache, or for prefill, keys and values are expanded (``wkv_b``) as
+    transformers does. Decoding (one new token) uses the absorbed form: the key half of ``wkv_b``
+    is folded into the query and the value half applied after attending over the latent, so the
+    cache is never expanded; the same products in another order.
+    """
+
+    def __init__(self, config: MixtralConfig, layer_idx: int) -> None:
+        super().__init__()
+        a, d = config.attention, config.hidden_size
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = 1  # the cache holds one latent row per token, shared by every head
+        self.rank, self.rope_dim = a.kv_lora_rank, config.head_dim
+        self.nope_dim, self.v_dim = a.qk_nope_head_dim, a.v_head_dim
+        qk = self.nope_dim + self.rope_dim
+        if a.q_lora_rank is None:
+            self.wq = Linear(d, self.n_heads * qk)
+            self.wq_a = self.q_norm = self.wq_b = None
+        else:
+            self.wq = None
+            self.wq_a = Linear(d, a.q_lora_rank)
+            self.q_norm = RMSNorm(a.q_lora_rank, a.latent_norm_eps)
+            self.wq_b = Linear(a.q_lora_rank, self.n_heads * qk)
+        self.wkv_a = Linear(d, self.rank + self.rope_dim)
+        self.kv_norm = RMSNorm(self.rank, a.latent_norm_eps)
+        self.wkv_b = Linear(self.rank, self.n_heads * (self.nope_dim + self.v_dim))
+        self.wo = Linear(self.n_heads * self.v_dim, d)
+        self.scale = softmax_scale(config, qk)
+        self.interleaved = a.rope_interleave
+        self.reduce = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.n_heads
+        q = self.wq(x) if self.wq is not None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(b, t, h, self.nope_dim + self.rope_dim).transpose(1, 2)  # [B, H, T, n + r]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        c, k_pe = self.wkv_a(x).split([self.rank, self.rope_dim], dim=-1)  # [B, T, R], [B, T, r]
+        c, k_pe = self.kv_norm(c)[:, None], k_pe[:, None]  # [B, 1, T, R], [B, 1, T, r]
+        if self.interleaved:
+            q_pe, k_pe = pairs_to_halves(q_pe), pairs_to_halves(k_pe)
+        q_pe, k_pe = apply_rotary(q_pe, cos, sin), apply_rotary(k_pe, cos, sin)
+        if cache is not None:
+            c, k_pe = cache.update(self.layer_idx, slots, c, k_pe)  # [B, 1, S, R], [B, 1, S, r]
+        if cache is not None and t == 1:
+            y = self.attend_absorbed(q_nope, q_pe, c, k_pe, mask)
+        else:
+            y = self.attend_expanded(q_nope, q_pe, c, k_pe, mask)  # [B, H, T, dv]
+        y = self.wo(y.transpose(1, 2).reshape(b, t, h * self.v_dim))
+        return y if self.reduce is None else self.reduce(y)
+
+    def attend_expanded(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Keys [B, H, S, n + r] and values [B, H, S, dv] made from the latent, then attention."""
+        b, h, t, _ = q_nope.shape
+        s = c.shape[2]
+        kv = self.wkv_b(c[:, 0]).view(b, s, h, self.nope_dim + self.v_dim).transpose(1, 2)  # [B, H, S, n + dv]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.expand(b, h, s, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        is_causal = mask is None and t > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale)
+
+    def attend_absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """softmax((q_nope W_uk) c^T + q_pe k_pe^T) c W_uv^T: attention over the latent itself."""
+        h = self.n_heads
+        w = self.wkv_b.weight.unflatten(0, (h, self.nope_dim + self.v_dim))  # [H, n + dv, R]
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [H, n, R], [H, dv, R]
+        q_c = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # [B, H, T, R]
+        scores = (q_c @ c.transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)) * self.scale  # [B, H, T, S]
+        if mask is not None:
+            scores = scores + mask
+        p = torch.softmax(scores.float(), dim=-1).to(q_c.dtype)
+        return torch.einsum("bhtr,hvr->bhtv", p @ c, w_uv)  # [B, H, T, dv]
+
+
 class FeedForward(nn.Module):
     """A dense SwiGLU feed-forward (used by dense layers of DeepSeekMoE-style models)."""
 
@@ -159,7 +286,9 @@ class SparseMoE(nn.Module):
 
     ``config.moe.kind`` picks the router (see ``routing``); Mixtral's own rule is the plain path.
     Variants may add ``group_gate`` (hierarchical), ``shared`` (always-on shared experts, one SwiGLU
-    of n_shared * I) and the ``expert_bias`` buffer [E] (auxiliary-loss-free balancing).
+    of n_shared * I, or of Qwen2-MoE's own size), ``shared_gate`` (Qwen2-MoE: the shared output
+    times sigmoid(Linear(h, 1))) and the ``expert_bias`` buffer [E] (auxiliary-loss-free balancing;
+    DeepSeek-V3's ``e_score_correction_bias``).
     With ``record_routing`` set (training), each forward keeps its ``Routing`` in ``last_routing``.
     """
 
@@ -177,7 +306,8 @@ class SparseMoE(nn.Module):
         self.moe_config = moe
         self.plain = is_mixtral_routing(moe)
         self.group_gate = Linear(d, moe.num_groups) if moe.kind == "hierarchical" else None
-        self.shared = FeedForward(d, moe.n_shared_experts * i) if moe.n_shared_experts else None
+        self.shared = FeedForward(d, config.shared_intermediate_size) if moe.n_shared_experts else None
+        self.shared_gate = Linear(d, 1) if moe.shared_expert_gate else None
         if moe.bias_balancing:
             self.register_buffer("expert_bias", torch.zeros(e))
         self.record_routing = False
@@ -196,7 +326,8 @@ class SparseMoE(nn.Module):
             self.last_routing = r
         y = self.mixture(x, r)
         if self.shared is not None:
-            y = y + self.shared(x)[0]
+            shared = self.shared(x)[0]
+            y = y + (shared if self.shared_gate is None else torch.sigmoid(self.shared_gate(x)) * shared)
         if self.reduce is not None:
             y = self.reduce(y)
         return y.view(shape), r.logits
@@ -204,7 +335,7 @@ class SparseMoE(nn.Module):
     def routing(self, x: torch.Tensor) -> Routing:
         """The full routing decision for x [N, D] (every kind; capacity applies in training mode)."""
         moe = self.moe_config
-        logits = self.gate(x)
+        logits = F.linear(x.float(), self.gate.weight.float()) if moe.router_float32 else self.gate(x)
         if moe.kind == "hard":
             # Capacity depends on how many tokens share the batch, later ones included: dropping is
             # a training-time device, inference keeps every token so decoding stays causal.
@@ -223,6 +354,8 @@ class SparseMoE(nn.Module):
             n_group=moe.n_group,
             topk_group=moe.topk_group,
             scaling=moe.routed_scaling_factor,
+            normalize=moe.norm_topk_prob,
+            group_score_topk=moe.group_score_topk,
         )
 
     def mixture(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
@@ -256,12 +389,11 @@ class Block(nn.Module):
     def __init__(self, config: MixtralConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config, layer_idx)
+        latent = config.attention.latent
+        self.attention = LatentAttention(config, layer_idx) if latent else Attention(config, layer_idx)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        moe = config.moe
-        if layer_idx < moe.first_k_dense:  # DeepSeekMoE: the first layers keep a dense FFN
-            dense = moe.dense_intermediate_size or config.intermediate_size * moe.num_experts_per_tok
-            self.feed_forward: nn.Module = FeedForward(config.hidden_size, dense)
+        if config.is_dense_layer(layer_idx):  # DeepSeek's first layers, Qwen's mlp_only_layers
+            self.feed_forward: nn.Module = FeedForward(config.hidden_size, config.dense_intermediate_size)
         else:
             self.feed_forward = SparseMoE(config)
 
@@ -305,6 +437,8 @@ class Mixtral(nn.Module):
         if config.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # per device, made on first use
+        # What cos and sin are multiplied by: YaRN's attention factor, else 1.
+        self.rotary_scale = 1.0 if config.rope_scaling is None else yarn_frequencies(config, torch.device("cpu"))[1]
         self.reset_parameters()
 
     @torch.no_grad()
@@ -351,7 +485,7 @@ class Mixtral(nn.Module):
         if cache is not None:
             cache.record(slots, positions, _all_real(positions) if valid is None else valid)
         mask = self.attention_mask(slots, positions, valid, cache, h.dtype)
-        cos, sin = rotary_cos_sin(positions, self.inverse_frequencies(dev), h.dtype)
+        cos, sin = rotary_cos_sin(positions, self.inverse_frequencies(dev), h.dtype, self.rotary_scale)
         router_logits = []
         for layer in self.layers:
             layer_dev = layer.attention_norm.weight.device
@@ -393,7 +527,10 @@ class Mixtral(nn.Module):
         """The rotary embedding's frequencies on ``device``, computed once (outside compiled graphs)."""
         inv = None if torch.compiler.is_compiling() else self._inv_freq.get(device)
         if inv is None:
-            inv = inverse_frequencies(self.config.head_dim, self.config.rope_theta, device)
+            if self.config.rope_scaling is not None:
+                inv = yarn_frequencies(self.config, device)[0]
+            else:
+                inv = inverse_frequencies(self.config.head_dim, self.config.rope_theta, device)
             if not torch.compiler.is_compiling():
                 self._inv_freq[device] = inv
         return inv
@@ -435,8 +572,10 @@ def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "Attention",
+    "BiasLinear",
     "Block",
     "FeedForward",
+    "LatentAttention",
     "Linear",
     "Mixtral",
     "Output",
@@ -445,5 +584,6 @@ __all__ = [
     "apply_rotary",
     "build_mask",
     "inverse_frequencies",
+    "pairs_to_halves",
     "rotary_cos_sin",
 ]

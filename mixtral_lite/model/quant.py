@@ -114,6 +114,7 @@ class Int8MoE(SparseMoE):
         for name in ("top_k", "moe_config", "plain", "dispatch", "reduce"):
             setattr(self, name, getattr(moe, name))
         self.gate, self.group_gate, self.shared = moe.gate, moe.group_gate, moe.shared
+        self.shared_gate = moe.shared_gate
         if "expert_bias" in moe._buffers:
             self.register_buffer("expert_bias", moe.expert_bias)
         for name in ("w1", "w2", "w3"):
@@ -156,6 +157,11 @@ def experts_int8_reference(x: torch.Tensor, moe: Int8MoE, idx: torch.Tensor, wei
     return experts_reference(x.float(), StackedExperts(w1, w2, w3), idx, weights).to(x.dtype)
 
 
+# Attention projections quantised: GQA's four and latent attention's, except ``wkv_b``, whose
+# float matrix the absorbed decode folds into the queries.
+QUANTIZED_PROJECTIONS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a")
+
+
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool = True) -> nn.Module:
     """Quantise ``model`` in place: every layer's expert weights and attention projections (and
@@ -181,8 +187,9 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool
     scale_dtype = model.dtype
     for layer in model.layers:
         att = layer.attention
-        for name in ("wq", "wk", "wv", "wo"):
-            setattr(att, name, Int8Linear.from_linear(getattr(att, name), scale_dtype))
+        for name in QUANTIZED_PROJECTIONS:
+            if type(getattr(att, name, None)) is Linear:  # biased ones (BiasLinear) stay float
+                setattr(att, name, Int8Linear.from_linear(getattr(att, name), scale_dtype))
         ff = layer.feed_forward
         if isinstance(ff, SparseMoE):
             layer.feed_forward = ff = Int8MoE(ff, scale_dtype)

@@ -70,6 +70,8 @@ def is_mixtral_routing(moe: MoEConfig) -> bool:
         and not moe.bias_balancing
         and moe.n_group == 1
         and moe.routed_scaling_factor == 1.0
+        and moe.norm_topk_prob
+        and not moe.router_float32
     )
 
 
@@ -82,12 +84,15 @@ def route_scores(
     n_group: int = 1,
     topk_group: int = 1,
     scaling: float = 1.0,
+    normalize: bool = True,
+    group_score_topk: int = 2,
 ) -> Routing:
     """DeepSeek-style top-k: scores choose (plus ``bias`` [E], for selection only), scores weigh.
 
     Group-limited routing keeps the ``topk_group`` of ``n_group`` groups with the largest sum of
-    their two best selection scores and masks the rest before the top-k. The chosen scores are
-    normalised to sum 1, then multiplied by ``scaling``.
+    their ``group_score_topk`` best selection scores (DeepSeek-V3: 2; V2: 1, the maximum) and masks
+    the rest before the top-k. The chosen scores are normalised to sum 1 (``normalize``; Qwen,
+    OLMoE and DeepSeek-V2 checkpoints may keep them as scored), then multiplied by ``scaling``.
     """
     n, e = logits.shape
     logits32 = logits.float()
@@ -96,13 +101,16 @@ def route_scores(
     if n_group > 1:
         m = e // n_group
         grouped = select.view(n, n_group, m)  # [N, G, M]
-        group_score = grouped.topk(min(2, m), dim=-1).values.sum(-1)  # [N, G]
+        group_score = grouped.topk(min(group_score_topk, m), dim=-1).values.sum(-1)  # [N, G]
         keep = torch.zeros(n, n_group, dtype=torch.bool, device=logits.device)
         keep.scatter_(1, group_score.topk(topk_group, dim=-1).indices, True)
         select = select.masked_fill(~keep.repeat_interleave(m, dim=1), float("-inf"))
     idx = select.topk(k, dim=-1).indices  # [N, K]
     weights = scores.gather(1, idx)
-    weights = weights / weights.sum(dim=-1, keepdim=True) * scaling
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if scaling != 1.0:
+        weights = weights * scaling
     probs = scores / scores.sum(dim=-1, keepdim=True) if score_func == "sigmoid" else scores
     return Routing(logits, idx, weights, probs)
 

@@ -7,6 +7,7 @@ slices of a checkpoint, ``shard_model(model, state)`` cuts them from a model in 
 
 from .dist import (
     DEFAULT_TIMEOUT_S,
+    STEP_TIMEOUT_S,
     AllReduce,
     ParallelError,
     ParallelState,
@@ -23,6 +24,7 @@ from .shard import check_parallel, configure, local_kv_heads, param_slices, shar
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "STEP_TIMEOUT_S",
     "AllReduce",
     "LocalExperts",
     "ParallelError",

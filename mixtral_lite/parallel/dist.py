@@ -10,8 +10,11 @@ ranks (on a multi-node launch, the GPUs of one node: the attention all-reduce, w
 layer on every token, stays on the fast links).
 
 Nothing may hang: the size checks run before any rank joins (every rank computes the same answer
-from the same flags and environment, so all of them exit with the same message), joining and every
-collective carry a timeout, and torchrun stops the remaining ranks when one of them exits.
+from the same flags and environment, so all of them exit with the same message), and torchrun stops
+the remaining ranks when one of them exits. Two timeouts: joining and the "every rank has loaded"
+barrier wait long (a rank may still be reading its weights), while the per-step collectives of
+generation run on groups with a short one, so a rank that stops answering (stopped, swapping, a
+dead link) ends the job in seconds with one line on every rank instead of a wait of many minutes.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from ..errors import RunError, UserError
 
-DEFAULT_TIMEOUT_S = 600.0  # joining and every collective; a rank still loading weights is waited for
+DEFAULT_TIMEOUT_S = 600.0  # joining and the loaded barrier: a rank still loading weights is waited for
+STEP_TIMEOUT_S = 30.0  # every collective after that: a forward pass is the same work on every rank
 
 
 class ParallelError(UserError):
@@ -41,8 +45,8 @@ class ParallelState:
     ep: int = 1
     rank: int = 0
     device: torch.device = torch.device("cpu")
-    tp_group: Any = None
-    group: Any = None  # all ranks (the default group), None in a single process
+    tp_group: Any = None  # short timeout (per-step collectives)
+    group: Any = None  # all ranks, short timeout; None in a single process
 
     @property
     def world_size(self) -> int:
@@ -95,12 +99,20 @@ def check_world(tp: int, ep: int, environ: dict[str, str] | None = None) -> tupl
 
 
 def init_parallel(
-    tp: int = 1, ep: int = 1, device: torch.device | str = "cpu", *, timeout_s: float = DEFAULT_TIMEOUT_S
+    tp: int = 1,
+    ep: int = 1,
+    device: torch.device | str = "cpu",
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    step_timeout_s: float = STEP_TIMEOUT_S,
 ) -> ParallelState:
     """Join the process group started by torchrun (a no-op for ``tp = ep = 1`` without torchrun).
 
-    ``device`` "cuda" means this rank's GPU (``cuda:LOCAL_RANK``).
+    ``device`` "cuda" means this rank's GPU (``cuda:LOCAL_RANK``). ``timeout_s`` bounds joining,
+    ``step_timeout_s`` every collective of the returned groups.
     """
+    if not step_timeout_s > 0:
+        raise ParallelError(f"step timeout: expected a positive number of seconds, got {step_timeout_s!r}")
     rank, local_rank = check_world(tp, ep)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -121,15 +133,32 @@ def init_parallel(
             raise ParallelError(
                 f"rank {rank}: could not join the {tp * ep} processes within {timeout_s:.0f} s: {exc}"
             ) from None
+    step = datetime.timedelta(seconds=step_timeout_s)
+    world = dist.new_group(list(range(tp * ep)), timeout=step)
     tp_group = None
     if tp == tp * ep:
-        tp_group = dist.group.WORLD
+        tp_group = world
     elif tp > 1:
         for e in range(ep):  # every rank creates every subgroup, in the same order
-            group = dist.new_group(list(range(e * tp, (e + 1) * tp)), timeout=timeout)
+            group = dist.new_group(list(range(e * tp, (e + 1) * tp)), timeout=step)
             if e == rank // tp:
                 tp_group = group
-    return ParallelState(tp=tp, ep=ep, rank=rank, device=device, tp_group=tp_group, group=dist.group.WORLD)
+    return ParallelState(tp=tp, ep=ep, rank=rank, device=device, tp_group=tp_group, group=world)
+
+
+def wait_for_all(state: ParallelState) -> None:
+    """Block until every rank gets here, with the long join timeout (after loading: a slow disk
+    on one rank must not count against the short per-step timeout)."""
+    if state.distributed and dist.is_initialized():
+        dist.barrier()  # the default group carries the join timeout
+
+
+def peer_lost(state: ParallelState, exc: BaseException) -> RunError:
+    """The one line a rank prints when a collective fails: a peer died or stopped answering."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    timed_out = "timed out" in first.lower() or "timeout" in first.lower()
+    what = "a peer rank stopped answering" if timed_out else "lost a peer rank"
+    return RunError(f"rank {state.rank}: {what} during generation, stopping ({first[:160]})")
 
 
 def shutdown(state: ParallelState) -> None:

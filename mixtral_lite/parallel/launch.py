@@ -6,7 +6,9 @@ need every rank to take part in every forward. To keep them in step:
 - the sampling seed is rank 0's (drawn there when none is given), so the ranks sample alike;
 - before each decode step the tokens fed to the model are broadcast from rank 0, so every rank's
   cache and activations follow rank 0's text even if two ranks were ever to sample differently;
-- only rank 0 writes to stdout (the others' stdout goes to /dev/null); errors still reach stderr.
+- only rank 0 writes to stdout (the others' stdout goes to /dev/null); errors still reach stderr;
+- after loading, every rank waits for the others (long timeout); from then on each collective has
+  the short step timeout, and a failed one (a peer killed or stopped) is one line on each rank.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +28,15 @@ from ..config import MixtralConfig
 from ..model.mixtral import Mixtral
 from .dist import (
     DEFAULT_TIMEOUT_S,
+    STEP_TIMEOUT_S,
     ParallelError,
     ParallelState,
     broadcast_tokens,
     check_world,
     init_parallel,
+    peer_lost,
     shutdown,
+    wait_for_all,
 )
 from .load import load_parallel
 from .shard import check_parallel
@@ -41,7 +47,21 @@ class ParallelRun:
     state: ParallelState
 
     def load(self, folder: str | Path, dtype: torch.dtype | str | None = None) -> Mixtral:
-        return load_parallel(folder, self.state, dtype=dtype)
+        """This rank's shard, returned once every rank holds its own."""
+        model = load_parallel(folder, self.state, dtype=dtype)
+        with self.guard():
+            wait_for_all(self.state)
+        return model
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Turn a failed collective (a peer died, or timed out) into one ``RunError`` line."""
+        try:
+            yield
+        except RuntimeError as exc:  # gloo raises plain RuntimeErrors, NCCL DistBackendError
+            if not isinstance(exc, dist.DistError) and not _raised_in_collective(exc):
+                raise
+            raise peer_lost(self.state, exc) from None
 
     def seed(self, seed: int | None) -> int:
         """Rank 0's seed (a fresh one when ``seed`` is None), the same on every rank."""
@@ -61,8 +81,17 @@ class ParallelRun:
         others read); while an error propagates, leave at once: the other ranks may be inside a
         collective this rank will never join, and torchrun stops them when this rank exits."""
         if self.state.distributed and dist.is_initialized() and sys.exc_info()[0] is None:
-            dist.barrier()
+            with self.guard():
+                dist.barrier(group=self.state.group)  # the step timeout: every rank has finished
         shutdown(self.state)
+
+
+def _raised_in_collective(exc: BaseException) -> bool:
+    """Whether the innermost frame of the traceback is torch.distributed's (a failed collective)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}torch{os.sep}distributed{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def start_parallel(
@@ -72,6 +101,7 @@ def start_parallel(
     *,
     config: MixtralConfig | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    step_timeout_s: float = STEP_TIMEOUT_S,
 ) -> ParallelRun | None:
     """Join torchrun's group for ``--tp`` / ``--ep``; None for a plain single-process run.
 
@@ -87,7 +117,7 @@ def start_parallel(
         raise ParallelError(f"--device {device}: with --tp/--ep each rank uses its own GPU, pass --device cuda")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    state = init_parallel(tp, ep, device, timeout_s=timeout_s)
+    state = init_parallel(tp, ep, device, timeout_s=timeout_s, step_timeout_s=step_timeout_s)
     if not state.is_main:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # lives as long as the process
     return ParallelRun(state)

@@ -28,18 +28,26 @@ from .tensor import check_tensor_parallel, head_split, tensor_parallel_slices
 _KNOWN = re.compile(
     r"(?:(tok_embeddings|norm|output)\.weight"
     r"|layers\.\d+\.(attention_norm|ffn_norm|feed_forward\.gate)\.weight"
-    r"|layers\.\d+\.attention\.w[qkvo]\.weight|layers\.\d+\.feed_forward\.w[123])\Z"
+    r"|layers\.\d+\.attention\.w[qkvo]\.weight|layers\.\d+\.feed_forward\.w[123]"
+    r"|layers\.\d+\.attention\.[qk]_norm\.weight)\Z"  # per-head q/k norms: replicated
 )
 
 
 def check_parallel(config: MixtralConfig, tp: int, ep: int) -> None:
     """Every size check, before any rank joins a group or reads a file."""
     moe = config.moe
-    if tp * ep > 1 and (moe.kind != "topk" or moe.n_shared_experts or moe.first_k_dense):
+    dense = [i for i in range(config.num_hidden_layers) if config.is_dense_layer(i)]
+    if tp * ep > 1 and (moe.kind != "topk" or moe.n_shared_experts or dense):
         raise ParallelError(
             f"--tp {tp} --ep {ep}: parallel runs support top-k routed experts (moe.kind 'topk', no shared "
             f"experts or dense layers), got kind {moe.kind!r}, n_shared_experts {moe.n_shared_experts}, "
-            f"first_k_dense {moe.first_k_dense}"
+            f"dense layers {dense}"
+        )
+    a = config.attention
+    if tp * ep > 1 and (a.latent or a.qkv_bias or a.qk_norm == "full" or a.clip_qkv is not None):
+        raise ParallelError(
+            f"--tp {tp} --ep {ep}: parallel runs support grouped-query attention with per-head q/k norms at "
+            f"most; this {config.family} model has latent attention, q/k/v biases or a whole-projection q/k norm"
         )
     check_tensor_parallel(config, tp)
     check_expert_parallel(config, ep)

@@ -32,7 +32,7 @@ import torch
 
 from ..config import MixtralConfig, read_json
 from ..errors import UserError
-from .keymap import hf_items, map_key_chunks
+from .keymap import hf_items, layout_of, map_key_chunks
 
 # safetensors dtype names -> torch dtypes.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -473,7 +473,7 @@ def match_tensors(ckpt: Checkpoint, expected: dict[str, torch.Tensor], aliases: 
     Problems are collected, not raised, so ``info`` can list them all; the loader raises them.
     """
     config = ckpt.config
-    layout = "mistral" if ckpt.layout == "mistral" else "hf"
+    layout = "mistral" if ckpt.layout == "mistral" else layout_of(config.family)
     own_names = ckpt.model_type == "mixtral_lite"
     rope = {"attention.wq.weight": config.num_attention_heads, "attention.wk.weight": config.num_key_value_heads}
     copies: list[Copy] = []
@@ -563,6 +563,9 @@ def _file_keys(name: str, t: torch.Tensor, experts: list[int] | None) -> list[st
 def _naming(key: str, layout: str) -> str:
     if layout == "mistral":
         return "Mistral original"
+    if layout != "hf":
+        fused = ".mlp.experts.gate_up_proj" in key or key.endswith(".mlp.experts.down_proj")
+        return f"{layout} (Hugging Face{', transformers 5.x fused experts' if fused else ''})"
     if ".mlp." in key:
         return "transformers 5.x fused experts"
     return "Hugging Face hub"

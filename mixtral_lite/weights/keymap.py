@@ -69,13 +69,92 @@ MISTRAL_TABLE: list[tuple[str, str]] = [
     (r"layers\.(?P<L>\d+)\.feed_forward\.experts\.(?P<E>\d+)\.(?P<P>w[123])\.weight", "layers.{L}.feed_forward.{P}"),
 ]
 
-_HF = [(re.compile(p + r"\Z"), t) for p, t in HF_TABLE]
-_MISTRAL = [(re.compile(p + r"\Z"), t) for p, t in MISTRAL_TABLE]
+
+# ---- the other families' Hugging Face layouts ---------------------------------------------------
+# Each table is built from the pieces its family has; {E} is an expert of the hub's per-expert
+# keys, and the fused transformers 5.x keys (``mlp.experts.gate_up_proj``) go through FUSED_TABLE.
+
+
+def _layer_rows(*rows: tuple[str, str]) -> list[tuple[str, str]]:
+    return [(r"model\.layers\.(?P<L>\d+)\." + p, "layers.{L}." + t) for p, t in rows]
+
+
+_TOP = HF_TABLE[:3]  # embeddings, final norm, lm_head
+_NORMS = _layer_rows(
+    (r"input_layernorm\.weight", "attention_norm.weight"),
+    (r"post_attention_layernorm\.weight", "ffn_norm.weight"),
+)
+_GQA = _layer_rows(*[(rf"self_attn\.{p}_proj\.weight", f"attention.w{p}.weight") for p in "qkvo"])
+_QK_NORM = _layer_rows(
+    (r"self_attn\.q_norm\.weight", "attention.q_norm.weight"),
+    (r"self_attn\.k_norm\.weight", "attention.k_norm.weight"),
+)
+_QKV_BIAS = _layer_rows(*[(rf"self_attn\.{p}_proj\.bias", f"attention.w{p}.bias") for p in "qkv"])
+_EXPERTS = _layer_rows(
+    (r"mlp\.gate\.weight", "feed_forward.gate.weight"),
+    (r"mlp\.experts\.(?P<E>\d+)\.gate_proj\.weight", "feed_forward.w1"),
+    (r"mlp\.experts\.(?P<E>\d+)\.up_proj\.weight", "feed_forward.w3"),
+    (r"mlp\.experts\.(?P<E>\d+)\.down_proj\.weight", "feed_forward.w2"),
+    (r"mlp\.experts\.down_proj", "feed_forward.w2"),  # transformers 5.x in memory, [E, D, I]
+)
+_DENSE = _layer_rows(
+    (r"mlp\.gate_proj\.weight", "feed_forward.w1.weight"),
+    (r"mlp\.up_proj\.weight", "feed_forward.w3.weight"),
+    (r"mlp\.down_proj\.weight", "feed_forward.w2.weight"),
+)
+
+
+def _shared(module: str) -> list[tuple[str, str]]:
+    return _layer_rows(
+        (rf"mlp\.{module}\.gate_proj\.weight", "feed_forward.shared.w1.weight"),
+        (rf"mlp\.{module}\.up_proj\.weight", "feed_forward.shared.w3.weight"),
+        (rf"mlp\.{module}\.down_proj\.weight", "feed_forward.shared.w2.weight"),
+    )
+
+
+_MLA = _layer_rows(
+    (r"self_attn\.q_proj\.weight", "attention.wq.weight"),
+    (r"self_attn\.q_a_proj\.weight", "attention.wq_a.weight"),
+    (r"self_attn\.q_a_layernorm\.weight", "attention.q_norm.weight"),
+    (r"self_attn\.q_b_proj\.weight", "attention.wq_b.weight"),
+    (r"self_attn\.kv_a_proj_with_mqa\.weight", "attention.wkv_a.weight"),
+    (r"self_attn\.kv_a_layernorm\.weight", "attention.kv_norm.weight"),
+    (r"self_attn\.kv_b_proj\.weight", "attention.wkv_b.weight"),
+    (r"self_attn\.o_proj\.weight", "attention.wo.weight"),
+)
+
+OLMOE_TABLE = _TOP + _NORMS + _GQA + _QK_NORM + _EXPERTS
+QWEN3_MOE_TABLE = _TOP + _NORMS + _GQA + _QK_NORM + _EXPERTS + _DENSE
+QWEN2_MOE_TABLE = (
+    _TOP + _NORMS + _GQA + _QKV_BIAS + _EXPERTS + _DENSE + _shared("shared_expert")
+    + _layer_rows((r"mlp\.shared_expert_gate\.weight", "feed_forward.shared_gate.weight"))
+)  # fmt: skip
+DEEPSEEK_V2_TABLE = _TOP + _NORMS + _MLA + _EXPERTS + _DENSE + _shared("shared_experts")
+DEEPSEEK_V3_TABLE = DEEPSEEK_V2_TABLE + _layer_rows(
+    (r"mlp\.gate\.e_score_correction_bias", "feed_forward.expert_bias")  # selection-only bias
+)
+
+# layout -> table: "hf" is Mixtral's hub layout, "mistral" the original one, the rest by family.
+TABLES: dict[str, list[tuple[str, str]]] = {
+    "hf": HF_TABLE,
+    "mistral": MISTRAL_TABLE,
+    "olmoe": OLMOE_TABLE,
+    "qwen2_moe": QWEN2_MOE_TABLE,
+    "qwen3_moe": QWEN3_MOE_TABLE,
+    "deepseek_v2": DEEPSEEK_V2_TABLE,
+    "deepseek_v3": DEEPSEEK_V3_TABLE,
+}
+_COMPILED = {name: [(re.compile(p + r"\Z"), t) for p, t in table] for name, table in TABLES.items()}
+
+
+def layout_of(family: str) -> str:
+    """The key table of a Hugging Face checkpoint of ``family``."""
+    return "hf" if family == "mixtral" else family
 
 
 def map_key(key: str, layout: str = "hf") -> Target | None:
-    """Our target for a file key, or None when the key is not part of a Mixtral checkpoint."""
-    for pattern, template in _HF if layout == "hf" else _MISTRAL:
+    """Our target for a file key, or None when the key is not part of a checkpoint of ``layout``."""
+    for pattern, template in _COMPILED[layout]:
         m = pattern.match(key)
         if m:
             groups = m.groupdict()
@@ -99,7 +178,7 @@ def map_key_chunks(key: str, layout: str = "hf") -> list[Chunk] | None:
     target = map_key(key, layout)
     if target is not None:
         return [Chunk(target, 0, 0, 1)]
-    if layout != "hf":
+    if layout == "mistral":
         return None
     for pattern, dim, templates in _FUSED:
         m = pattern.match(key)

@@ -65,9 +65,11 @@ def save_pretrained(
         items = list(tensors.items())
     else:
         try:
+            if config.family != "mixtral":  # another family: written as our own variant, names as they are
+                raise KeyError(config.family)
             items = list(hf_items(tensors))
         except KeyError:  # a variant parameter without a hub name: keep our own names (model_type mixtral_lite)
-            if config.moe.is_plain_mixtral:
+            if config.is_plain_mixtral:
                 raise
             items = list(tensors.items())
     items = [(k, t.detach()) for k, t in items]
