@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "params": ("params", "count total and active parameters of a model"),
     "info": ("info", "describe a checkpoint folder without loading the weights"),
     "bench": ("bench", "benchmark against transformers on the same weights"),
+    "eval": ("eval", "perplexity of a text file, and KL divergence against a reference model"),
     "train": ("train", "train a model (any MoE variant) on a text file"),
     "train-tokenizer": ("train_tokenizer", "train a SentencePiece tokenizer on a text file"),
 }
@@ -103,6 +104,10 @@ def _main(argv: list[str] | None) -> int:
         return 2
     except RunError as exc:
         print(f"mixtral-lite {args.command}: error: {exc}", file=sys.stderr)
+        if exc.exit_now:  # a broken process group's threads abort in their destructors at exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except OSError as exc:
         if isinstance(exc, BrokenPipeError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO):

@@ -1,7 +1,9 @@
 """Model configuration: a typed dataclass with explicit constructors.
 
 Field names follow the Hugging Face ``config.json`` of Mixtral, so a user who knows the hub file
-knows this class. The MoE section is nested (``MoEConfig``) so routing variants live in one place.
+knows this class. The MoE section is nested (``MoEConfig``) so routing variants live in one place;
+the other checkpoint families (``families.py``) add an ``attention`` section (q/k norms, biases,
+latent attention) and ``rope_scaling`` (YaRN), each off by default.
 """
 
 from __future__ import annotations

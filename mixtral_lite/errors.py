@@ -33,4 +33,9 @@ class ConfigError(UserError):
 
 class RunError(RuntimeError):
     """A run that failed for a reason outside the user's input (a torchrun peer that died or stopped
-    answering). The CLI prints it as one line and exits with 1."""
+    answering). The CLI prints it as one line and exits with 1 (``exit_now``: at once, without the
+    interpreter's teardown)."""
+
+    def __init__(self, message: str, *, exit_now: bool = False) -> None:
+        super().__init__(message)
+        self.exit_now = exit_now

@@ -33,9 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mixtral_lite import Mixtral, MixtralConfig  # noqa: E402
-from mixtral_lite.model.quant import quantize_model  # noqa: E402
-from mixtral_lite.weights.checkpoint import DTYPE_NAMES, INDEX_FILE, QUANTIZATION_KEY  # noqa: E402
+from mixtral_lite.model.quant import DEFAULT_GROUP_SIZE, quantize_model  # noqa: E402
+from mixtral_lite.weights.checkpoint import DTYPE_NAMES, INDEX_FILE  # noqa: E402
 from mixtral_lite.weights.loading import model_tensors  # noqa: E402
+from mixtral_lite.weights.quantized import QuantizationConfig  # noqa: E402
 
 CHUNK = 1 << 26  # bytes generated and written at a time
 LAYERS_PER_SHARD = 2
@@ -134,7 +135,7 @@ def write_checkpoint(folder: Path, layers: int) -> float:
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     data = {**config.to_hf_dict(), "model_type": "mixtral_lite", "architectures": ["MixtralLiteForCausalLM"]}
     data.update({"torch_dtype": "bfloat16", "dtype": "bfloat16"})
-    data[QUANTIZATION_KEY] = {"mode": "int8", "include_output": True}
+    data["quantization_config"] = QuantizationConfig("int8", DEFAULT_GROUP_SIZE, include_output=True).to_json()
     (folder / "config.json").write_text(json.dumps(data, indent=2) + "\n")
     return time.perf_counter() - start
 

@@ -96,3 +96,25 @@ def test_templates_are_sandboxed_and_errors_are_user_errors(tmp_path):
     missing = tmp_path / "none.jinja"
     with pytest.raises(UserError, match="cannot read"):
         ChatTemplate.from_file(missing)
+
+
+@pytest.mark.parametrize("post", ["byte-level", "bos-template"])
+def test_plain_prompts_encode_as_tokenizers_does(tmp_path, post):
+    """A tokenizer.json with a post-processor (Qwen's byte-level one adds nothing; DeepSeek's
+    template adds bos): prompts encode to transformers' ids, special tokens included."""
+    from tokenizers import Tokenizer, processors
+
+    write_tokenizer(tmp_path, CHATML, bos_token="<|endoftext|>")
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    if post == "byte-level":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.token_to_id("<|endoftext|>"))]
+        )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
+    text = "Experts route tokens; a latent holds the keys."
+    expected = _hf_tokenizer(tmp_path)(text)["input_ids"]
+    assert load_tokenizer(tmp_path).encode(text) == expected
+    assert (expected[0] == 0) == (post == "bos-template")

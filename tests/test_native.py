@@ -50,6 +50,20 @@ def test_native_linear_equals_linear(rows: int, out_in: tuple[int, int], dtype: 
         _bf16_close(y, ref)
 
 
+@pytest.mark.parametrize("out_in", [(96, 64), (33, 100), (300, 1000), (40, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_equals_the_same_row_among_two_bit_for_bit(out_in: tuple[int, int], dtype: torch.dtype) -> None:
+    """One activation row takes its own loop (with AVX-512 BF16: sums of 16 outputs, then one vector
+    epilogue); each output's sum is still the one the two-row loop computes (the same operations in
+    the same order), so the bits are equal, tails (outputs past a multiple of 16, inputs past one
+    of 32) included."""
+    o, i = out_in
+    x, w = _rand(2, i, dtype=dtype), _rand(o, i, seed=1, dtype=dtype)
+    two = native.native_linear(x, w)
+    assert torch.equal(native.native_linear(x[:1], w), two[:1])
+    assert torch.equal(native.native_linear(x[1:], w), two[1:])
+
+
 def test_native_linear_shapes_and_views() -> None:
     """3-D activations, a weight that is a view into a stacked tensor (an expert), 1 and 2 threads:
     the same numbers (each output's sum does not depend on how the outputs are split)."""

@@ -197,7 +197,7 @@ def test_help_shows_defaults_and_choices(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     assert "--max-new-tokens MAX_NEW_TOKENS tokens to generate at most (default: 128)" in out
     assert "--dtype {float32,bfloat16,float16}" in out
-    assert "--quantize {int8}" in out
+    assert "--quantize {int8,int4,int4-hqq,int4-mixed}" in out
     assert "(default: None)" not in out and "(default: False)" not in out
 
 

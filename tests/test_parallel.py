@@ -424,7 +424,7 @@ def test_a_peer_that_stops_or_dies_mid_generation_ends_the_job_in_seconds(gen_fo
     err = err.decode()
     assert procs[0].returncode == 1, err
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and "building the CPU kernel" not in line]
     assert len(lines) == 1, err
     want = "a peer rank stopped answering" if how == "stopped" else "lost a peer rank"
     assert lines[0].startswith(f"mixtral-lite generate: error: rank 0: {want} during generation"), err

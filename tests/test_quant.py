@@ -187,7 +187,7 @@ def test_quantised_decode_matches_full_forward(folder, kernel: bool, monkeypatch
 
 def test_quantize_errors(folder) -> None:
     with pytest.raises(UserError, match="expected one of int8"):
-        load_model(folder, dtype=torch.float32, quantize="int4", progress=False)
+        load_model(folder, dtype=torch.float32, quantize="int3", progress=False)
     model = load_model(folder, dtype=torch.float32, quantize="int8", progress=False)
     with pytest.raises(UserError, match="already"):
         quantize_model(model)

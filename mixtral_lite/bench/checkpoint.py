@@ -62,17 +62,23 @@ def make_checkpoint(folder: Path, config: MixtralConfig, *, seed: int, std: floa
     return folder
 
 
-def _make_checkpoint_ours(folder: Path, config: MixtralConfig, *, seed: int, std: float) -> Path:
-    """``make_checkpoint``'s recipe on our ``Mixtral`` (other random draws, the same statistics)."""
+def _make_checkpoint_ours(
+    folder: Path, config: MixtralConfig, *, seed: int, std: float, dtype: torch.dtype = torch.float32
+) -> Path:
+    """``make_checkpoint``'s recipe on our ``Mixtral`` (other random draws, the same statistics),
+    the weights made in ``dtype`` from the start (built on the meta device, then allocated)."""
     from ..model.mixtral import Mixtral
     from ..weights.saving import save_pretrained
 
-    recipe = {"config": config.to_hf_dict(), "seed": seed, "std": std, "kind": "peaked-successor-ours"}
+    kind = "peaked-successor-ours" + ("" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}")
+    recipe = {"config": config.to_hf_dict(), "seed": seed, "std": std, "kind": kind}
     meta = folder / "bench_recipe.json"
     if meta.exists() and json.loads(meta.read_text()) == recipe:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    model = Mixtral(config).eval()
+    with torch.device("meta"):
+        model = Mixtral(config)
+    model = model.to(dtype).to_empty(device="cpu").eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -90,6 +96,14 @@ def _make_checkpoint_ours(folder: Path, config: MixtralConfig, *, seed: int, std
     save_pretrained(model, folder)
     meta.write_text(json.dumps(recipe))
     return folder
+
+
+def make_checkpoint_direct(folder: Path, config: MixtralConfig, *, seed: int, std: float, dtype: torch.dtype) -> Path:
+    """``make_checkpoint``'s recipe with the weights drawn in ``dtype`` (bfloat16) from the start,
+    never as float32: for shapes (8x7B-sized layers) whose float32 copy would not fit in memory.
+    Written by our ``save_pretrained`` in the hub layout, which transformers and llama.cpp's
+    converter read (reused when one with the same recipe exists)."""
+    return _make_checkpoint_ours(folder, config, seed=seed, std=std, dtype=dtype)
 
 
 def warm_page_cache(folder: Path) -> None:

@@ -36,7 +36,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--device-map", help="split layers across devices: 'auto' or '0-15=cuda:0,16-31=cuda:1'")
-    p.add_argument("--quantize", choices=["int8"], help="quantize the weights after loading")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4", "int4-hqq", "int4-mixed"],
+        help="quantize the weights while loading (int4-mixed: attention int8, experts int4)",
+    )
+    p.add_argument("--group-size", type=int, help="inputs per scale of int4 weights (default 64)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice, one per core)")
     p.add_argument(
         "--experts-on",
@@ -149,6 +154,9 @@ def model_folder(args: argparse.Namespace) -> Path:
         if not (BUNDLED / "config.json").is_file():
             raise UserError(f"no --model given and the bundled model is missing ({BUNDLED}); pass --model DIR")
         return BUNDLED
+    folder = Path(args.model)
+    if folder.suffix == ".gguf" and folder.is_file():  # llama.cpp's single-file format
+        return folder
     from ..weights.hub_cache import resolve_model
 
     return resolve_model(args.model)
@@ -175,6 +183,7 @@ def load(args: argparse.Namespace, folder: Path):
         experts_on=args.experts_on,
         n_cpu_moe=args.n_cpu_moe,
         expert_cache=args.expert_cache,
+        group_size=getattr(args, "group_size", None),
     )
     if getattr(args, "verbose", False):
         print(cpu_kernels_status(model), file=sys.stderr)

@@ -30,16 +30,72 @@ HELP = "describe a checkpoint folder without loading the weights"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a checkpoint folder (Hugging Face or original Mistral layout)")
+    p.add_argument(
+        "--model", required=True, help="a checkpoint folder (Hugging Face or original Mistral layout) or a GGUF file"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..weights.gguf import is_gguf
     from ..weights.hub_cache import resolve_model
 
+    if is_gguf(args.model):
+        report = describe_gguf_file(args.model)
+        print(json.dumps(report, indent=2) if args.json else format_gguf_report(report))
+        return 1 if report["problems"] else 0
     report = describe(resolve_model(args.model))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 1 if report["problems"] else 0
+
+
+def describe_gguf_file(path: str | Path) -> dict[str, Any]:
+    """``info`` for a GGUF file: its metadata, tensor types, the model they describe, problems."""
+    from ..weights.gguf import describe_gguf
+
+    r = describe_gguf(path)
+    config = r.pop("config")
+    counts = count_parameters(config)
+    r["config"] = {
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "experts": config.num_experts,
+        "experts_per_token": config.num_experts_per_tok,
+        "vocab_size": config.vocab_size,
+        "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }
+    r["parameters"] = {"total": counts.total, "active_per_token": counts.active}
+    return r
+
+
+def format_gguf_report(r: dict[str, Any]) -> str:
+    c, p = r["config"], r["parameters"]
+    types = ", ".join(f"{k} ({v})" for k, v in r["tensor_types"].items()) or "-"
+    lines = [
+        f"file:        {r['file']}",
+        f"layout:      {r['layout']}, architecture {r['architecture']}, name {r['name'] or '-'}",
+        f"tensors:     {r['tensors']:,}, types: {types}",
+        f"total bytes: {r['total_bytes']:,} ({_size(r['total_bytes'])})",
+        f"model:       {c['layers']} layers, hidden {c['hidden_size']}, {c['heads']} heads / {c['kv_heads']} kv heads "
+        f"(head_dim {c['head_dim']}), {c['experts']} experts of {c['intermediate_size']}, "
+        f"top-{c['experts_per_token']}, vocab {c['vocab_size']}",
+        f"             rope_theta {c['rope_theta']:g}, max positions {c['max_position_embeddings']}, "
+        f"tied embeddings {c['tie_word_embeddings']}",
+        f"parameters:  {p['total']:,} total ({_count(p['total'])}), {p['active_per_token']:,} active per token",
+        f"tokenizer:   {r['tokenizer'] or 'none in the metadata'}",
+    ]
+    if r["problems"]:
+        lines.append(f"problems:    {len(r['problems'])}")
+        lines += [f"  - {msg}" for msg in r["problems"]]
+    else:
+        lines.append("problems:    none (the file loads)")
+    return "\n".join(lines)
 
 
 def describe(path: str | Path) -> dict[str, Any]:

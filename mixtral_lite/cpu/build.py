@@ -20,7 +20,9 @@ import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / f for f in ("products.c", "decode.c", "layer.c", "attention.c"))  # all include kernel.h
+SOURCES = tuple(
+    CSRC / f for f in ("products.c", "decode.c", "layer.c", "attention.c", "int4.c")
+)  # all include kernel.h
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -155,6 +157,13 @@ def load() -> ctypes.CDLL | None:
         ro = lib.few_rows_route
         ro.restype = ctypes.c_int
         ro.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 2
+        i4 = lib.few_rows_int4
+        i4.restype = ctypes.c_int
+        i4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4 + [ctypes.c_int] * 2
+        e4 = lib.few_rows_experts_int4
+        e4.restype = ctypes.c_int
+        e4.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        e4.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_int] * 2
         ly = lib.few_rows_layer  # its first argument: a ctypes.byref of native_layer's struct
         ly.restype = ctypes.c_int
         ly.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 3 + [ctypes.c_int]

@@ -5,6 +5,8 @@ accelerated version (``modules.ACCELERATED``) and whose own weights are on the C
 it; everything else is left as it is and counted with the reason. The float32 weight matrices are
 laid out for the products that will run them (``layout.py``): row-major for the C kernel, column-
 major for PyTorch's matrix-vector product when the kernel cannot be built here.
+Large weights then move onto 2 MiB pages (``hugepages.py``): decoding streams them, and fewer pages
+mean fewer TLB misses.
 
 What may change afterwards, and what happens then:
 - a weight replaced, moved or converted (``.to()``, a new ``Parameter``, ``.data =``): caught. The
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import build
+from .hugepages import place_on_huge_pages
 from .layer import StepInputs
 from .layout import cpu_layout
 from .modules import ACCELERATED, REFERENCE, CpuBlock
@@ -37,6 +40,7 @@ class CpuKernels:
     installed: dict[str, int] = field(default_factory=dict)  # reference class name -> modules swapped
     skipped: dict[str, int] = field(default_factory=dict)  # "Class (reason)" -> modules left as they are
     layout: str = ""
+    huge_pages: str = ""  # what place_on_huge_pages moved
 
     def install(self, model: nn.Module) -> CpuKernels:
         """Install again (for a model whose modules changed); the model's new report."""
@@ -55,6 +59,8 @@ class CpuKernels:
             parts.append("left as they are " + ", ".join(f"{n} {c}" for c, n in self.skipped.items()))
         if self.layout:
             parts.append(self.layout)
+        if self.huge_pages:
+            parts.append(self.huge_pages)
         return "CPU kernels: " + "; ".join(parts)
 
 
@@ -86,7 +92,9 @@ def install_cpu_kernels(model: nn.Module) -> CpuKernels:
             skipped[f"one-call layer ({m.declined()})"] += 1
     cpu_layout(model, kernel=kernel)
     layout = "float32 matrices row-major" if kernel else "float32 matrices column-major (PyTorch's matrix-vector)"
-    report = CpuKernels(build.status(), dict(installed), dict(skipped), layout)
+    moved, nbytes = place_on_huge_pages(model) if installed else (0, 0)
+    huge = f"{moved} weights ({nbytes / 2**20:.0f} MiB) on 2 MiB pages" if moved else ""
+    report = CpuKernels(build.status(), dict(installed), dict(skipped), layout, huge)
     model.cpu_kernels = report
     return report
 

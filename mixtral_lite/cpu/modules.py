@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..model.cache import KVCache
 from ..model.mixtral import Attention, Block, Linear, Mixtral, RMSNorm, SparseMoE
 from ..model.quant import Int8Linear, Int8MoE
+from ..model.quant4 import Int4Linear, Int4MoE
 from .gemv import experts_pair, split_parts
 from .layer import LayerPlan, LayerWeights, StepInputs, weights_key
 from .native import (
@@ -31,7 +32,8 @@ from .native import (
     use_native_prefill_attention,
     use_native_rmsnorm,
 )
-from .products import linear, linear_int8, swiglu, swiglu_int8
+from .native4 import native_experts_int4, use_native_experts_int4
+from .products import linear, linear_int4, linear_int8, swiglu, swiglu_int4, swiglu_int8
 
 # Reduced-precision attention runs in float32 on a CPU: PyTorch's float32 kernel is faster there
 # even with bfloat16 units (docs/performance.md).
@@ -46,6 +48,11 @@ class CpuLinear(Linear):
 class CpuInt8Linear(Int8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear_int8(x, self.weight, self.scale)
+
+
+class CpuInt4Linear(Int4Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_int4(x, self.weight, self.scale, self.offset)
 
 
 class CpuRMSNorm(RMSNorm):
@@ -122,6 +129,18 @@ class CpuInt8MoE(Int8MoE):
         return swiglu_int8(x, (self.w1[e], self.w2[e], self.w3[e]), (s1[e], s2[e], s3[e]))
 
 
+class CpuInt4MoE(Int4MoE):
+    def experts(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.dispatch == "auto":
+            parts = tuple(self.parts(n) for n in ("w1", "w2", "w3"))
+            if use_native_experts_int4(x, parts, idx):  # decoding: every chosen expert in one call
+                return native_experts_int4(x, parts, idx, weights)
+        return super().experts(x, idx, weights)
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return swiglu_int4(x, tuple((q[e], s[e], b[e]) for q, s, b in map(self.parts, ("w1", "w2", "w3"))))
+
+
 class CpuBlock(Block):
     """Decoding runs the whole layer as one kernel call (``layer.LayerPlan``), or its attention half
     as one call; the plan is built at the first step and rebuilt when any weight is replaced, moved
@@ -187,7 +206,7 @@ class CpuBlock(Block):
         """The weights the one-call layer reads, or None where a part is not the plain Mixtral one
         (other routers, shared experts, parallelism, recorded routing, another dispatch)."""
         att, ff, an, fn = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
-        if type(ff) not in (CpuSparseMoE, CpuInt8MoE):  # a dense FFN, or experts living elsewhere
+        if type(ff) not in (CpuSparseMoE, CpuInt8MoE):  # a dense FFN, int4, or experts living elsewhere
             return None
         if self.declined() is not None or ff.record_routing or ff.dispatch != "auto":
             return None
@@ -262,6 +281,8 @@ ACCELERATED = {
     Attention: CpuAttention,
     SparseMoE: CpuSparseMoE,
     Int8MoE: CpuInt8MoE,
+    Int4Linear: CpuInt4Linear,
+    Int4MoE: CpuInt4MoE,
     Block: CpuBlock,
     Mixtral: CpuMixtral,
 }

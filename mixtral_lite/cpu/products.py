@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..model.quant4 import dequantize4
 from .gemv import split_linear, split_parts
 from .native import (
     native_int8,
@@ -24,6 +25,7 @@ from .native import (
     use_native_swiglu,
     use_native_swiglu_int8,
 )
+from .native4 import native_int4, use_native_int4
 from .onednn import onednn_linear, use_onednn
 
 
@@ -45,6 +47,9 @@ UPCAST_MIN_ROWS = 4
 # of PyTorch's int8 kernel grows with the rows.
 INT8_UPCAST_MIN_ROWS = 32
 HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
+# PyTorch's CPU ``_weight_int8pack_mm`` reads the inner dimension in blocks of 16: other widths
+# crash the process (measured: 8, 24, 40 segfault; 16, 32, 48 run). Such products dequantise.
+INT8_MM_INNER_MULTIPLE = 16
 _FAST_ACT = (torch.bfloat16, torch.float16)
 
 
@@ -71,7 +76,7 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     """
     if use_native_int8(x, q, scale):  # decoding: the C kernel
         return native_int8(x, q, scale)
-    if not HAS_INT8_MM or not q.is_contiguous():
+    if not HAS_INT8_MM or not q.is_contiguous() or q.shape[-1] % INT8_MM_INNER_MULTIPLE:
         return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     rows = x.numel() // x.shape[-1]
     if rows < INT8_UPCAST_MIN_ROWS and x.dtype == scale.dtype and x.dtype in _FAST_ACT and x.is_contiguous():
@@ -90,6 +95,23 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return y.to(x.dtype).view(*shape[:-1], q.shape[0])
 
 
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x [..., I] @ w.T for int4 weights: a few rows through the C kernel (codes unpacked in
+    registers); more rows dequantise the weight once and multiply like ``linear`` (in float32
+    where bfloat16 has no matrix units)."""
+    if use_native_int4(x, packed, scale, offset):
+        return native_int4(x, packed, scale, offset)
+    units = x.dtype in _FAST_ACT and x.dtype not in UPCAST_ON_CPU
+    w = dequantize4(packed, scale, offset).to(x.dtype if units else torch.float32)
+    return linear(x.to(w.dtype), w).to(x.dtype)
+
+
+def swiglu_int4(x: torch.Tensor, parts: tuple) -> torch.Tensor:
+    """One int4 expert (``parts``: w1, w2, w3 as (codes, scale, offset))."""
+    p1, p2, p3 = parts
+    return linear_int4(F.silu(linear_int4(x, *p1)) * linear_int4(x, *p3), *p2)
+
+
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """``experts.swiglu``: one kernel call for a few rows, else three fast products."""
     if use_native_swiglu(x, w1, w2, w3):
@@ -105,4 +127,14 @@ def swiglu_int8(x: torch.Tensor, qs: tuple[torch.Tensor, ...], ss: tuple[torch.T
     return linear_int8(F.silu(linear_int8(x, q1, s1)) * linear_int8(x, q3, s3), q2, s2)
 
 
-__all__ = ["HAS_INT8_MM", "UPCAST_ON_CPU", "has_matrix_units", "linear", "linear_int8", "swiglu", "swiglu_int8"]
+__all__ = [
+    "HAS_INT8_MM",
+    "UPCAST_ON_CPU",
+    "has_matrix_units",
+    "linear",
+    "linear_int4",
+    "linear_int8",
+    "swiglu",
+    "swiglu_int4",
+    "swiglu_int8",
+]

@@ -121,6 +121,11 @@ def _environment():
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
+        raise UserError(
+            f"chat templates need jinja2>=3.1.6 (older versions have sandbox escapes), got {jinja2.__version__}"
+        )
+
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 

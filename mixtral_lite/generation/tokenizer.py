@@ -18,6 +18,7 @@ import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from ..validate import check_text
@@ -134,12 +135,17 @@ def split_conversation(messages: Sequence[Mapping[str, str]]) -> tuple[str | Non
 
 
 class SentencePieceTokenizer(Tokenizer):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, proto: bytes | None = None) -> None:
+        """From a ``tokenizer.model`` file, or from its serialised ``proto`` (``path`` then names
+        where it came from: a GGUF file's metadata)."""
         import sentencepiece as spm
 
         self.path = Path(path)
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+            if proto is not None:
+                self.sp = spm.SentencePieceProcessor(model_proto=proto)
+            else:
+                self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (OSError, RuntimeError) as exc:
             raise UserError(f"{path}: not a readable SentencePiece model ({exc})") from None
         self.vocab_size = self.sp.get_piece_size()
@@ -181,8 +187,17 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         names = _special_token_names(self.path.parent / "tokenizer_config.json")
         self.bos_id = self.tok.token_to_id(names.get("bos_token") or "<s>")
+        if names.get("add_bos_token") is False:  # e.g. OLMoE: prompts start without one
+            self.bos_id = None
         self.eos_id = self.tok.token_to_id(names.get("eos_token") or "</s>")
         self._special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """With a post-processor in tokenizer.json (Qwen's, DeepSeek's) the special tokens are
+        the ones it adds, exactly as ``tokenizers`` encodes; without one, bos as the base class."""
+        if bos and self.tok.post_processor is not None:
+            return self.tok.encode(check_text(text, "prompt"), add_special_tokens=True).ids
+        return super().encode(text, bos)
 
     def _encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -204,14 +219,20 @@ class HFTokenizer(Tokenizer):
         return self.tok.token_to_id(piece)
 
 
-def _special_token_names(config_path: Path) -> dict[str, str]:
+def _special_token_names(config_path: Path) -> dict[str, Any]:
+    """The named special tokens of a ``tokenizer_config.json``, and its ``add_bos_token`` if set."""
     if not config_path.is_file():
         return {}
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{config_path}: not readable JSON ({exc})") from None
-    return special_tokens(config) if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        return {}
+    names: dict[str, Any] = special_tokens(config)
+    if isinstance(config.get("add_bos_token"), bool):
+        names["add_bos_token"] = config["add_bos_token"]
+    return names
 
 
 def find_tokenizer(folder: str | Path) -> Path | None:
@@ -247,9 +268,15 @@ def load_tokenizer(path: str | Path, *, chat_template: str | Path | None = None)
     ``tokenizer.json`` beside a ``tokenizer_config.json`` with a ``chat_template`` uses that one,
     unless the folder's ``config.json`` is a Mixtral's: Mixtral keeps the Mistral formats.
     """
+    if Path(path).suffix == ".gguf" and Path(path).is_file():  # the vocabulary in a GGUF file's metadata
+        from ..weights.gguf import gguf_tokenizer_proto
+
+        return SentencePieceTokenizer(Path(path), proto=gguf_tokenizer_proto(path))
     path = tokenizer_file(path)
     tok: Tokenizer = HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
-    tokens = _special_token_names(path.parent / "tokenizer_config.json")
+    tokens = {
+        k: v for k, v in _special_token_names(path.parent / "tokenizer_config.json").items() if k != "add_bos_token"
+    }
     if chat_template is not None:
         tok.chat_template = ChatTemplate.from_file(chat_template, tokens)
     elif isinstance(tok, HFTokenizer) and not _is_mixtral_folder(path.parent):

@@ -1,4 +1,6 @@
-"""Weight-only int8 quantisation of the experts and the attention projections, as module swaps.
+"""Weight-only quantisation of the experts and the attention projections, as module swaps: int8
+here, int4 in ``quant4.py``; ``quantize_model`` and its named modes (``SPECS``) decide which layer
+gets which.
 
 Each output channel (row) of a weight gets one scale: s = max|w_row| / 127 and q = round(w / s),
 so w ~ q * s with an error of at most s / 2 per weight. Activations stay in the model's dtype.
@@ -20,6 +22,8 @@ D hidden size, F expert intermediate size.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,8 +31,30 @@ from torch import nn
 from ..errors import UserError
 from .experts import StackedExperts, experts_reference
 from .mixtral import Linear, SparseMoE
+from .quant4 import Int4Linear, Int4MoE
 
-MODES = ("int8",)
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Which weights get which format: ``experts`` (and dense feed-forwards), ``attention`` (wq wk
+    wv wo) and the output head: 8 or 4 bits; int4 by ``method`` (``quant4.METHODS``)."""
+
+    experts: int
+    attention: int
+    output: int
+    method: str = "rtn"
+
+
+# The modes ``quantize_model``, ``load_model(quantize=)`` and ``--quantize`` take, by exact name.
+# The output head stays at 8 bits in the int4 modes (llama.cpp's Q4 files keep it at 6).
+SPECS = {
+    "int8": QuantSpec(experts=8, attention=8, output=8),
+    "int4": QuantSpec(experts=4, attention=4, output=8, method="rtn"),
+    "int4-hqq": QuantSpec(experts=4, attention=4, output=8, method="hqq"),
+    "int4-mixed": QuantSpec(experts=4, attention=8, output=8, method="hqq"),
+}
+MODES = tuple(SPECS)
+DEFAULT_GROUP_SIZE = 64
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (w1, w2, w3) int8 weights, or their scales
 
 
@@ -163,16 +189,20 @@ QUANTIZED_PROJECTIONS = ("wq", "wk", "wv", "wo", "wq_a", "wq_b", "wkv_a")
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool = True) -> nn.Module:
-    """Quantise ``model`` in place: every layer's expert weights and attention projections (and
-    dense / shared feed-forward layers) to int8 with per-output-channel scales, and the output
-    head too (``include_output``; not when it is tied to the embeddings): at batch 1 it is a
-    quarter of the bytes read per token. The router, norms and embeddings stay as they are.
+def quantize_model(
+    model: nn.Module, mode: str = "int8", *, include_output: bool = True, group_size: int = DEFAULT_GROUP_SIZE
+) -> nn.Module:
+    """Quantise ``model`` in place by ``mode`` (one of ``MODES``, see ``SPECS``): every layer's
+    expert weights and attention projections (and dense / shared feed-forward layers), and the
+    output head too (``include_output``; not when it is tied to the embeddings): at batch 1 it is
+    a large share of the bytes read per token. int4 weights get one scale and offset per
+    ``group_size`` inputs. The router, norms and embeddings stay as they are.
 
     A model with the CPU kernels installed (``model.cpu_kernels``) has them taken off before and
     installed again after, for the quantised modules. Returns the model.
     """
-    if mode not in MODES:
+    spec = SPECS.get(mode) if isinstance(mode, str) else None
+    if spec is None:
         raise UserError(f"quantize: expected one of {', '.join(MODES)}, got {mode!r}")
     if getattr(model, "quantized", None):
         raise UserError(f"quantize: the model is already quantised ({model.quantized})")
@@ -181,28 +211,45 @@ def quantize_model(model: nn.Module, mode: str = "int8", *, include_output: bool
             "quantize: the model's experts are offloaded; load it with quantize= and the placement together"
         )
     kernels = getattr(model, "cpu_kernels", None)
-    if kernels is not None:  # installed for the float modules: decided again for the int8 ones
+    if kernels is not None:  # installed for the float modules: decided again for the quantised ones
         kernels.uninstall(model)
     before = _tensor_bytes(model)
     scale_dtype = model.dtype
+
+    def linear(m: nn.Linear, bits: int) -> nn.Module:
+        if bits == 4:
+            return Int4Linear.from_linear(m, group_size, spec.method)
+        return Int8Linear.from_linear(m, scale_dtype)
+
     for layer in model.layers:
         att = layer.attention
         for name in QUANTIZED_PROJECTIONS:
             if type(getattr(att, name, None)) is Linear:  # biased ones (BiasLinear) stay float
-                setattr(att, name, Int8Linear.from_linear(getattr(att, name), scale_dtype))
+                setattr(att, name, linear(getattr(att, name), spec.attention))
         ff = layer.feed_forward
         if isinstance(ff, SparseMoE):
-            layer.feed_forward = ff = Int8MoE(ff, scale_dtype)
+            if spec.experts == 4:
+                layer.feed_forward = ff = Int4MoE.from_moe(ff, group_size, spec.method)
+            else:
+                layer.feed_forward = ff = Int8MoE(ff, scale_dtype)
             dense = [ff.shared] if ff.shared is not None else []
         else:
             dense = [ff]
         for mlp in dense:
             for name in ("w1", "w2", "w3"):
-                setattr(mlp, name, Int8Linear.from_linear(getattr(mlp, name), scale_dtype))
-    if include_output and not model.config.tie_word_embeddings and isinstance(model.output, Linear):
-        model.output = Int8Linear.from_linear(model.output, scale_dtype)
+                setattr(mlp, name, linear(getattr(mlp, name), spec.experts))
+    output = include_output and not model.config.tie_word_embeddings and isinstance(model.output, Linear)
+    if output:
+        model.output = linear(model.output, spec.output)
     model.quantized = mode
-    model.quantization = {"mode": mode, "bytes_before": before, "bytes_after": _tensor_bytes(model)}
+    model.quantization = {
+        "mode": mode,
+        **asdict(spec),
+        "group_size": group_size,
+        "include_output": output,
+        "bytes_before": before,
+        "bytes_after": _tensor_bytes(model),
+    }
     if kernels is not None:
         kernels.install(model)
     return model
@@ -223,12 +270,15 @@ def quantization_report(model: nn.Module) -> str:
 
 
 def _tensor_bytes(model: nn.Module) -> int:
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    tensors = {id(t) if t.is_meta else t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 __all__ = [
+    "DEFAULT_GROUP_SIZE",
     "MODES",
+    "SPECS",
+    "QuantSpec",
     "Int8Linear",
     "Int8MoE",
     "dequantize",

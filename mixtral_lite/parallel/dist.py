@@ -158,7 +158,7 @@ def peer_lost(state: ParallelState, exc: BaseException) -> RunError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     timed_out = "timed out" in first.lower() or "timeout" in first.lower()
     what = "a peer rank stopped answering" if timed_out else "lost a peer rank"
-    return RunError(f"rank {state.rank}: {what} during generation, stopping ({first[:160]})")
+    return RunError(f"rank {state.rank}: {what} during generation, stopping ({first[:160]})", exit_now=True)
 
 
 def shutdown(state: ParallelState) -> None:

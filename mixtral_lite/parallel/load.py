@@ -40,7 +40,7 @@ def load_parallel(
         config = ckpt.config
         check_parallel(config, state.tp, state.ep)
         if ckpt.quantization is not None:
-            mode = ckpt.quantization["mode"]
+            mode = ckpt.quantization.mode
             raise ParallelError(f"{ckpt.folder}: {mode} weights: --tp/--ep shard float checkpoints only")
         dtype = resolve_dtype(dtype, [device])
         plan = plan_load(ckpt)

@@ -6,7 +6,8 @@ Layouts (chosen from the files in the folder, never from its name):
 - ``hf``: ``config.json`` + ``model.safetensors``, or ``model.safetensors.index.json`` + the shards
   it names. Key names: the hub's (``block_sparse_moe.experts.N.w1``), transformers 5.x fused
   experts (``mlp.experts.gate_up_proj``), or, for ``model_type: mixtral_lite`` variant checkpoints,
-  our own parameter names (a key equal to one of our names maps to itself).
+  our own parameter names (a key equal to one of our names maps to itself). The other families
+  (OLMoE, Qwen2/3-MoE, DeepSeek-V2/V3: ``config.family``) are read with their own key table.
 - ``mistral``: ``params.json`` + ``consolidated.safetensors`` or ``consolidated.00.pth``. Original
   key names; wq/wk rows rotate interleaved pairs and are converted to our half-split RoPE layout.
 
@@ -33,6 +34,7 @@ import torch
 from ..config import MixtralConfig, read_json
 from ..errors import UserError
 from .keymap import hf_items, layout_of, map_key_chunks
+from .quantized import QuantizationConfig, read_quantization_config
 
 # safetensors dtype names -> torch dtypes.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -104,8 +106,11 @@ class Checkpoint:
     problems: list[str] = field(default_factory=list)  # file-level problems (strict=False only)
     broken: set[Path] = field(default_factory=set)  # files whose tensors were left out (strict=False)
     config_dtype: str | None = None
+    # Layers in the files past the model's: DeepSeek-V3's multi-token-prediction module
+    # (``num_nextn_predict_layers``), used for training and speculation, not for generation.
+    extra_layers: range = range(0)
     save_ids: dict[str, str | None] = field(default_factory=dict)  # file name -> save id (see ``saving``)
-    quantization: dict | None = None  # config.json ``mixtral_lite_quantization``: weights stored quantised
+    quantization: QuantizationConfig | None = None  # a quantised checkpoint's config (``quantized.py``)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
     _pth: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -234,9 +239,12 @@ def _open_hf(folder: Path, has: set[str], strict: bool) -> Checkpoint:
         files=[],
         index_file=None,
         config_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        quantization=read_quantization_config(raw.get("quantization_config"), str(config_file)),
     )
+    mtp = raw.get("num_nextn_predict_layers") or raw.get("num_mtp_layers") or 0
+    if config.family == "deepseek_v3" and isinstance(mtp, int) and mtp > 0:
+        ckpt.extra_layers = range(config.num_hidden_layers, config.num_hidden_layers + mtp)
     ckpt.save_ids["config.json"] = raw.get(SAVE_ID_KEY)
-    ckpt.quantization = _read_quantization(raw, config_file)
     if SINGLE_FILE in has:
         ckpt.files = [folder / SINGLE_FILE]
         _read_headers(ckpt, strict)
@@ -255,29 +263,6 @@ def _open_hf(folder: Path, has: set[str], strict: bool) -> Checkpoint:
         elif info is None and (folder / name) not in ckpt.broken:
             _problem(ckpt, strict, f"{ckpt.index_file}: {key} is listed in {name}, which does not hold it")
     return ckpt
-
-
-QUANTIZATION_KEY = "mixtral_lite_quantization"
-QUANTIZED_MODES = ("int8",)
-
-
-def _read_quantization(raw: dict, source: Path) -> dict | None:
-    """``{"mode": "int8", "include_output": bool}`` for a checkpoint written by ``save_pretrained``
-    from a quantised model (its own parameter names, ``model_type: mixtral_lite``), else None."""
-    q = raw.get(QUANTIZATION_KEY)
-    if q is None:
-        return None
-    if not isinstance(q, dict) or q.get("mode") not in QUANTIZED_MODES or not isinstance(q.get("include_output"), bool):
-        raise UserError(
-            f'{source}: {QUANTIZATION_KEY}: expected {{"mode": one of {list(QUANTIZED_MODES)}, "include_output": '
-            f"true|false}}, got {q!r:.120}"
-        )
-    if raw.get("model_type") != "mixtral_lite":
-        raise UserError(
-            f"{source}: {QUANTIZATION_KEY}: quantised weights need model_type 'mixtral_lite', "
-            f"got {raw.get('model_type')!r}"
-        )
-    return q
 
 
 def _open_mistral(folder: Path, has: set[str], strict: bool) -> Checkpoint:
@@ -481,7 +466,12 @@ def match_tensors(ckpt: Checkpoint, expected: dict[str, torch.Tensor], aliases: 
     unexpected: list[str] = []
     naming: dict[str, None] = {}
     filled: dict[str, dict[int | None, str]] = {}  # name -> {expert (None = whole): file key}
+    extra: list[str] = []
     for key, info in ckpt.tensors.items():
+        layer = _LAYER.match(key)
+        if layer is not None and int(layer.group(1)) in ckpt.extra_layers:
+            extra.append(key)
+            continue
         if own_names and key in expected:
             chunks = [(key, None, 0, 0, 1)]
             naming["mixtral_lite (own names)"] = None
@@ -525,9 +515,15 @@ def match_tensors(ckpt: Checkpoint, expected: dict[str, torch.Tensor], aliases: 
         missing += _file_keys(name, t, lacking) if layout == "hf" and not own_names else [name]
     if missing:
         problems.append(f"missing keys: {_some(missing)}")
+    if extra:
+        layers = f"{ckpt.extra_layers.start}-{ckpt.extra_layers.stop - 1}"
+        naming[f"multi-token-prediction layer(s) {layers}: {len(extra)} keys not read (not used to generate)"] = None
     order = {key: (str(info.file), info.offset, i) for i, (key, info) in enumerate(ckpt.tensors.items())}
     copies.sort(key=lambda c: order[c.key])
     return TensorPlan(copies, problems, list(naming))
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _check(info: TensorInfo, target: torch.Tensor, expert: int | None, dim: int, count: int, name: str) -> str | None:

@@ -1,4 +1,5 @@
-"""The one table that maps checkpoint key names to this model's parameter names.
+"""The tables that map checkpoint key names to this model's parameter names: one per layout
+(Mixtral's hub layout, the original Mistral one) and one per other family (``TABLES``).
 
 Our names follow the original Mistral checkpoints; the experts are stacked per layer
 (``feed_forward.w1`` [E, I, D]), so a per-expert file key maps to one slice of a stacked parameter.

@@ -4,11 +4,14 @@ The model is built on the meta device (no memory), every file key is matched and
 checked before a byte of weight data is read, then each tensor streams from its memory-mapped file
 straight into storage allocated once, in the final dtype, on its final device. Nothing else is
 held: peak host memory is the model in the target dtype (when it lives on the CPU) plus one tensor.
+With ``quantize`` each weight is quantised as soon as it has arrived (``quantized.py``): the peak is
+the quantised model plus one float tensor.
 """
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -19,12 +22,15 @@ from torch import nn
 from ..cpu import install_cpu_kernels
 from ..errors import UserError
 from ..model.mixtral import Mixtral
-from ..model.quant import _tensor_bytes, quantize_model
+from ..model.quant import DEFAULT_GROUP_SIZE, quantize_model
 from ..offload.install import offload_experts, resolve_placement
 from ..offload.placement import Placement, expert_tensor
 from ..offload.stores import ExpertReader
 from .checkpoint import Checkpoint, Copy, TensorPlan, match_tensors, open_checkpoint
 from .device_map import check_device, device_of, resolve_device_map
+from .gguf import is_gguf, read_gguf
+from .quantized import QuantizationConfig, Quantizer, structure
+from .quantized import quantizers as make_quantizers
 
 DTYPES = {
     "float32": torch.float32,
@@ -45,18 +51,20 @@ def load_model(
     device: str | torch.device = "cpu",
     device_map: str | list | dict | None = None,
     quantize: str | None = None,
+    group_size: int | None = None,
     progress: bool | None = None,
     cpu_kernels: bool = True,
     experts_on: str | None = None,
     n_cpu_moe: int | None = None,
     expert_cache: int | None = None,
 ) -> Mixtral:
-    """Load a checkpoint folder (Hugging Face or original Mistral layout) into a ``Mixtral``.
+    """Load a checkpoint folder (Hugging Face or original Mistral layout) or a GGUF file (llama.cpp's,
+    ``weights/gguf.py``) into a ``Mixtral``.
 
     ``dtype``: default bfloat16 when any weight goes to a GPU, float32 on the CPU; weights are cast
     one tensor at a time. ``device``: "cpu", "cuda" or "cuda:N". ``device_map``: "auto" or an
     explicit map (see ``weights.device_map``); excludes ``device``. ``quantize`` is passed to
-    ``model.quant.quantize_model``. ``cpu_kernels``: install the CPU kernels
+    ``model.quant.quantize_model`` (``group_size``: its int4 group size). ``cpu_kernels``: install the CPU kernels
     (``mixtral_lite.install_cpu_kernels``) when every weight is on the CPU. ``progress``: None
     shows a bar on a terminal for loads longer than a moment, True always, False never.
 
@@ -66,6 +74,22 @@ def load_model(
     they are read from the memory-mapped files as tokens choose them. Raises ``UserError`` before
     returning anything when a file, key, shape, dtype or placement is wrong.
     """
+    if is_gguf(path):
+        if device_map is not None:
+            raise UserError(f"device_map: not supported for GGUF files ({path})", param="device_map")
+        if experts_on is not None or n_cpu_moe is not None:
+            raise UserError(f"experts_on / n_cpu_moe: not supported for GGUF files ({path})", param="experts_on")
+        devices = [check_device(device)]
+        gdtype = resolve_dtype(dtype, devices)
+        model, tensors = read_gguf(
+            path, dtype=gdtype, device=devices[0], quantize=quantize, group_size=group_size or DEFAULT_GROUP_SIZE
+        )
+        assign_tensors(model, tensors, model_tensors(model)[1])
+        del tensors  # as below: installing may move the weights
+        model.eval()
+        if cpu_kernels and devices[0].type == "cpu":
+            install_cpu_kernels(model)
+        return model
     ckpt = open_checkpoint(path)
     reader = None
     try:
@@ -79,38 +103,47 @@ def load_model(
             devices = [check_device(device)] * config.num_hidden_layers
         dtype = resolve_dtype(dtype, devices)
         if quantize is not None and ckpt.quantization is not None:
-            raise UserError(f"quantize={quantize!r}: {ckpt.folder} holds {ckpt.quantization['mode']} weights already")
+            raise UserError(f"quantize: {ckpt.folder} is already quantised ({ckpt.quantization.mode})")
+        if group_size is not None and quantize is None:
+            raise UserError("group_size: only used with quantize", param="group_size")
         plan = plan_load(ckpt, dtype=dtype)
+        model, aliases, quantizers = plan.model, plan.aliases, {}
         expected = plan.expected
         placement = None
         if experts_on is not None or n_cpu_moe is not None:
             if device_map is not None and len(set(devices)) > 1:
                 raise UserError("experts_on / n_cpu_moe: not combined with a device_map over several devices yet")
-            quant = quantize or (ckpt.quantization or {}).get("mode")
+            quant = quantize or (ckpt.quantization.mode if ckpt.quantization is not None else None)
+            if quant not in (None, "int8"):
+                raise UserError(f"experts_on: offloaded experts are float or int8 weights, not {quant}")
             placement = resolve_placement(
                 config, dtype, devices[0], quantize=quant, experts_on=experts_on, n_cpu_moe=n_cpu_moe,
                 expert_cache=expert_cache, ckpt=ckpt,
             )  # fmt: skip
-        if placement is not None and placement.resident:  # "auto" may find that everything fits
-            placement = None
+            if placement.resident:  # "auto" may find that everything fits
+                placement = None
+        if placement is None and quantize is not None:  # quantised tensor by tensor as they arrive
+            qc = QuantizationConfig(quantize, group_size or DEFAULT_GROUP_SIZE, include_output=True)
+            with torch.device("meta"):
+                model = structure(Mixtral(config), qc, dtype)
+            aliases = model_tensors(model)[1]
+            quantizers = make_quantizers(model, list(expected))
         on_disk = _disk_tensors(expected, placement)
         where = {name: device_of(name, devices, config.tie_word_embeddings) for name in expected}
         copies = [c for c in plan.tensors.copies if c.name not in on_disk]
-        tensors = _stream(ckpt, copies, expected, where, dtype, progress)
+        tensors = _stream(ckpt, copies, expected, where, dtype, progress, quantizers)
         if on_disk:
             reader = ExpertReader(ckpt, [c for c in plan.tensors.copies if c.name in on_disk])
     finally:
         if reader is None:
             ckpt.close()
-    model = plan.model
-    assign_tensors(model, tensors, plan.aliases, left_on_meta=on_disk)
+    assign_tensors(model, tensors, aliases, left_on_meta=on_disk)
+    del tensors  # the model holds them now: installing may move them (huge pages) and free these
     model.eval()
-    if quantize is not None:
-        quantize_model(model, quantize)
     if placement is not None:
+        if quantize is not None:  # the resident weights now; experts on disk are quantised as they are read
+            quantize_model(model, quantize)
         offload_experts(model, placement, reader, cpu_kernels=cpu_kernels)
-    if ckpt.quantization is not None:  # read as int8: no float size to report; the bytes held
-        model.quantization = {"mode": model.quantized, "bytes_before": None, "bytes_after": _tensor_bytes(model)}
     if cpu_kernels and all(d.type == "cpu" for d in devices):
         install_cpu_kernels(model)
     return model
@@ -141,13 +174,11 @@ class LoadPlan:
 def plan_load(ckpt: Checkpoint, *, strict: bool = True, dtype: torch.dtype | None = None) -> LoadPlan:
     """Build the model on the meta device and match every file tensor to it; ``strict``: any
     problem (missing, unexpected or misshapen tensor) is a ``UserError`` naming the folder. A
-    quantised checkpoint is matched against the model quantised on the meta device, its scales
-    in ``dtype`` (what quantising after loading in ``dtype`` gives)."""
+    quantised checkpoint's model gets its module swaps first (its scales in ``dtype``)."""
     with torch.device("meta"):
         model = Mixtral(ckpt.config)
-    if ckpt.quantization is not None:
-        model.to(dtype or torch.float32)
-        quantize_model(model, ckpt.quantization["mode"], include_output=ckpt.quantization["include_output"])
+        if ckpt.quantization is not None:
+            structure(model, ckpt.quantization, dtype or torch.float32)
     expected, aliases = model_tensors(model)
     tensors = match_tensors(ckpt, expected, aliases)
     if strict and tensors.problems:
@@ -196,9 +227,14 @@ def _stream(
     placement: dict[str, torch.device],
     dtype: torch.dtype,
     progress: bool | None,
+    quantizers: dict[str, Quantizer] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Copy every file tensor into its final storage, allocated on first touch; one source at a time."""
+    """Copy every file tensor into its final storage, allocated on first touch; one source at a
+    time. A tensor with a quantizer is replaced by its quantised buffers as soon as its last part
+    has arrived (its float storage freed then)."""
     out: dict[str, torch.Tensor] = {}
+    quantizers = quantizers or {}
+    parts_left = Counter(c.name for c in copies if c.name in quantizers)
     total = sum(ckpt.tensors[k].nbytes for k in dict.fromkeys(c.key for c in copies))
     bar = _progress_bar(total, f"Loading {ckpt.folder.name}", progress)
     try:
@@ -216,7 +252,12 @@ def _stream(
                     target.copy_(part)
                 else:
                     _copy_interleaved_to_half(target, part, c.rope_heads)
-            del src, part, target
+                if c.name in parts_left:
+                    parts_left[c.name] -= 1
+                    if parts_left[c.name] == 0:
+                        del target, dest
+                        out.update(quantizers[c.name](out.pop(c.name)))
+            del src, part
             ckpt.release(key)
             if bar is not None:
                 bar.update(ckpt.tensors[key].nbytes)

@@ -21,9 +21,10 @@ from torch import nn
 from ..atomic import atomic_folder
 from ..errors import UserError
 from ..generation.tokenizer import Tokenizer, tokenizer_file
-from .checkpoint import DTYPE_NAMES, INDEX_FILE, QUANTIZATION_KEY, SAVE_ID_KEY, SINGLE_FILE
+from .checkpoint import DTYPE_NAMES, INDEX_FILE, SAVE_ID_KEY, SINGLE_FILE
 from .keymap import hf_items
 from .loading import model_tensors
+from .quantized import model_quantization_config
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _OLD_FILES = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?\Z")
@@ -60,8 +61,8 @@ def save_pretrained(
         )
     limit = parse_size(max_shard_size)
     tensors, _ = model_tensors(model)  # tied aliases (output.weight) are written once, under the other name
-    quantized = getattr(model, "quantized", None)
-    if quantized:  # int8 buffers and their scales have no hub names: our own names, model_type mixtral_lite
+    quantization = model_quantization_config(model)
+    if quantization is not None:  # int8/int4 buffers under our own names (``quantized.py``)
         items = list(tensors.items())
     else:
         try:
@@ -77,10 +78,9 @@ def save_pretrained(
     folder = Path(path)
     dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
     config_data = {**config.to_hf_dict(), "torch_dtype": dtype, "dtype": dtype}
-    if quantized:  # transformers refuses the folder instead of loading int8 buffers as weights
-        include_output = "output.scale" in tensors
+    if quantization is not None:  # transformers must refuse it rather than misread the int4 codes
         config_data.update(model_type="mixtral_lite", architectures=["MixtralLiteForCausalLM"])
-        config_data[QUANTIZATION_KEY] = {"mode": quantized, "include_output": include_output}
+        config_data["quantization_config"] = quantization.to_json()
     if into is not None:
         return [into / name for name in write_pretrained_files(into, shards, config_data, source)]
     names = {f.name for f in source}

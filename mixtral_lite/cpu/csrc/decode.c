@@ -219,10 +219,12 @@ int few_rows_attention_block(const void *x, const void *norm_w, float eps, const
     memset(&ax, 0, sizeof ax);
     memset(&ay, 0, sizeof ay);
     int failed = !n || !q || !k || !v || !y || !scratch;
+    int view = act_view(bf16, wtype); /* then y is prepared for wo before it is written: one barrier less */
     if (!failed) {
         few_rows_rmsnorm(x, norm_w, n, M, D, eps, bf16);
         failed = act_init(&ax, n, M, D, bf16, wtype) != 0;
     }
+    if (!failed && view) failed = act_init(&ay, y, M, Oq, bf16, wtype) != 0;
     if (!failed) {
         Out oq = {q, sq, Oq, bf16, NULL}, ok = {k, sk, Okv, bf16, NULL}, ov = {v, sv, Okv, bf16, NULL};
         Out oh = {h, so, D, bf16, x};
@@ -256,8 +258,10 @@ int few_rows_attention_block(const void *x, const void *norm_w, float eps, const
                 attend(q, (b * T + t) * Oq + hh * hd, k_cache, v_cache, mask, y, b, hh, t, H, KV, T, S, hd,
                        (float)(1.0 / sqrt((double)hd)), bf16, p, p + S, p + S + hd);
             }
+            if (!view) {
 #pragma omp single
-            failed = act_init(&ay, y, M, Oq, bf16, wtype) != 0;
+                failed = act_init(&ay, y, M, Oq, bf16, wtype) != 0;
+            }
             if (!failed) {
                 long d0, d1;
                 share(D, &d0, &d1);

@@ -429,6 +429,14 @@ static int act_init(Act *a, const void *x, long M, long I, int bf16, int wtype) 
     return 0;
 }
 
+/* Whether act_init for these activations and weights only records x's address (no copy, no
+ * conversion, nothing allocated): then it may run before x is written. */
+static inline int act_view(int bf16, int wtype) {
+    if (HAVE_DPBF16 && wtype == W_BF16) return 1;
+    if (HAVE_VNNI && wtype == W_INT8) return 0;
+    return !bf16;
+}
+
 /* Outputs [o0, o1) of x @ w.T for the M rows of x (one thread's share). */
 static void product(const void *w, int wtype, const Act *x, Out out, long M, long I, long o0, long o1) {
     if (o0 >= o1) return;

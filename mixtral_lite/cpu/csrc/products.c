@@ -34,11 +34,15 @@ int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y
     Act a;
     if (act_init(&a, x, M, I, bf16, wtype) != 0) return -1;
     Out out = {y, scale, O, bf16, NULL};
+    if ((O + V - 1) / V < 2 || threads < 2) { /* one block of outputs (a router): no parallel region */
+        product(w, wtype, &a, out, M, I, 0, O);
+    } else {
 #pragma omp parallel num_threads(threads)
-    {
-        long o0, o1;
-        share(O, &o0, &o1);
-        product(w, wtype, &a, out, M, I, o0, o1);
+        {
+            long o0, o1;
+            share(O, &o0, &o1);
+            product(w, wtype, &a, out, M, I, o0, o1);
+        }
     }
     free(a.mem);
     return 0;
@@ -161,8 +165,9 @@ static Act act_rows(Act a, long r0, long D) {
 /* The mixture of M (1..MAXM) rows: y[m] = sum_j rw[m, j] * expert_{idx[m, j]}(x[m]) over the K chosen
  * experts of each row, from stacked weights (expert e at e * I * D elements of w1, w3 and w2; scales
  * at e * I and e * D). Rows that chose the same expert run through it together, so each chosen
- * expert's weights are read once. Three phases over all chosen experts at once: w1 and w3, the gated
- * product, w2 (a barrier between them; in each, every thread streams one contiguous share). Rounding as the plain
+ * expert's weights are read once. Two phases over all chosen experts at once, one barrier between
+ * them (two where the gated products must be converted for w2): w1, w3 and the gating of the same
+ * hidden units, then w2; in each, every thread streams one contiguous share. Rounding as the plain
  * code's: each expert output rounded to the dtype, times its float32 weight rounded, added in the
  * order of j, each sum rounded. idx: int64 [M, K] in [0, E); rw: float32 [M, K]; res: a residual
  * [M, D] added last (as PyTorch's add), or NULL. Returns 0, or -1 for bad arguments or a failed
@@ -197,39 +202,47 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
         start[n_used] = n;
         failed = act_init(&ax, xs, P, D, bf16, wtype) != 0;
     }
+    /* Where the gated products only need their address recorded (act_view), they are prepared
+     * before the region, and w2 starts right after one barrier. */
+    int view = act_view(bf16, wtype);
+    for (long u = 0; !failed && view && u < n_used; u++)
+        failed = act_init(&hs[u], ha + el * start[u] * I, start[u + 1] - start[u], I, bf16, wtype) != 0;
     if (!failed) {
         int bad = 0;
 #pragma omp parallel num_threads(threads)
         {
-            long v0, v1; /* w1 and w3 of every used expert, one after the other: each thread a contiguous share */
-            share(n_used * 2 * I, &v0, &v1);
+            long v0, v1; /* hidden units of every used expert, one after the other: each thread a contiguous
+                          * share, for which it runs w1, then w3, then the gating of the same units */
+            share(n_used * I, &v0, &v1);
             for (long v = v0; v < v1;) {
-                long seg = v / I, u = seg / 2, which = seg % 2, i0 = v % I;
-                long i1 = v1 - v < I - i0 ? i0 + (v1 - v) : I, r0 = start[u], n = start[u + 1] - r0;
+                long u = v / I, i0 = v % I, i1 = v1 - v < I - i0 ? i0 + (v1 - v) : I;
+                long r0 = start[u], n = start[u + 1] - r0;
                 Expert ex = expert_at(base, used[u], D, I, bf16);
                 Act a = act_rows(ax, r0, D);
-                Out o = {(which ? hb : ha) + el * r0 * I, which ? ex.s3 : ex.s1, I, bf16, NULL};
-                product(which ? ex.w3 : ex.w1, wtype, &a, o, n, D, i0, i1);
+                Out o1 = {ha + el * r0 * I, ex.s1, I, bf16, NULL}, o3 = {hb + el * r0 * I, ex.s3, I, bf16, NULL};
+                product(ex.w1, wtype, &a, o1, n, D, i0, i1);
+                product(ex.w3, wtype, &a, o3, n, D, i0, i1);
+                for (long r = r0; r < r0 + n; r++) /* silu(x @ w1.T) * (x @ w3.T) */
+                    for (long j = r * I + i0; j < r * I + i1; j++) {
+                        if (bf16) {
+                            uint16_t *a16 = (uint16_t *)ha;
+                            float g = round_bf16(silu(bf16_to_f32(a16[j])));
+                            a16[j] = f32_to_bf16(g * bf16_to_f32(((const uint16_t *)hb)[j]));
+                        } else {
+                            float *af = (float *)ha;
+                            af[j] = silu(af[j]) * ((const float *)hb)[j];
+                        }
+                    }
                 v += i1 - i0;
             }
 #pragma omp barrier
+            if (!view) {
 #pragma omp for schedule(dynamic, 1)
-            for (long u = 0; u < n_used; u++) { /* silu(x @ w1.T) * (x @ w3.T), prepared for w2 */
-                long r0 = start[u], n = start[u + 1] - r0;
-                for (long j = r0 * I; j < (r0 + n) * I; j++) {
-                    if (bf16) {
-                        uint16_t *a16 = (uint16_t *)ha;
-                        float g = round_bf16(silu(bf16_to_f32(a16[j])));
-                        a16[j] = f32_to_bf16(g * bf16_to_f32(((const uint16_t *)hb)[j]));
-                    } else {
-                        float *af = (float *)ha;
-                        af[j] = silu(af[j]) * ((const float *)hb)[j];
-                    }
-                }
-                if (act_init(&hs[u], ha + el * r0 * I, n, I, bf16, wtype) != 0) {
+                for (long u = 0; u < n_used; u++) /* the gated products prepared for w2 (converted, rounded) */
+                    if (act_init(&hs[u], ha + el * start[u] * I, start[u + 1] - start[u], I, bf16, wtype) != 0) {
 #pragma omp atomic write
-                    bad = 1;
-                }
+                        bad = 1;
+                    }
             }
             if (!bad) { /* w2 of every used expert, one after the other: each thread a contiguous share */
                 share(n_used * D, &v0, &v1);
