@@ -50,8 +50,12 @@ def count_parameters(config_or_model: MixtralConfig | nn.Module) -> ParamCount:
     counted = _from_config(config)
     actual = sum(p.numel() for p in model.parameters())  # shared (tied) tensors count once
     quantized = sum(b.numel() for b in model.buffers() if b.dtype == torch.int8)  # int8 weights
-    if actual + quantized != counted.total:
-        raise ValueError(f"parameter count: config says {counted.total:,}, the model holds {actual + quantized:,}")
+    offload = getattr(model, "offload", None)  # experts held in host memory or on disk (``offload``)
+    one_layer = config.num_experts * 3 * config.hidden_size * config.intermediate_size
+    elsewhere = 0 if offload is None else len(offload.placement.offloaded) * one_layer
+    if actual + quantized + elsewhere != counted.total:
+        held = actual + quantized + elsewhere
+        raise ValueError(f"parameter count: config says {counted.total:,}, the model holds {held:,}")
     return counted
 
 

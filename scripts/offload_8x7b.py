@@ -41,7 +41,7 @@ from mixtral_lite.weights.quantized import QuantizationConfig  # noqa: E402
 CHUNK = 1 << 26  # bytes generated and written at a time
 LAYERS_PER_SHARD = 2
 PROMPT = [1, 415, 5565, 302, 4843, 349, 5465, 28723]  # eight ids under 32000
-RUNS = {"disk": 32, "resident4": 28, "resident8": 24}  # run -> layers whose experts stay on disk
+RUNS = {"disk": 0, "resident4": 4, "resident8": 8}  # run -> layers whose experts stay in memory
 
 
 def checkpoint_tensors(config: MixtralConfig) -> list[tuple[str, torch.Size, torch.dtype]]:
@@ -149,7 +149,7 @@ class _Tokenizer:
         return " ".join(map(str, ids))
 
 
-def run_one(folder: Path, on_disk: int | None, tokens: int, cache: int) -> dict:
+def run_one(folder: Path, on_disk: int | None, tokens: int, cache: int, dtype: str) -> dict:
     """One generate call in this process; ``on_disk``: layers whose experts stay on disk (None:
     everything resident)."""
     from mixtral_lite import generate, load_model
@@ -157,7 +157,7 @@ def run_one(folder: Path, on_disk: int | None, tokens: int, cache: int) -> dict:
     torch.set_num_threads(2)
     start = time.perf_counter()
     placement = {} if on_disk is None else {"experts_on": "disk", "n_cpu_moe": on_disk, "expert_cache": cache}
-    model = load_model(folder, dtype=torch.bfloat16, progress=False, **placement)
+    model = load_model(folder, dtype=dtype, progress=False, **placement)
     load_s = time.perf_counter() - start
     result = generate(model, _Tokenizer(), PROMPT, max_new_tokens=tokens)
     s = result.stats
@@ -165,6 +165,7 @@ def run_one(folder: Path, on_disk: int | None, tokens: int, cache: int) -> dict:
         "layers": model.config.num_hidden_layers,
         "on_disk": on_disk,
         "cache": cache,
+        "dtype": dtype,
         "load_s": load_s,
         "prefill_s": s.prefill_time,
         "decode_tok_s": s.decode_tokens_per_s,
@@ -179,9 +180,10 @@ def run_one(folder: Path, on_disk: int | None, tokens: int, cache: int) -> dict:
     return out
 
 
-def run_child(folder: Path, on_disk: int | None, tokens: int, cache: int) -> dict:
+def run_child(folder: Path, on_disk: int | None, tokens: int, cache: int, dtype: str = "bfloat16") -> dict:
     """``run_one`` in a fresh process: its peak RSS is its own."""
     cmd = [sys.executable, __file__, "--child", str(folder), "--tokens", str(tokens), "--cache", str(cache)]
+    cmd += ["--dtype", dtype]
     if on_disk is not None:
         cmd += ["--on-disk", str(on_disk)]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
@@ -209,54 +211,62 @@ def main() -> None:
         "--runs", default="check,disk,resident4,resident8", help="comma-separated: check, " + ", ".join(RUNS)
     )
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--layers", type=int, default=32, help="layers of the large checkpoint (8x7B: 32)")
+    p.add_argument("--check-layers", type=int, default=4, help="layers of the checkpoint both ways fit")
+    p.add_argument("--out", type=Path, help="also write the results as JSON here (after every run)")
     p.add_argument("--cache", type=int, default=0, help="experts per disk layer kept in memory")
     p.add_argument("--delete", action="store_true", help="delete the checkpoints when done")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--on-disk", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
-        print(json.dumps(run_one(args.child, args.on_disk, args.tokens, args.cache)))
+        print(json.dumps(run_one(args.child, args.on_disk, args.tokens, args.cache, args.dtype)))
         return
     if args.dir is None:
         p.error("--dir is required")
     runs = args.runs.split(",")
-    rows = []
+    rows: list[tuple[str, dict]] = []
+
+    def record(label: str, result: dict) -> None:
+        rows.append((label, result))
+        print(json.dumps({"run": label, **result}), file=sys.stderr, flush=True)
+        if args.out is not None:
+            args.out.write_text(json.dumps([{"run": k, **v} for k, v in rows], indent=1) + "\n")
+
     try:
-        if "check" in runs:  # 4 layers: both fit, the greedy tokens must match
-            small = args.dir / "layers4"
+        if "check" in runs:  # a few layers: both fit in memory, the greedy tokens must match
+            n = args.check_layers
+            small = args.dir / f"layers{n}"
             if not (small / "config.json").exists():
-                print(f"writing {small} (4 layers) ...", file=sys.stderr)
-                print(f"  {write_checkpoint(small, 4):.0f} s", file=sys.stderr)
+                print(f"writing {small} ({n} layers) ...", file=sys.stderr)
+                print(f"  {write_checkpoint(small, n):.0f} s", file=sys.stderr)
+            # float32 activations: the resident layers' fused kernel and the disk layers' per-expert
+            # products sum in other orders; in bfloat16 that rounding could flip a near-tied token
             drop_page_cache_of(small)
-            resident = run_child(small, None, args.tokens, 0)
+            record(f"{n} layers, all resident (float32)", run_child(small, None, args.tokens, 0, "float32"))
             drop_page_cache_of(small)
-            disk = run_child(small, 4, args.tokens, args.cache)
-            same = resident["tokens"] == disk["tokens"]
-            print(f"4 layers: greedy tokens with experts on disk equal the resident model's: {same}")
-            rows += [("4 layers, all resident", resident), ("4 layers, experts on disk", disk)]
+            record(f"{n} layers, experts on disk (float32)", run_child(small, n, args.tokens, args.cache, "float32"))
+            same = rows[-2][1]["tokens"] == rows[-1][1]["tokens"]
+            print(f"{n} layers: greedy tokens with experts on disk equal the resident model's: {same}")
             if not same:
-                raise SystemExit(f"tokens differ: {resident['tokens']} vs {disk['tokens']}")
-        full = args.dir / "layers32"
+                raise SystemExit(f"tokens differ: {rows[-2][1]['tokens']} vs {rows[-1][1]['tokens']}")
+        full = args.dir / f"layers{args.layers}"
         if any(r in RUNS for r in runs):
             if not (full / "config.json").exists():
-                print(f"writing {full} (32 layers) ...", file=sys.stderr)
-                print(f"  {write_checkpoint(full, 32):.0f} s", file=sys.stderr)
+                print(f"writing {full} ({args.layers} layers) ...", file=sys.stderr)
+                print(f"  {write_checkpoint(full, args.layers):.0f} s", file=sys.stderr)
             for r in runs:
                 if r in RUNS:
+                    resident = RUNS[r]
+                    on_disk = args.layers - resident
                     drop_page_cache_of(full)
-                    rows.append(
-                        (
-                            f"32 layers, {32 - RUNS[r]} resident, {RUNS[r]} on disk",
-                            run_child(full, RUNS[r], args.tokens, args.cache),
-                        )
-                    )
-                    print(json.dumps(rows[-1][1]), file=sys.stderr, flush=True)
+                    label = f"{args.layers} layers, {resident} resident, {on_disk} on disk"
+                    record(label, run_child(full, on_disk, args.tokens, args.cache))
     finally:
         if args.delete and args.dir is not None and args.dir.exists():
             shutil.rmtree(args.dir)
-    print(
-        f"\n| run | peak RSS | load | prefill ({len(PROMPT)} tokens) | decode | expert bytes read / token | hit rate |"
-    )
+    print(f"\n| run | peak RSS | load | prefill ({len(PROMPT)} tokens) | decode | expert bytes read / token | hits |")
     print("|---|---|---|---|---|---|---|")
     for label, r in rows:
         read = f"{r['read_gb_per_token']:.2f} GB" if "read_gb_per_token" in r else "-"

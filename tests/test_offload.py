@@ -14,7 +14,7 @@ import torch
 from gen_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from helpers import make_hf_model, save_mistral_layout
 
-from mixtral_lite import MixtralConfig, UserError, generate, load_model, save_pretrained
+from mixtral_lite import MixtralConfig, UserError, count_parameters, generate, load_model, save_pretrained
 from mixtral_lite.cli import main
 from mixtral_lite.commands.generate import BUNDLED
 from mixtral_lite.model.experts import StackedExperts, dispatch_experts, experts_reference
@@ -257,6 +257,12 @@ def test_first_layers_only_and_generation_with_the_cpu_kernels(hub) -> None:
     assert "decode experts: expert cache hit rate" in got.stats.summary()
 
 
+def test_auto_keeps_a_model_that_fits_resident(hub) -> None:
+    model = load_model(hub, experts_on="auto")
+    assert getattr(model, "offload", None) is None
+    assert type(model.layers[0].feed_forward).__name__ == "CpuSparseMoE"
+
+
 def test_host_experts_equal_the_resident_model(hub) -> None:
     """Experts in host memory (on a CPU-only machine the planner refuses it: placed by hand)."""
     resident = load_model(hub, cpu_kernels=False)
@@ -269,7 +275,8 @@ def test_host_experts_equal_the_resident_model(hub) -> None:
 
 
 def test_offloaded_models_refuse_what_would_lose_experts(hub, tmp_path) -> None:
-    model = load_model(hub, experts_on="disk")
+    model = load_model(hub, experts_on="disk", n_cpu_moe=2)
+    assert count_parameters(model) == count_parameters(model.config)  # the experts on disk count
     with pytest.raises(UserError, match="experts are offloaded"):
         quantize_model(model)
     with pytest.raises(UserError, match="experts are offloaded"):

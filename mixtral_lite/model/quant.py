@@ -271,6 +271,8 @@ def quantization_report(model: nn.Module) -> str:
     if info is None:
         return "not quantised"
     b, a = info["bytes_before"], info["bytes_after"]
+    if b is None:  # loaded as int8 from a quantised checkpoint
+        return f"{info['mode']}: weights {a / 2**20:.0f} MiB (read quantised)"
     saved = (b - a) / 2**20
     return (
         f"{info['mode']}: weights {b / 2**20:.0f} MiB -> {a / 2**20:.0f} MiB (saved {saved:.0f} MiB, {1 - a / b:.0%})"

@@ -30,7 +30,7 @@ from .cache import ExpertLRU, OffloadStats
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Weights = tuple[Triple, Triple | None]  # (w1, w2, w3) and their int8 scales (None: float weights)
 Product = Callable[[torch.Tensor, Triple, Triple | None], torch.Tensor]
-READERS = 4  # experts loaded at once by ``CachedExperts.holding``
+READERS = 6  # expert projections read from disk at once (``DiskExperts.load_many``)
 
 
 def expert_product(x: torch.Tensor, ws: Triple, ss: Triple | None) -> torch.Tensor:
@@ -119,9 +119,9 @@ class CachedExperts(ExpertStore):
 
     @contextlib.contextmanager
     def holding(self, ids: list[int]) -> Iterator[None]:
-        """Load the missing experts of ``ids`` at once, ``READERS`` at a time (reads from disk
-        overlap: one stream reads a fraction of what the disk gives several), and keep them for
-        the call even where the LRU is smaller than the call needs."""
+        """Load the missing experts of ``ids`` at once (from disk ``READERS`` projections at a
+        time: one stream reads a fraction of what the disk gives several), and keep them for the
+        call even where the LRU is smaller than the call needs."""
         held: dict[int, Weights] = {}
         missing = []
         for e in dict.fromkeys(ids):
@@ -130,9 +130,8 @@ class CachedExperts(ExpertStore):
                 missing.append(e)
             else:
                 held[e] = item
-        if len(missing) > 1 and isinstance(self.source, DiskExperts):  # the reads overlap; copies need not
-            with ThreadPoolExecutor(min(READERS, len(missing))) as pool:
-                loaded = list(pool.map(self._load, missing))
+        if missing and isinstance(self.source, DiskExperts):  # the reads overlap; copies need not
+            loaded = [self._here(w) for w in self.source.load_many(missing, READERS)]
         else:
             loaded = [self._load(e) for e in missing]
         for e, item in zip(missing, loaded, strict=True):
@@ -145,7 +144,10 @@ class CachedExperts(ExpertStore):
             self._held = {}
 
     def _load(self, e: int) -> Weights:
-        ws, ss = self.source.weights(e)
+        return self._here(self.source.weights(e))
+
+    def _here(self, w: Weights) -> Weights:
+        ws, ss = w
         if ws[0].device == self.device:
             return ws, ss
         with self.stats.lock:
@@ -215,26 +217,39 @@ class DiskExperts(ExpertStore):
         self.device = torch.device("cpu")
 
     def weights(self, e: int) -> Weights:
-        ws, ss = [], []
-        for p, name in self.names.items():
-            dtype, scale_dtype = self.want[p]
-            if scale_dtype is None:
-                w, n = self.reader.read(name, e, dtype)
-                ws.append(w)
-            elif self.reader.file_dtype(name) == torch.int8:
-                w, n = self.reader.read(name, e, torch.int8)
-                s, m = self.reader.read(name + "_scale", e, scale_dtype)
-                ws.append(w)
-                ss.append(s)
-                n += m
-            else:
-                w, n = self.reader.read(name, e, scale_dtype)
-                q, s = quantize_per_channel(w, scale_dtype)
-                ws.append(q)
-                ss.append(s)
-            with self.stats.lock:
-                self.stats.bytes_read += n
-        return tuple(ws), tuple(ss) if ss else None
+        return self._assemble([self._projection(e, p) for p in self.names])
+
+    def load_many(self, ids: list[int], readers: int) -> list[Weights]:
+        """Experts ``ids``, their projections read ``readers`` at a time (a disk gives several
+        overlapping reads far more than one)."""
+        tasks = [(e, p) for e in ids for p in self.names]
+        with ThreadPoolExecutor(min(readers, len(tasks))) as pool:
+            parts = list(pool.map(lambda t: self._projection(*t), tasks))
+        k = len(self.names)
+        return [self._assemble(parts[i * k : (i + 1) * k]) for i in range(len(ids))]
+
+    def _projection(self, e: int, p: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        name = self.names[p]
+        dtype, scale_dtype = self.want[p]
+        if scale_dtype is None:
+            w, n = self.reader.read(name, e, dtype)
+            s = None
+        elif self.reader.file_dtype(name) == torch.int8:
+            w, n = self.reader.read(name, e, torch.int8)
+            s, m = self.reader.read(name + "_scale", e, scale_dtype)
+            n += m
+        else:
+            f, n = self.reader.read(name, e, scale_dtype)
+            w, s = quantize_per_channel(f, scale_dtype)
+        with self.stats.lock:
+            self.stats.bytes_read += n
+        return w, s
+
+    @staticmethod
+    def _assemble(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Weights:
+        ws = tuple(w for w, _ in parts)
+        ss = tuple(s for _, s in parts) if parts[0][1] is not None else None
+        return ws, ss
 
 
 def run_experts(

@@ -120,7 +120,9 @@ def load_model(
                 config, dtype, devices[0], quantize=quant, experts_on=experts_on, n_cpu_moe=n_cpu_moe,
                 expert_cache=expert_cache, ckpt=ckpt,
             )  # fmt: skip
-        elif quantize is not None:  # quantised tensor by tensor as they arrive (``quantized.py``)
+            if placement.resident:  # "auto" may find that everything fits
+                placement = None
+        if placement is None and quantize is not None:  # quantised tensor by tensor as they arrive
             qc = QuantizationConfig(quantize, group_size or DEFAULT_GROUP_SIZE, include_output=True)
             with torch.device("meta"):
                 model = structure(Mixtral(config), qc, dtype)
