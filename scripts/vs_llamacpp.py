@@ -222,7 +222,7 @@ def main() -> int:
     p.add_argument("--llamacpp", type=Path, default=DEFAULT_HOME, help="llama.cpp home (src/, build/bin/)")
     p.add_argument("--shapes", default="bench,8x7b", help="comma list of: bench, 8x7b")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma list of: {', '.join(PRECISIONS)}")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds (0: only convert and check)")
     p.add_argument("--reps", type=int, default=2, help="repetitions per engine and round (llama-bench -r)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prefill", type=int, default=512)
@@ -255,7 +255,9 @@ def run(args: argparse.Namespace) -> int:
     all_shapes = shapes()
     chosen = [all_shapes[s] for s in _pick(args.shapes, all_shapes, "--shapes")]
     precisions = _pick(args.precisions, PRECISIONS, "--precisions")
-    for name in ("rounds", "reps", "threads", "prefill", "decode", "decode_8x7b", "check_tokens"):
+    if args.rounds < 0:
+        raise UserError(f"--rounds: expected an integer >= 0 (0: check only), got {args.rounds}")
+    for name in ("reps", "threads", "prefill", "decode", "decode_8x7b", "check_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
     llama = LlamaCpp(args.llamacpp)
@@ -285,7 +287,10 @@ def run(args: argparse.Namespace) -> int:
             row.theirs_bytes = gguf_active_bytes(gguf, shape.config.num_experts_per_tok, shape.config.num_experts,
                                                  shape.config.vocab_size)  # fmt: skip
             spec = (dtype, quantize) if dtype is not None else PRECISIONS[REFERENCE_FOR_4BIT][:2]
-            check(row, llama, gguf, ckpt, args, spec)
+            if llama.has_server():
+                check(row, llama, gguf, ckpt, args, spec)
+            else:
+                print(f"{shape.name} {prec}: not checked (no llama-server in {llama.bin})", file=sys.stderr)
             todo.append((row, gguf, (dtype, quantize)))
         warm_page_cache(ckpt)
         for r in range(args.rounds):
@@ -307,6 +312,9 @@ def run(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, args.out)
     print(format_table(result))
+    unchecked = [f"{r.shape} {r.precision}" for r in rows if not r.check and not r.skipped]
+    if unchecked:
+        print(f"not checked against ours (no llama-server): {', '.join(unchecked)}", file=sys.stderr)
     bad = [r for r in rows if r.check and PRECISIONS[r.precision][0] is not None and r.check["same"] != r.check["n"]]
     for r in bad:
         print(f"tokens differ: {r.shape} {r.precision}: {r.check['same']}/{r.check['n']} same", file=sys.stderr)

@@ -71,7 +71,12 @@ class LlamaCpp:
         return self.bin / name
 
     def built(self) -> bool:
-        return all(self.tool(t).is_file() for t in TARGETS) and (self.src / "convert_hf_to_gguf.py").is_file()
+        """The timing and conversion tools and the converter are there (the server may still be building)."""
+        tools = ("llama-bench", "llama-quantize")
+        return all(self.tool(t).is_file() for t in tools) and (self.src / "convert_hf_to_gguf.py").is_file()
+
+    def has_server(self) -> bool:
+        return self.tool("llama-server").is_file()
 
     def version(self) -> str:
         out = subprocess.run([str(self.tool("llama-server")), "--version"], capture_output=True, text=True)
@@ -82,7 +87,7 @@ class LlamaCpp:
         """Download the sdist with pip, take its vendored llama.cpp, build the three programs with
         cmake (Release, native CPU, ``-j jobs``). Cached: does nothing when they are already built;
         an interrupted build resumes where cmake left it."""
-        if self.built():
+        if self.built() and self.has_server():
             return
         for prog in ("cmake", "c++"):
             if shutil.which(prog) is None:
@@ -105,13 +110,13 @@ class LlamaCpp:
         flags += ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_EXAMPLES=ON"]
         _run(["cmake", "-S", str(self.src), "-B", str(build), *flags], "cmake configure of llama.cpp")
         _run(["cmake", "--build", str(build), "-j", str(jobs), "--target", *TARGETS], "cmake build of llama.cpp")
-        if not self.built():
+        if not (self.built() and self.has_server()):
             raise RuntimeError(f"llama.cpp build finished but {self.bin} lacks one of {', '.join(TARGETS)}")
 
     def require(self) -> None:
         if not self.built():
             raise UserError(
-                f"llama.cpp is not built in {self.home} (expected {', '.join(TARGETS)} in {self.bin} and "
+                f"llama.cpp is not built in {self.home} (expected llama-bench, llama-quantize in {self.bin} and "
                 f"convert_hf_to_gguf.py in {self.src}): pass --build, or --llamacpp DIR of an existing build"
             )
 
