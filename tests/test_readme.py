@@ -4,7 +4,8 @@ The shell and Python blocks are read from README.md itself, so an edited or adde
 too. Substitutions, all listed here: the model folders the README names (``/data/Mixtral-8x7B*``,
 ``DIR``) become a tiny random model with the real Mistral tokenizer; ``mixtral-lite`` is this
 interpreter's ``-m mixtral_lite``; training runs 3 and 6 steps of 64 tokens instead of 600 and
-1200 of 256; the paths the README writes (``runs/``, ``out/``) land in a temporary folder.
+1200 of 256; the paths the README writes (``runs/``, ``out/``, ``text.txt``: 4 KB of the bundled
+held-out text) land in a temporary folder.
 Lines that need what a test machine lacks (GPUs, a second network server) or that are this very
 suite are skipped by an explicit list, each with the test that covers it instead; the test fails
 when a skip no longer matches a README line, so the list cannot go stale.
@@ -35,6 +36,7 @@ SKIPS = {
     "OUT=/some/dir bash scripts/gpu_check.sh": "tests/test_gpu_check.py (--dry-run)",
     "mixtral-lite generate --model DIR --device-map": "needs CUDA GPUs; tests/test_device_map.py (fake devices)",
     "mixtral-lite generate --model DIR --device cuda": "needs a CUDA GPU; tests/test_offload.py (a stand-in device)",
+    "mixtral-lite generate --model mixtral-8x7b.Q4_0.gguf": "tests/test_gguf.py (GGUF files written by the gguf package)",
 }
 PY_SKIPS = {
     "from openai import OpenAI": "tests/test_serve.py (a running server)",
@@ -63,13 +65,16 @@ def _skipped(line: str, skips: dict[str, str]) -> str | None:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> dict:
     model = tmp_path_factory.mktemp("model")
-    make_model_folder(model, seed=0, max_position_embeddings=512, num_hidden_layers=32)  # 8x7B's layer count
-    return {"model": model, "cwd": tmp_path_factory.mktemp("cwd")}
+    make_model_folder(model, seed=0, max_position_embeddings=512, num_hidden_layers=32, intermediate_size=128)  # 8x7B's layer count; int4 groups of 64
+    cwd = tmp_path_factory.mktemp("cwd")
+    text = (ROOT / "mixtral_lite/bundled/heldout.txt").read_text(encoding="utf-8")[:4000]
+    (cwd / "text.txt").write_text(text, encoding="utf-8")  # the README's `--data text.txt`
+    return {"model": model, "cwd": cwd}
 
 
 def substitute(line: str, model: Path) -> str:
     line = re.sub(r"/data/Mixtral-8x7B(-Instruct)?-v0\.1", str(model), line)
-    line = re.sub(r"(--model) DIR\b", rf"\1 {model}", line)
+    line = re.sub(r"(--model|--reference) DIR\b", rf"\1 {model}", line)
     line = line.replace("mixtral_lite/bundled/heldout.txt", str(ROOT / "mixtral_lite/bundled/heldout.txt"))
     line = line.replace("--steps 600", "--steps 3").replace("--steps 1200", "--steps 6")
     line = line.replace("--seq-len 256", "--seq-len 64")
