@@ -36,7 +36,7 @@ SKIPS = {
     "OUT=/some/dir bash scripts/gpu_check.sh": "tests/test_gpu_check.py (--dry-run)",
     "mixtral-lite generate --model DIR --device-map": "needs CUDA GPUs; tests/test_device_map.py (fake devices)",
     "mixtral-lite generate --model DIR --device cuda": "needs a CUDA GPU; tests/test_offload.py (a stand-in device)",
-    "mixtral-lite generate --model mixtral-8x7b.Q4_0.gguf": "tests/test_gguf.py (GGUF files written by the gguf package)",
+    "mixtral-lite generate --model mixtral-8x7b.Q4_0.gguf": "tests/test_gguf.py (GGUFs written by the gguf package)",
 }
 PY_SKIPS = {
     "from openai import OpenAI": "tests/test_serve.py (a running server)",
@@ -65,7 +65,8 @@ def _skipped(line: str, skips: dict[str, str]) -> str | None:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> dict:
     model = tmp_path_factory.mktemp("model")
-    make_model_folder(model, seed=0, max_position_embeddings=512, num_hidden_layers=32, intermediate_size=128)  # 8x7B's layer count; int4 groups of 64
+    # 8x7B's 32 layers (the README's layer counts hold); an expert size that int4's groups of 64 divide
+    make_model_folder(model, seed=0, max_position_embeddings=512, num_hidden_layers=32, intermediate_size=128)
     cwd = tmp_path_factory.mktemp("cwd")
     text = (ROOT / "mixtral_lite/bundled/heldout.txt").read_text(encoding="utf-8")[:4000]
     (cwd / "text.txt").write_text(text, encoding="utf-8")  # the README's `--data text.txt`
