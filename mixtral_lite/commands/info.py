@@ -90,12 +90,7 @@ def format_gguf_report(r: dict[str, Any]) -> str:
         f"parameters:  {p['total']:,} total ({_count(p['total'])}), {p['active_per_token']:,} active per token",
         f"tokenizer:   {r['tokenizer'] or 'none in the metadata'}",
     ]
-    if r["problems"]:
-        lines.append(f"problems:    {len(r['problems'])}")
-        lines += [f"  - {msg}" for msg in r["problems"]]
-    else:
-        lines.append("problems:    none (the file loads)")
-    return "\n".join(lines)
+    return "\n".join(lines + _problem_lines(r["problems"], "file"))
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -177,12 +172,14 @@ def format_report(r: dict[str, Any]) -> str:
         f"({_count(p['active_per_token'])}); {p['in_files']:,} in the files",
         f"tokenizer:   {r['tokenizer'] or 'none (generate needs tokenizer.model or tokenizer.json in the folder)'}",
     ]
-    if r["problems"]:
-        lines.append(f"problems:    {len(r['problems'])}")
-        lines += [f"  - {msg}" for msg in r["problems"]]
-    else:
-        lines.append("problems:    none (the folder loads)")
-    return "\n".join(lines)
+    return "\n".join(lines + _problem_lines(r["problems"], "folder"))
+
+
+def _problem_lines(problems: list[str], what: str) -> list[str]:
+    """The report's last lines: each problem, or that the file or folder loads."""
+    if not problems:
+        return [f"problems:    none (the {what} loads)"]
+    return [f"problems:    {len(problems)}", *(f"  - {msg}" for msg in problems)]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
