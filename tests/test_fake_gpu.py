@@ -90,12 +90,26 @@ def test_decode_bytes_within_the_roofline_bound(models) -> None:
     assert trace_decode(model, 1, PROMPT, CACHE).bytes <= bound
 
 
-def test_int8_decode_at_batch_1_reads_int8_weights_once(models) -> None:
-    """int8 batch 1: every matrix through ``_weight_int8pack_mm`` (1 byte per weight, once) and
-    every expert once (the sync-free dispatch cannot pick the chosen 2 without a copy): at most
-    the bytes of all int8 weights plus the cache. Before, the bf16 rule grouped over float copies
-    of every expert: about 4x bf16's bytes."""
+@pytest.mark.parametrize("batch", [1, 8])
+def test_int8_decode_reads_at_most_0_6x_bf16s_bytes(models, batch: int) -> None:
+    """With the GPU kernels installed (as loading onto CUDA does), int8 experts read only the
+    chosen experts' int8 weights: at most 0.6x bf16's bytes per decode step, and at batch 1 at most
+    1.15x the active int8 weights plus the keys and values attended. Before, the sync-free dispatch
+    (``each``) read all 8 experts: 1.8x bf16's bytes at batch 1, 2.5x at batch 8."""
     model = model_for(models, torch.bfloat16, True)
+    bf16 = trace_decode(model_for(models, torch.bfloat16, False), batch, PROMPT, CACHE).bytes
+    int8 = trace_decode(model, batch, PROMPT, CACHE).bytes
+    assert int8 <= 0.6 * bf16
+    if batch == 1:
+        assert int8 <= 1.15 * (active_weight_bytes(model) + kv_bytes_attended(model, 1, CACHE))
+
+
+def test_int8_reference_modules_read_int8_weights_once(models) -> None:
+    """Without the GPU kernels (the reference ``Int8MoE`` off the CPU): every matrix through
+    ``_weight_int8pack_mm`` (1 byte per weight, once) and every expert once (the sync-free
+    dispatch cannot pick the chosen 2 without a copy): at most the bytes of all int8 weights plus
+    the cache. Before, the bf16 rule grouped over float copies of every expert: about 4x bf16's."""
+    model = meta_model(layers=LAYERS, int8=True, kernels=False)
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     emb = model.tok_embeddings.weight
     bound = 1.15 * (weights - emb.numel() * emb.element_size() + kv_bytes_attended(model, 1, CACHE))

@@ -10,9 +10,12 @@ Bytes are a model of what a CUDA kernel per op would move, not a measurement: ea
 tensor inputs and writes its outputs, except where the kernel touches less than the operand:
 gathers read what they produce; indexed writes write what they are given; ``_grouped_mm`` reads
 only the expert groups that get rows (at most one per row); ``_weight_int8pack_mm`` reads its
-matrix once per row (CUDA's kernel is a warp per output); ``scaled_dot_product_attention`` is
-one fused kernel (its backend predicted from the inputs: CUDA's flash and memory-efficient kernels
-take no additive mask with ``enable_gqa``). Views launch nothing and move nothing.
+matrix once per row (CUDA's kernel is a warp per output); the int8 MoE ops (``cuda/ops.py``) read
+the experts some (token, slot) pair chose, counted as min(E, N*K) of them: exact at batch 1 (a
+token's K experts differ), an upper bound beyond (meta tensors hold no routing, rows may share);
+``scaled_dot_product_attention`` is one fused kernel (its backend predicted from the inputs:
+CUDA's flash and memory-efficient kernels take no additive mask with ``enable_gqa``). Views launch
+nothing and move nothing.
 
 Axis legend: N tokens, E experts.
 """
@@ -29,6 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..config import MixtralConfig
+from ..cuda import install_cuda_kernels
+from ..cuda.ops import int8_moe_down, int8_moe_gate_up
 from ..generation.generate import decode_step, prefill
 from ..model.cache import KVCache
 from ..model.mixtral import Mixtral
@@ -36,6 +41,7 @@ from ..model.quant import quantize_model
 from ..weights.device_map import layer_devices
 
 aten = torch.ops.aten
+GATE_UP_OP, DOWN_OP = int8_moe_gate_up._opoverload, int8_moe_down._opoverload
 
 # Ops whose output depends on data the host must read first, or that copy to the host.
 SYNC_OPS = {
@@ -201,6 +207,12 @@ class _Recorder(TorchDispatchMode):
         elif func is aten._weight_int8pack_mm.default:  # CUDA's kernel: the matrix once per row of x
             x, w = inputs[0], inputs[1]
             read = nbytes(x) + nbytes(w) * x.shape[0] + nbytes(inputs[2])
+        elif func in (GATE_UP_OP, DOWN_OP):  # the int8 MoE kernels: only the experts some pair chose
+            x, idx = inputs[0], inputs[-1]
+            weights = inputs[1:-1]  # (w1, s1, w3, s3) or (w2, s2): [E, ...] each
+            experts = weights[0].shape[0]
+            used = min(experts, idx.numel())  # at most one expert per pair (an upper bound on meta)
+            read = nbytes(x) + nbytes(idx) + sum(nbytes(w) for w in weights) * used // experts
         elif func is aten.copy_.default:
             read = nbytes(inputs[1])
             written = nbytes(inputs[0])
@@ -229,18 +241,26 @@ class trace_ops:
 
 
 def meta_model(
-    preset: str = "mixtral-8x7b", *, layers: int | None = None, dtype: torch.dtype = torch.bfloat16, int8: bool = False
+    preset: str = "mixtral-8x7b",
+    *,
+    layers: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    int8: bool = False,
+    kernels: bool = True,
 ) -> Mixtral:
     """A preset's exact shapes on the meta device (no memory), ``layers`` of them (default: all),
-    quantised to int8 when asked."""
+    quantised to int8 when asked, with the GPU kernels installed as loading onto CUDA does
+    (``kernels``; without them: the reference modules' GPU branches)."""
     full = MixtralConfig.from_preset(preset)
     config = full if layers is None else MixtralConfig.from_dict({**full.to_dict(), "num_hidden_layers": layers})
     with torch.device("meta"):
         model = Mixtral(config).to(dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if kernels:
+        install_cuda_kernels(model)
     if int8:
-        quantize_model(model)
+        quantize_model(model)  # (installs the kernels again for the int8 modules)
     return model
 
 

@@ -26,6 +26,7 @@ import torch
 from ..config import MixtralConfig
 from ..cpu import install_cpu_kernels
 from ..cpu.layout import cpu_layout
+from ..cuda import install_cuda_kernels
 from ..errors import UserError, UserTypeError
 from ..model.cache import KVCache
 from ..validate import check_seed
@@ -463,6 +464,8 @@ def _run(
 
     if device.type == "cpu" and not hasattr(model, "cpu_kernels"):  # CPU inference: decided once per model
         install_cpu_kernels(model)
+    if device.type != "cpu" and not hasattr(model, "cuda_kernels"):  # GPU (or meta: traced) inference, the same
+        install_cuda_kernels(model)
     length = t + steps - 1  # the last token is sampled, never fed back
     n_kv = model.layers[0].attention.n_kv_heads
     offload = getattr(model, "offload", None)

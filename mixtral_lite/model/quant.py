@@ -208,8 +208,8 @@ def quantize_model(
     a large share of the bytes read per token. int4 weights get one scale and offset per
     ``group_size`` inputs. The router, norms and embeddings stay as they are.
 
-    A model with the CPU kernels installed (``model.cpu_kernels``) has them taken off before and
-    installed again after, for the quantised modules. Returns the model.
+    A model with the CPU or GPU kernels installed (``model.cpu_kernels``, ``model.cuda_kernels``)
+    has them taken off before and installed again after, for the quantised modules. Returns the model.
     """
     spec = SPECS.get(mode) if isinstance(mode, str) else None
     if spec is None:
@@ -220,8 +220,9 @@ def quantize_model(
         raise UserError(
             "quantize: the model's experts are offloaded; load it with quantize= and the placement together"
         )
-    kernels = getattr(model, "cpu_kernels", None)
-    if kernels is not None:  # installed for the float modules: decided again for the quantised ones
+    # installed for the float modules (CPU or GPU backend): decided again for the quantised ones
+    backends = [k for k in (getattr(model, a, None) for a in ("cpu_kernels", "cuda_kernels")) if k is not None]
+    for kernels in backends:
         kernels.uninstall(model)
     before = _tensor_bytes(model)
     scale_dtype = model.dtype
@@ -260,7 +261,7 @@ def quantize_model(
         "bytes_before": before,
         "bytes_after": _tensor_bytes(model),
     }
-    if kernels is not None:
+    for kernels in backends:
         kernels.install(model)
     return model
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..cpu import install_cpu_kernels
+from ..cuda import install_cuda_kernels
 from ..errors import UserError
 from ..model.mixtral import Mixtral
 from ..model.quant import DEFAULT_GROUP_SIZE, quantize_model
@@ -65,7 +66,8 @@ def load_model(
     one tensor at a time. ``device``: "cpu", "cuda" or "cuda:N". ``device_map``: "auto" or an
     explicit map (see ``weights.device_map``); excludes ``device``. ``quantize`` is passed to
     ``model.quant.quantize_model`` (``group_size``: its int4 group size). ``cpu_kernels``: install the CPU kernels
-    (``mixtral_lite.install_cpu_kernels``) when every weight is on the CPU. ``progress``: None
+    (``mixtral_lite.install_cpu_kernels``) when every weight is on the CPU, the GPU's
+    (``mixtral_lite.cuda.install_cuda_kernels``) when every weight is on CUDA devices. ``progress``: None
     shows a bar on a terminal for loads longer than a moment, True always, False never.
 
     ``experts_on`` ("cpu", "disk" or "auto"), ``n_cpu_moe`` (only the first N layers' experts) and
@@ -146,6 +148,8 @@ def load_model(
         offload_experts(model, placement, reader, cpu_kernels=cpu_kernels)
     if cpu_kernels and all(d.type == "cpu" for d in devices):
         install_cpu_kernels(model)
+    elif cpu_kernels and all(d.type == "cuda" for d in devices):  # the GPU backend's, the same way
+        install_cuda_kernels(model)
     return model
 
 
