@@ -7,6 +7,10 @@ and records its CUDA graph in the warm-up, outside the timing), and a failure is
 row without stopping the others. All 32 layers when the GPU holds them, else as many as fit;
 batch-1 rates are also given scaled to 32 layers (a decode step's time follows its bytes).
 
+int8 runs with the GPU backend's Triton kernels installed (``mixtral_lite/cuda``; their report
+goes into the JSON as ``int8_kernels``); ``--weights bf16,int8,int8-ref`` adds the reference int8
+modules for comparison.
+
 Prints one table: tokens/s at batch 1 and 8 for bf16 and int8, eager and compiled (CUDA graphs,
 ``torch.compile`` "reduce-overhead"), memory used, the SDPA backend decode attention gets, and
 the fraction of the bandwidth roofline (measured copy bandwidth / active bytes per token).
@@ -30,6 +34,7 @@ import torch
 from mixtral_lite import Mixtral, MixtralConfig
 from mixtral_lite.bench import active_weight_bytes, machine_info, measure_bandwidth
 from mixtral_lite.bench.trace import sdpa_backend
+from mixtral_lite.cuda import install_cuda_kernels, uninstall_cuda_kernels
 from mixtral_lite.generation.generate import compile_decode_step, decode_step, prefill
 from mixtral_lite.model.cache import KVCache
 from mixtral_lite.model.quant import quantize_model
@@ -183,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--weights", default="bf16,int8", help="bf16 and/or int8 (int8 quantises the bf16 model)")
+    p.add_argument(
+        "--weights",
+        default="bf16,int8",
+        help="bf16, int8 (quantises the bf16 model, the GPU kernels installed), int8-ref (without them)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--headroom-gib", type=float, default=8.0, help="memory kept free for caches and activations")
@@ -226,9 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(1)
     rows: list[dict] = []
     for weights in args.weights.split(","):
-        if weights == "int8":
-            torch._dynamo.reset()  # compiled graphs hold the bf16 weights
-            quantize_model(model)
+        if weights in ("int8", "int8-ref"):
+            torch._dynamo.reset()  # compiled graphs hold the previous weights or modules
+            if not getattr(model, "quantized", None):
+                quantize_model(model)
+            if weights == "int8":  # the GPU kernels (Triton; on the dry run in Triton's interpreter)
+                kernels = install_cuda_kernels(model, device_types=(device.type,))
+            else:  # the reference int8 modules' GPU branches, for comparison
+                uninstall_cuda_kernels(model)
+                kernels = "GPU kernels: none (reference modules)"
+            results.data[f"{weights}_kernels"] = str(kernels)
+            print(kernels, flush=True)
         per_token = active_weight_bytes(model)
         full_per_token = per_token * full.num_hidden_layers / n_layers  # close: the head is ~1% at 32 layers
         roofline = bandwidth / per_token

@@ -102,6 +102,48 @@ def test_int8_experts_on_cuda() -> None:
         torch.testing.assert_close(out, ref, rtol=0, atol=0.02 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("n", [1, 5, 32])
+def test_triton_int8_kernels_on_cuda(dtype: torch.dtype, n: int) -> None:
+    """The GPU backend's Triton kernels compiled for this GPU (the interpreter runs them in
+    ``test_triton_moe.py``): the installed ``Int8MoE`` and ``Int8Linear`` against the float32
+    references, Mixtral-sized rows so every tile is full."""
+    from mixtral_lite import MixtralConfig
+    from mixtral_lite.cuda import install_cuda_kernels
+    from mixtral_lite.cuda.modules import CudaInt8Linear, CudaInt8MoE
+    from mixtral_lite.model.mixtral import SparseMoE
+    from mixtral_lite.model.quant import (
+        Int8Linear,
+        Int8MoE,
+        experts_int8_reference,
+        linear_int8_reference,
+        quantize_per_channel,
+    )
+
+    g = torch.Generator().manual_seed(n)
+    config = MixtralConfig.from_dict(
+        dict(vocab_size=32, hidden_size=512, intermediate_size=1792, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=128, moe={"num_experts": 8, "num_experts_per_tok": 2})
+    )  # fmt: skip
+    moe = SparseMoE(config)
+    with torch.no_grad():
+        for w in (moe.w1, moe.w2, moe.w3):
+            w.copy_(torch.randn(*w.shape, generator=g) * 512**-0.5)
+    layer = Int8MoE(moe.to(dtype), dtype).to(DEV)
+    linear = Int8Linear(*quantize_per_channel(torch.randn(1000, 512, generator=g), dtype)).to(DEV)
+    install_cuda_kernels(layer)
+    install_cuda_kernels(linear)
+    assert type(layer) is CudaInt8MoE and type(linear) is CudaInt8Linear
+    x = torch.randn(n, 512, generator=g).to(DEV, dtype)
+    idx, weights = route_topk(torch.randn(n, 8, generator=g).to(DEV), 2)
+    with torch.no_grad():
+        got, got_linear = layer.experts(x, idx, weights).float(), linear(x).float()
+    ref = experts_int8_reference(x.float(), layer, idx, weights)
+    torch.testing.assert_close(got, ref, rtol=0.02, atol=0.01 * ref.abs().max().item())
+    ref_linear = linear_int8_reference(x.float(), linear.weight, linear.scale)
+    torch.testing.assert_close(got_linear, ref_linear, rtol=0.02, atol=0.01 * ref_linear.abs().max().item())
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_int8_linear_on_cuda_applies_the_scale_after_the_product(rows: int) -> None:
     """Off the CPU ``linear_int8`` is one ``_weight_int8pack_mm`` (no float copy of the matrix)."""
