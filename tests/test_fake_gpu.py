@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_cuda import fake_cuda, to_fake_devices
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixtral_lite.generation.generate as generate_mod
 import mixtral_lite.model.experts as experts_mod
@@ -22,8 +24,11 @@ from mixtral_lite.bench.trace import (
     trace_ops,
     trace_prefill,
 )
+from mixtral_lite.generation.generate import decode_step, prefill
+from mixtral_lite.model.cache import KVCache
 from mixtral_lite.model.experts import StackedExperts, choose_dispatch, experts_reference
 from mixtral_lite.parallel.expert import LocalExperts
+from mixtral_lite.weights.device_map import layer_devices
 
 LAYERS = 2
 PROMPT, CACHE = 32, 64
@@ -262,3 +267,78 @@ def test_parallel_rank_step_never_syncs(tp: int, ep: int, int8: bool) -> None:
     assert trace_prefill(model, 8, PROMPT, CACHE).syncs == []
     assert trace_decode(model, 1, PROMPT, CACHE).syncs == []
     assert len(reduced) == 2 * LAYERS * (1 + (tp > 1))
+
+
+TWO_GPUS = [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+class _Transfers(TorchDispatchMode):
+    """Every copy between two devices: (shape, from, to)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moves: list[tuple[tuple[int, ...], str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and out.device != args[0].device:
+            self.moves.append((tuple(out.shape), str(args[0].device), str(out.device)))
+        return out
+
+
+def _split_model(int8: bool):
+    """Mixtral-8x7B's shapes, two layers, to go on two fake GPUs (``to_fake_devices``): layer 0 (and
+    the embedding) on cuda:0, layer 1 (and the norm and head) on cuda:1, as
+    ``load_model(device_map=...)`` places them."""
+    return meta_model(layers=LAYERS, int8=int8)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_device_map_over_two_gpus_moves_the_hidden_state_once(monkeypatch, int8: bool, batch: int) -> None:
+    """Prefill and a decode step with the layers split over cuda:0 and cuda:1 (FakeTensors: an op
+    mixing the two raises): no host sync, and at the split the hidden state [B, T, D] and the
+    per-step inputs that layer 1 reads (rotary cos and sin, the mask, the cache slots) move to
+    cuda:1, once each; the logits come out on cuda:1."""
+    monkeypatch.setattr(experts_mod, "_capability", lambda index: (9, 0))  # an H100/H200
+    model = _split_model(int8)
+    with fake_cuda(monkeypatch) as (mode, _), torch.no_grad():
+        to_fake_devices(model, mode, TWO_GPUS)
+        d = model.config.hidden_size
+        cache = KVCache(model.config, batch, CACHE, device=layer_devices(model), dtype=model.dtype)
+        ids = torch.zeros(batch, PROMPT, dtype=torch.long, device=TWO_GPUS[0])
+        with trace_ops() as p, _Transfers() as moved_p:
+            logits = prefill(model, ids, cache, None)
+        assert logits.device == TWO_GPUS[1] and p.syncs == []
+        slot = torch.tensor([PROMPT], device=TWO_GPUS[0])
+        positions = torch.full((batch, 1), PROMPT, device=TWO_GPUS[0])
+        tokens = logits.argmax(-1)[:, None].to(TWO_GPUS[0])
+        with trace_ops() as s, _Transfers() as moved_s:
+            logits = decode_step(model, tokens, cache, slot, positions)
+        assert logits.device == TWO_GPUS[1] and s.syncs == []
+    for moved, t in ((moved_p.moves, PROMPT), (moved_s.moves, 1)):
+        assert all(src == "cuda:0" and dst == "cuda:1" for _, src, dst in moved), moved
+        assert len(moved) == 5, moved  # h, cos, sin, mask, slots
+        assert sum(shape == (batch, t, d) for shape, _, _ in moved) == 1
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["bf16", "int8"])
+def test_generation_over_two_gpus_reads_the_host_on_the_last_gpus_stream(monkeypatch, int8: bool) -> None:
+    """The real ``generate`` loop (``_to_host`` included) on the split model: no host sync, and each
+    step's tokens, sampled on cuda:1, are copied to pinned host memory on cuda:1's stream with the
+    event recorded on that same stream and waited on before the host reads them. Before, the
+    event went on the current device's stream (cuda:0): the host could read before the copy."""
+    monkeypatch.setattr(experts_mod, "_capability", lambda index: (9, 0))
+    model = _split_model(int8)
+    with fake_cuda(monkeypatch) as (mode, runtime):
+        to_fake_devices(model, mode, TWO_GPUS)
+        with trace_ops() as t:
+            results = generate_mod.generate(model, _Tokenizer(), [[1, 5, 9], [7, 3]], max_new_tokens=4)
+    assert t.syncs == [] and len(results) == 2
+    assert [len(r.token_ids) for r in results] == [4, 4]  # the fake host buffers hold token 1: never EOS
+    last = runtime.current[TWO_GPUS[1]]
+    assert runtime.host_copies == [(TWO_GPUS[1], last)] * 8  # tokens and logprobs, 4 steps
+    assert len(runtime.events) == 4
+    assert all(e.stream is last and e.waited for e in runtime.events), runtime.events
+    assert runtime.synchronized == [TWO_GPUS[1]]
