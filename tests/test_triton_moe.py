@@ -182,3 +182,59 @@ def test_linear_kernel_matches_the_float32_product(dtype: torch.dtype, rows: int
     # one rounding of the result, plus float32 accumulation in another order (D terms)
     magnitude = x.float().abs() @ dequantize(layer.weight, layer.scale).abs().T
     assert (err <= 2 * UNIT[dtype] * want.abs() + D * 2.0**-24 * magnitude).all(), err.max()
+
+
+def _compile(kernel: str, dtype: str, arch: int):
+    """Ahead-of-time compile one kernel to a cubin for CUDA ``arch`` (no GPU needed: Triton's own
+    ptxas), with the constants its launcher passes."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mixtral_lite.cuda import triton_moe as k
+
+    dot = {"bf16": triton.language.bfloat16, "fp16": triton.language.float16, "fp32": triton.language.float32}[dtype]
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    fn, pointers, ints, consts = {
+        "gate_up": (
+            k._gate_up_kernel,
+            [dtype, "i8", dtype, "i8", dtype, "i64", dtype],
+            ["P", "D", "F"],
+            {"K": 2, "BLOCK_P": 16, "BLOCK_F": k.GATE_UP_TILE, "BLOCK_D": k.REDUCE_TILE},
+        ),
+        "down": (
+            k._down_kernel,
+            [dtype, "i8", dtype, "i64", "fp32"],
+            ["P", "D", "F"],
+            {"BLOCK_P": 16, "BLOCK_D": k.DOWN_TILE, "BLOCK_F": k.REDUCE_TILE},
+        ),
+        "linear": (
+            k._linear_kernel,
+            [dtype, "i8", dtype, dtype],
+            ["M", "N_OUT", "N_IN"],
+            {"BLOCK_M": 16, "BLOCK_O": k.LINEAR_TILE, "BLOCK_I": k.REDUCE_TILE},
+        ),
+    }[kernel]
+    names = fn.arg_names
+    consts = {**consts, "DOT": dot, "PRECISION": precision}
+    signature = dict(zip(names, ["*" + p for p in pointers] + ["i32"] * len(ints), strict=False))
+    signature.update({c: "constexpr" for c in consts})
+    assert list(signature) == names, (list(signature), names)
+    return triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("kernel", ["gate_up", "down", "linear"])
+def test_kernels_compile_for_hopper(kernel: str, dtype: str) -> None:
+    """The interpreter accepts code the compiler would not: every kernel, as its launcher
+    configures it, compiles to a cubin for sm90 (H100/H200) with Triton's own ptxas; bf16 and fp16
+    products go to the tensor cores (float32 ones stay exact: no tf32)."""
+    compiled = _compile(kernel, dtype, 90)
+    assert len(compiled.asm["cubin"]) > 0
+    assert ("mma" in compiled.asm["ptx"]) == (dtype != "fp32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 100])
+@pytest.mark.parametrize("kernel", ["gate_up", "down", "linear"])
+def test_kernels_compile_for_ampere_and_blackwell(kernel: str, arch: int) -> None:
+    assert len(_compile(kernel, "bf16", arch).asm["cubin"]) > 0
