@@ -38,6 +38,9 @@ _EXPORTS = {
     "install_cpu_kernels": "cpu.install",
     "uninstall_cpu_kernels": "cpu.install",
     "cpu_kernels_status": "cpu.install",
+    "CudaKernels": "cuda.install",
+    "install_cuda_kernels": "cuda.install",
+    "uninstall_cuda_kernels": "cuda.install",
     "bundled_path": "bundle",
 }
 
@@ -45,6 +48,7 @@ __all__ = [
     "GenerationOptions",
     "ConfigError",
     "CpuKernels",
+    "CudaKernels",
     "GenerationResult",
     "GenerationStats",
     "KVCache",
@@ -62,12 +66,14 @@ __all__ = [
     "cpu_kernels_status",
     "generate",
     "install_cpu_kernels",
+    "install_cuda_kernels",
     "load_model",
     "load_tokenizer",
     "quantize_model",
     "save_pretrained",
     "stream",
     "uninstall_cpu_kernels",
+    "uninstall_cuda_kernels",
 ]
 
 
@@ -88,6 +94,7 @@ if TYPE_CHECKING:
     from .bundle import bundled_path
     from .config import ConfigError, MixtralConfig, MoEConfig
     from .cpu.install import CpuKernels, cpu_kernels_status, install_cpu_kernels, uninstall_cpu_kernels
+    from .cuda.install import CudaKernels, install_cuda_kernels, uninstall_cuda_kernels
     from .errors import UserError
     from .generation.generate import GenerationOptions, GenerationResult, GenerationStats, TextStream, generate, stream
     from .generation.prompt_cache import PromptCache
