@@ -5,10 +5,11 @@ Decoding a few rows of an int8 MoE layer has to read each chosen expert's int8 w
 no other expert's: the sync-free PyTorch dispatches either run every expert (``each``: all E read)
 or write float copies of the chosen ones (``gather``). Here one program per (expert, output tile)
 loads the routing ids [N, K] (a few hundred bytes), exits without touching the weights when no
-row chose its expert, and otherwise streams its int8 tile once, multiplies in float32 (the int8
-weights cast to the activations' dtype, exact for |q| <= 127), applies the per-row scale after the
-product and writes the (token, slot) pairs that chose it. No host sync, static shapes: CUDA graphs
-and ``torch.compile`` see one op (``ops.py`` registers these launchers as custom ops).
+row chose its expert, and otherwise streams its int8 tile once, multiplies with float32
+accumulation (the int8 weights cast to the activations' dtype, exact for |q| <= 127), applies the
+per-row scale after the product and writes the (token, slot) pairs that chose it. No host sync,
+static shapes: CUDA graphs and ``torch.compile`` see one op (``ops.py`` registers these launchers
+as custom ops).
 
 Rows are (token, slot) pairs, P = N*K: every pair belongs to exactly one expert, so each output
 row is written by one program per tile and nothing is accumulated across programs. Pairs of other
@@ -138,8 +139,8 @@ def _linear_kernel(
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    os = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
-    o_ok = os < N_OUT
+    outs = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = outs < N_OUT
     ms = tl.arange(0, BLOCK_M)
     m_ok = ms < M
     acc = tl.full((BLOCK_M, BLOCK_O), 0.0, tl.float32)
@@ -147,12 +148,12 @@ def _linear_kernel(
         cols = i0 + tl.arange(0, BLOCK_I)
         i_ok = cols < N_IN
         xt = tl.load(x_ptr + ms[:, None] * N_IN + cols[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0).to(DOT)
-        w_off = os[:, None].to(tl.int64) * N_IN + cols[None, :]
+        w_off = outs[:, None].to(tl.int64) * N_IN + cols[None, :]
         wt = tl.load(w_ptr + w_off, mask=o_ok[:, None] & i_ok[None, :], other=0).to(DOT)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
-    y = acc * tl.load(s_ptr + os, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    y = acc * tl.load(s_ptr + outs, mask=o_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(
-        y_ptr + ms[:, None] * N_OUT + os[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :]
+        y_ptr + ms[:, None] * N_OUT + outs[None, :], y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :]
     )
 
 
