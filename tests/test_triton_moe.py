@@ -238,3 +238,35 @@ def test_kernels_compile_for_hopper(kernel: str, dtype: str) -> None:
 @pytest.mark.parametrize("kernel", ["gate_up", "down", "linear"])
 def test_kernels_compile_for_ampere_and_blackwell(kernel: str, arch: int) -> None:
     assert len(_compile(kernel, "bf16", arch).asm["cubin"]) > 0
+
+
+def test_ops_pass_torch_library_opcheck() -> None:
+    """The fake (meta) implementations the traces and ``torch.compile`` use agree with what the
+    kernels return (shapes, dtypes, strides), and the schemas hold (``torch.library.opcheck``)."""
+    from mixtral_lite.cuda.ops import int8_linear, int8_moe_down, int8_moe_gate_up
+
+    moe = int8_moe(torch.bfloat16)
+    idx = torch.tensor(ROUTINGS["rows share experts, two never chosen"])
+    x = torch.randn(idx.shape[0], D).to(torch.bfloat16)
+    h = int8_moe_gate_up(x, moe.w1, moe.w1_scale, moe.w3, moe.w3_scale, idx)
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    torch.library.opcheck(int8_moe_gate_up, (x, moe.w1, moe.w1_scale, moe.w3, moe.w3_scale, idx), test_utils=checks)
+    torch.library.opcheck(int8_moe_down, (h, moe.w2, moe.w2_scale, idx), test_utils=checks)
+    torch.library.opcheck(int8_linear, (x, moe.w1[0], moe.w1_scale[0]), test_utils=checks)
+
+
+def test_launchers_refuse_shapes_that_do_not_fit() -> None:
+    """The kernels index with the shapes they are given: a mismatch is an error, not a wrong read."""
+    from mixtral_lite.cuda.triton_moe import down, gate_up, linear
+
+    moe = int8_moe(torch.float32)
+    idx = torch.tensor([[0, 1]])
+    x = torch.randn(1, D)
+    with pytest.raises(ValueError, match=r"int8 linear: shapes x \[1, 160\], q \[160, 200\], scale \[160\] do not fit"):
+        linear(x, moe.w2[0], moe.w2_scale[0], interpret=True)
+    with pytest.raises(ValueError, match="int8 MoE gate/up"):
+        gate_up(x[:, :-1], moe.w1, moe.w1_scale, moe.w3, moe.w3_scale, idx, interpret=True)
+    with pytest.raises(ValueError, match="int8 MoE down"):
+        down(torch.randn(3, F), moe.w2, moe.w2_scale, idx, interpret=True)
+    with pytest.raises(ValueError, match="contiguous"):
+        linear(x, moe.w1[0].t().contiguous().t(), moe.w1_scale[0], interpret=True)

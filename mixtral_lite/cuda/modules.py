@@ -43,6 +43,8 @@ class CudaInt8Linear(Int8Linear):
         rows = x.numel() // x.shape[-1]
         if rows > MAX_ROWS or x.dtype not in DTYPES or (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)
+        if not (self.weight.is_contiguous() and self.scale.is_contiguous()):
+            return super().forward(x)
         return int8_linear(x.reshape(rows, x.shape[-1]), self.weight, self.scale).view(*x.shape[:-1], -1)
 
 

@@ -169,6 +169,15 @@ def _kernel(kernel, interpret: bool):
     return _interpreted(kernel) if interpret else kernel
 
 
+def _check(what: str, ok: bool, *tensors: torch.Tensor, names: str) -> None:
+    """Shapes and layout the kernels index by (host metadata only: no sync)."""
+    shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(names.split(), tensors, strict=True))
+    if not ok:
+        raise ValueError(f"{what}: shapes {shapes} do not fit")
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError(f"{what}: expected contiguous tensors, got {shapes}")
+
+
 def _pairs_tile(p: int) -> int:
     return max(MIN_PAIRS_TILE, triton.next_power_of_2(p))
 
@@ -204,6 +213,8 @@ def gate_up(
     each pair's ``silu(x w1^T s1) * (x w3^T s3)`` for its expert."""
     n, k = idx.shape
     e, f, d = w1.shape
+    ok = x.shape == (n, d) and w3.shape == w1.shape and s1.shape == s3.shape == (e, f)
+    _check("int8 MoE gate/up", ok, x, w1, s1, w3, s3, names="x w1 s1 w3 s3")
     p = n * k
     h = torch.empty(p, f, dtype=x.dtype, device=x.device)
     grid = (e, triton.cdiv(f, GATE_UP_TILE))
@@ -235,6 +246,7 @@ def down(
     float32: each pair's ``h w2^T s2`` for its expert."""
     p, f = h.shape
     e, d, _ = w2.shape
+    _check("int8 MoE down", p == idx.numel() and w2.shape[2] == f and s2.shape == (e, d), h, w2, s2, names="h w2 s2")
     y = torch.empty(p, d, dtype=torch.float32, device=h.device)
     grid = (e, triton.cdiv(d, DOWN_TILE))
     _kernel(_down_kernel, interpret)[grid](
@@ -261,6 +273,7 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, *, interpret: 
     and reads a float copy)."""
     m, i = x.shape
     o = q.shape[0]
+    _check("int8 linear", q.shape == (o, i) and scale.shape == (o,), x, q, scale, names="x q scale")
     y = torch.empty(m, o, dtype=x.dtype, device=x.device)
     _kernel(_linear_kernel, interpret)[(triton.cdiv(o, LINEAR_TILE),)](
         x.contiguous(),
