@@ -219,7 +219,8 @@ def _compile(kernel: str, dtype: str, arch: int):
     signature = dict(zip(names, ["*" + p for p in pointers] + ["i32"] * len(ints), strict=False))
     signature.update({c: "constexpr" for c in consts})
     assert list(signature) == names, (list(signature), names)
-    return triton.compile(ASTSource(fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32))
+    source = ASTSource(fn, signature, constexprs=consts)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": k.FP_FUSION})
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
