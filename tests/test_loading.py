@@ -215,8 +215,10 @@ MEMORY_SCRIPT = textwrap.dedent(
         line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
         return int(line.split()[1]) * 1024
     before = status("VmRSS")
-    model = load_model(sys.argv[1], dtype=torch.bfloat16, progress=False)
-    print(json.dumps({"before": before, "peak": status("VmHWM")}))
+    quantize = sys.argv[2] if len(sys.argv) > 2 else None
+    model = load_model(sys.argv[1], dtype=torch.bfloat16, quantize=quantize, progress=False)
+    done = model.quantization["bytes_after"] if quantize else None
+    print(json.dumps({"before": before, "peak": status("VmHWM"), "model": done}))
     """
 )
 
@@ -253,6 +255,44 @@ def test_peak_memory_is_model_plus_one_tensor(tmp_path):
     assert 150e6 < fp32_bytes < 170e6
     print(f"fp32 {fp32_bytes / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, peak RSS grew {grown / 1e6:.1f} MB")
     assert grown <= fp32_bytes / 2 + largest + 40e6
+
+
+def test_int8_load_never_holds_the_float_model(tmp_path):
+    """``quantize="int8"`` quantises each weight as it arrives, on the device it loads to: 300 MB of
+    float32 raise the peak RSS by the int8 model, the quantiser's float32 working copies of one
+    tensor (four of the largest) and 30 MB of slack, below the 157 MB bfloat16 model that loading
+    first and quantising after held (and that freed tensors left in glibc's heap held as well)."""
+    from mixtral_lite import MixtralConfig, save_pretrained
+
+    config = MixtralConfig(
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        moe={"num_experts": 8, "num_experts_per_tok": 2},
+    )
+    model = Mixtral(config)
+    fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
+    save_pretrained(model, tmp_path, max_shard_size="100MB")
+    del model
+    src = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), "int8"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )
+    r = json.loads(out.stdout)
+    grown = r["peak"] - r["before"]
+    largest = max(t.nbytes for f in tmp_path.glob("*.safetensors") for t in read_safetensors_header(f))
+    print(
+        f"fp32 {fp32_bytes / 1e6:.1f} MB, int8 model {r['model'] / 1e6:.1f} MB, largest {largest / 1e6:.1f} MB, "
+        f"peak RSS grew {grown / 1e6:.1f} MB"
+    )
+    assert grown <= r["model"] + 4 * largest + 30e6 < fp32_bytes / 2
 
 
 def _variant_config():

@@ -42,6 +42,21 @@ def test_quantise_while_loading_equals_quantise_after(folder, mode: str, dtype: 
     assert streamed.quantization["bytes_after"] == after.quantization["bytes_after"]
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-hqq"])
+def test_quantise_while_loading_in_row_blocks_equals_quantise_after(tmp_path, mode: str) -> None:
+    """An output head of 5,000 rows is quantised from the file's view in blocks of rows (its file
+    pages dropped as it goes); bit-equal to quantising the loaded model, HQQ's per-block stop too."""
+    make_hf_model(
+        seed=1, std=0.1, num_hidden_layers=1, vocab_size=5000, hidden_size=64, intermediate_size=128
+    ).save_pretrained(tmp_path)
+    streamed = load_model(tmp_path, dtype=torch.bfloat16, quantize=mode, group_size=32, progress=False)
+    after = quantize_model(load_model(tmp_path, dtype=torch.bfloat16, progress=False), mode, group_size=32)
+    a, b = _state(streamed), _state(after)
+    assert a.keys() == b.keys() and a["output.weight"].shape[0] == 5000
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4-hqq", "int4-mixed-hqq"])
 def test_saved_quantised_model_loads_back(folder, tmp_path, mode: str) -> None:
     model = load_model(folder, dtype=torch.bfloat16, quantize=mode, progress=False)

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..heap import trim_heap
+
 HUGE = 2 << 20
 MIN_BYTES = 2 * HUGE  # smaller tensors would sit mostly on the 4 KiB pages at their ends
 _MADV_HUGEPAGE = 14  # linux/mman.h
@@ -83,18 +85,9 @@ def place_on_huge_pages(model: nn.Module) -> tuple[int, int]:
             continue  # tied (already moved), already there, or a view into a larger storage
         seen.add(id(t))
         t.data = huge_page_copy(t.data)
-        _trim()  # hand the old storage's pages back now: the peak stays the model plus one tensor
+        trim_heap()  # hand the old storage's pages back now: the peak stays the model plus one tensor
         moved, nbytes = moved + 1, nbytes + size
     return moved, nbytes
-
-
-def _trim() -> None:
-    """glibc keeps freed blocks below its mmap threshold in the heap, resident; ``malloc_trim``
-    returns their pages to the system (a no-op elsewhere)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 __all__ = ["available", "huge_page_copy", "on_huge_pages", "place_on_huge_pages"]

@@ -32,7 +32,7 @@ from .mixtral import SparseMoE
 BLOCK = 32  # inputs per packed block (16 bytes)
 METHODS = ("rtn", "hqq")
 SCALE_DTYPE = torch.float16
-ROWS_AT_ONCE = 2048  # rows quantised together (HQQ holds a few float32 copies of them)
+ROWS_AT_ONCE = 512  # rows quantised together (HQQ holds about ten float32 copies of them)
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (codes uint8 [..., O, I/2], scale, offset [..., O, G])
 
 

@@ -135,18 +135,26 @@ class Checkpoint:
             flat = torch.frombuffer(mm, dtype=dtype, count=info.nbytes // dtype.itemsize, offset=info.offset)
         return flat.view(info.shape)
 
-    def release(self, key: str) -> None:
-        """Drop a read tensor's file pages from this process (the OS page cache keeps them)."""
+    def release(self, key: str, upto: int | None = None) -> None:
+        """Drop a read tensor's file pages from this process (the OS page cache keeps them);
+        ``upto``: only its first ``upto`` bytes, the whole pages among them (a tensor consumed in
+        row blocks gives its pages back as it goes)."""
         info = self.tensors[key]
         if self._pth is not None:
-            storage = self._pth[key].untyped_storage()
-            _drop_pages(storage.data_ptr(), storage.nbytes())
+            if upto is None:
+                storage = self._pth[key].untyped_storage()
+                _drop_pages(storage.data_ptr(), storage.nbytes())
             return
         mm = self._maps.get(info.file)
         if mm is None or info.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = info.offset - info.offset % mmap.PAGESIZE
-        mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        end = info.offset + info.nbytes
+        if upto is not None:
+            end = info.offset + min(upto, info.nbytes)
+            end -= end % mmap.PAGESIZE  # a page still partly unread stays
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         for mm in self._maps.values():

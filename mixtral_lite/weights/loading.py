@@ -22,8 +22,10 @@ from torch import nn
 from ..cpu import install_cpu_kernels
 from ..cuda import install_cuda_kernels
 from ..errors import UserError
+from ..heap import trim_heap
 from ..model.mixtral import Mixtral
 from ..model.quant import DEFAULT_GROUP_SIZE, quantize_model
+from ..model.quant4 import ROWS_AT_ONCE  # int4's own row block (HQQ's stop is per block)
 from ..offload.install import offload_experts, resolve_placement
 from ..offload.placement import Placement, expert_tensor
 from ..offload.stores import ExpertReader
@@ -247,6 +249,10 @@ def _stream(
             src = ckpt.read(key)
             part = None
             for c in group:
+                whole = c.expert is None and c.count == 1 and c.rope_heads is None and parts_left[c.name] == 1
+                if c.name in quantizers and whole and src.dim() == 2 and src.shape == expected[c.name].shape:
+                    _quantize_rows(out, ckpt, key, src, expected[c.name], quantizers[c.name], dtype, placement[c.name])
+                    continue
                 if c.name in quantizers and c.expert is not None and c.count == 1 and c.rope_heads is None:
                     _quantize_expert(out, c, src, expected[c.name], quantizers[c.name], dtype, placement[c.name])
                     continue
@@ -268,12 +274,41 @@ def _stream(
                         out.update(quantizers[c.name](out.pop(c.name)))
             del src, part
             ckpt.release(key)
+            if quantizers:
+                trim_heap()  # the float tensor just quantised is freed: its pages go back now
             if bar is not None:
                 bar.update(ckpt.tensors[key].nbytes)
     finally:
         if bar is not None:
             bar.close()
     return out
+
+
+def _quantize_rows(
+    out: dict[str, torch.Tensor],
+    ckpt: Checkpoint,
+    key: str,
+    src: torch.Tensor,
+    meta: torch.Tensor,
+    quantizer: Quantizer,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """A whole 2-D weight quantised straight from the file's view, a block of rows at a time, each
+    block's file pages dropped once read: neither a float copy of the tensor nor all its file pages
+    are ever held. Rows are independent, and the blocks are the ones ``quantize_model`` takes, so
+    the buffers equal quantising the loaded tensor."""
+    want = storage_dtype(meta, dtype)
+    row_bytes = src[0].numel() * src.element_size() if len(src) else 0
+    for i in range(0, len(src), ROWS_AT_ONCE):
+        block = src[i : i + ROWS_AT_ONCE].to(device=device, dtype=want)
+        for name, piece in quantizer(block).items():
+            buf = out.get(name)
+            if buf is None:
+                buf = out[name] = torch.empty(len(src), *piece.shape[1:], dtype=piece.dtype, device=device)
+            buf[i : i + len(block)] = piece
+        del block
+        ckpt.release(key, upto=(i + ROWS_AT_ONCE) * row_bytes)
 
 
 def _quantize_expert(
