@@ -223,15 +223,16 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
-def test_peak_memory_is_model_plus_one_tensor(tmp_path):
-    """Loading 160 MB of float32 into bfloat16 raises the peak RSS by the 80 MB bf16 model plus at most
-    one source tensor (16 MB here) and 40 MB of slack, far below the 160 MB a float32 copy would cost."""
+def _load_peak(tmp_path, intermediate_size: int, max_shard_size: str, quantize: str | None = None):
+    """A random float32 checkpoint written to ``tmp_path`` and loaded in bfloat16 (``quantize``: as
+    it streams) in a fresh process: (float32 bytes, peak RSS growth, largest file tensor, quantised
+    model bytes or None)."""
     from mixtral_lite import MixtralConfig, save_pretrained
 
     config = MixtralConfig(
         vocab_size=1000,
         hidden_size=512,
-        intermediate_size=1024,
+        intermediate_size=intermediate_size,
         num_hidden_layers=3,
         num_attention_heads=8,
         num_key_value_heads=2,
@@ -239,19 +240,25 @@ def test_peak_memory_is_model_plus_one_tensor(tmp_path):
     )
     model = Mixtral(config)
     fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
-    save_pretrained(model, tmp_path, max_shard_size="60MB")
+    save_pretrained(model, tmp_path, max_shard_size=max_shard_size)
     del model
     src = str(Path(__file__).resolve().parent.parent)
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)],
+        [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), *([quantize] if quantize else [])],
         capture_output=True,
         text=True,
         check=True,
         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
     )
     r = json.loads(out.stdout)
-    grown = r["peak"] - r["before"]
     largest = max(t.nbytes for f in tmp_path.glob("*.safetensors") for t in read_safetensors_header(f))
+    return fp32_bytes, r["peak"] - r["before"], largest, r["model"]
+
+
+def test_peak_memory_is_model_plus_one_tensor(tmp_path):
+    """Loading 160 MB of float32 into bfloat16 raises the peak RSS by the 80 MB bf16 model plus at most
+    one source tensor (16 MB here) and 40 MB of slack, far below the 160 MB a float32 copy would cost."""
+    fp32_bytes, grown, largest, _ = _load_peak(tmp_path, 1024, "60MB")
     assert 150e6 < fp32_bytes < 170e6
     print(f"fp32 {fp32_bytes / 1e6:.1f} MB, largest tensor {largest / 1e6:.1f} MB, peak RSS grew {grown / 1e6:.1f} MB")
     assert grown <= fp32_bytes / 2 + largest + 40e6
@@ -262,37 +269,12 @@ def test_int8_load_never_holds_the_float_model(tmp_path):
     float32 raise the peak RSS by the int8 model, the quantiser's float32 working copies of one
     tensor (four of the largest) and 30 MB of slack, below the 157 MB bfloat16 model that loading
     first and quantising after held (and that freed tensors left in glibc's heap held as well)."""
-    from mixtral_lite import MixtralConfig, save_pretrained
-
-    config = MixtralConfig(
-        vocab_size=1000,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        moe={"num_experts": 8, "num_experts_per_tok": 2},
-    )
-    model = Mixtral(config)
-    fp32_bytes = sum(p.numel() for p in model.parameters()) * 4
-    save_pretrained(model, tmp_path, max_shard_size="100MB")
-    del model
-    src = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), "int8"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
-    )
-    r = json.loads(out.stdout)
-    grown = r["peak"] - r["before"]
-    largest = max(t.nbytes for f in tmp_path.glob("*.safetensors") for t in read_safetensors_header(f))
+    fp32_bytes, grown, largest, int8_bytes = _load_peak(tmp_path, 2048, "100MB", quantize="int8")
     print(
-        f"fp32 {fp32_bytes / 1e6:.1f} MB, int8 model {r['model'] / 1e6:.1f} MB, largest {largest / 1e6:.1f} MB, "
+        f"fp32 {fp32_bytes / 1e6:.1f} MB, int8 model {int8_bytes / 1e6:.1f} MB, largest {largest / 1e6:.1f} MB, "
         f"peak RSS grew {grown / 1e6:.1f} MB"
     )
-    assert grown <= r["model"] + 4 * largest + 30e6 < fp32_bytes / 2
+    assert grown <= int8_bytes + 4 * largest + 30e6 < fp32_bytes / 2
 
 
 def _variant_config():

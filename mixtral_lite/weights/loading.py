@@ -302,11 +302,7 @@ def _quantize_rows(
     row_bytes = src[0].numel() * src.element_size() if len(src) else 0
     for i in range(0, len(src), ROWS_AT_ONCE):
         block = src[i : i + ROWS_AT_ONCE].to(device=device, dtype=want)
-        for name, piece in quantizer(block).items():
-            buf = out.get(name)
-            if buf is None:
-                buf = out[name] = torch.empty(len(src), *piece.shape[1:], dtype=piece.dtype, device=device)
-            buf[i : i + len(block)] = piece
+        _place(out, quantizer(block), len(src), slice(i, i + len(block)))
         del block
         ckpt.release(key, upto=(i + ROWS_AT_ONCE) * row_bytes)
 
@@ -324,11 +320,17 @@ def _quantize_expert(
     stack: slice by slice) into the stack's quantised buffers, allocated at the first expert."""
     part = torch.empty(1, *meta.shape[1:], dtype=storage_dtype(meta, dtype), device=device)
     part[0].copy_(src)
-    for name, piece in quantizer(part).items():
+    _place(out, quantizer(part), meta.shape[0], slice(c.expert, c.expert + 1))
+
+
+def _place(out: dict[str, torch.Tensor], pieces: dict[str, torch.Tensor], rows: int, at: slice) -> None:
+    """Quantised pieces written at rows ``at`` of their buffers, each allocated (``rows`` long, on
+    the pieces' device) by the first piece that reaches it."""
+    for name, piece in pieces.items():
         buf = out.get(name)
         if buf is None:
-            buf = out[name] = torch.empty(meta.shape[0], *piece.shape[1:], dtype=piece.dtype, device=device)
-        buf[c.expert] = piece[0]
+            buf = out[name] = torch.empty(rows, *piece.shape[1:], dtype=piece.dtype, device=piece.device)
+        buf[at] = piece
 
 
 def _copy_interleaved_to_half(dest: torch.Tensor, src: torch.Tensor, heads: int) -> None:
