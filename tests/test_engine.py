@@ -40,16 +40,23 @@ def mixed_requests(tokenizer, count: int) -> list[tuple[SeqRequest, dict]]:
     return out
 
 
-@pytest.mark.parametrize("max_seq_len, chunk", [(1024, 256), (48, 5)])
-def test_sixteen_mixed_requests_equal_generate_alone(bundled, max_seq_len, chunk):
+@pytest.mark.parametrize("rows, max_seq_len, chunk", [(4, 1024, 256), (4, 48, 5), (16, 1024, 256)])
+def test_sixteen_mixed_requests_equal_generate_alone(bundled, rows, max_seq_len, chunk):
     """16 requests through 4 rows (rows join and leave mid-batch); (48, 5) also forces chunked
-    prefill and repeated cache compaction. Tokens must be identical, logprobs within 1e-4."""
+    prefill and repeated cache compaction; 16 rows prefill the prompts that join together in
+    left-padded calls and decode all rows in one call per layer. Tokens must be identical, logprobs
+    within 1e-4."""
     model, tokenizer = bundled
     pairs = mixed_requests(tokenizer, 16)
-    engine = Engine(model, tokenizer, max_batch=4, max_queue=16, max_seq_len=max_seq_len, prefill_chunk=chunk)
+    engine = Engine(model, tokenizer, max_batch=rows, max_queue=16, max_seq_len=max_seq_len, prefill_chunk=chunk)
+    joint = []
+    together = engine._prefill_together
+    engine._prefill_together = lambda group: joint.append(len(group)) or together(group)
     results = engine.generate([r for r, _ in pairs])
     if max_seq_len == 48:
-        assert engine.metrics.repacks >= 2
+        assert engine.metrics.repacks >= 2 and not joint  # 5-token chunks: no two prompts fit together
+    if rows == 16:
+        assert sum(joint) >= 8, joint
     for (req, kw), res in zip(pairs, results, strict=True):
         ref = generate(model, tokenizer, req.prompt, **kw)
         assert res.token_ids == ref.token_ids, kw

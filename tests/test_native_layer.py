@@ -14,7 +14,7 @@ from torch import nn
 
 from mixtral_lite import MixtralConfig
 from mixtral_lite.cpu import build, install_cpu_kernels, modules, native
-from mixtral_lite.cpu.layer import LayerPlan, native_route
+from mixtral_lite.cpu.layer import LAYER_MAX_ROWS, LayerPlan, native_route
 from mixtral_lite.model import mixtral as model
 from mixtral_lite.model import quant
 from mixtral_lite.model.cache import KVCache
@@ -109,6 +109,46 @@ def test_layer_equals_the_two_fused_halves(dtype: torch.dtype, int8: bool, b: in
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("b", [9, 16, LAYER_MAX_ROWS])
+def test_a_decode_step_of_many_rows_is_each_row_alone(dtype: torch.dtype, int8: bool, b: int, monkeypatch) -> None:
+    """A decode step of more rows than the separate kernels take (serving many requests) runs as one
+    call; each row's output, logits and cache writes equal that row stepped alone, bit for bit (a
+    request's tokens never depend on its neighbours), and the modules' step up to the order of sums
+    (and, for int8, the kernel's rounding of activations to int16)."""
+    net, config = _decoder(dtype, int8)
+    block = net.layers[1]
+    x = torch.randn(b, 1, config.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    def cache() -> KVCache:  # the same earlier history every time
+        c = KVCache(config, b, 16, dtype=dtype)
+        c.k[1].normal_(generator=torch.Generator().manual_seed(1))
+        c.v[1].normal_(generator=torch.Generator().manual_seed(51))
+        return c
+
+    with torch.no_grad():
+        assert _fused(block, config, x, KVCache(config, b, 16, dtype=dtype)) is not None
+        many = cache()
+        out, logits = _step(block, config, x, many, 9)
+        for r in range(b):
+            one = KVCache(config, 1, 16, dtype=dtype)
+            full = cache()
+            one.k[1].copy_(full.k[1][r : r + 1])
+            one.v[1].copy_(full.v[1][r : r + 1])
+            o, lg = _step(block, config, x[r : r + 1], one, 9)
+            assert torch.equal(o, out[r : r + 1]) and torch.equal(lg, logits[r : r + 1])
+            assert torch.equal(one.k[1], many.k[1][r : r + 1]) and torch.equal(one.v[1], many.v[1][r : r + 1])
+        monkeypatch.setattr(modules.CpuBlock, "_plan", lambda *a: None)
+        plain = cache()
+        ref, ref_logits = _step(block, config, x, plain, 9)
+    tol = 1e-5 if dtype == torch.float32 else 2**-6
+    pairs = ((many.k[1], plain.k[1]), (many.v[1], plain.v[1]), (logits, ref_logits), (out, ref))
+    for got, want in pairs:
+        atol = tol * (1 + 100 * int8) * want.float().abs().amax()
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=atol)
+
+
 def test_plan_follows_weight_changes(monkeypatch) -> None:
     """Replacing a parameter, assigning ``.data``, editing in place and quantising all reach the
     next step (the plan is rebuilt where addresses change; in-place edits are read where they are)."""
@@ -159,8 +199,10 @@ def test_layer_is_skipped_where_it_does_not_apply() -> None:
         try:
             _step(block, config, x, KVCache(config, 1, 8), 0)
             assert runs == [1]
-            cache = KVCache(config, 9, 8)
-            assert _fused(block, config, torch.randn(9, 1, config.hidden_size), cache) is None  # 9 rows
+            rows = LAYER_MAX_ROWS + 1  # a decode step of more rows than the kernel takes
+            assert _fused(block, config, torch.randn(rows, 1, config.hidden_size), KVCache(config, rows, 8)) is None
+            t = native.NATIVE_MAX_ROWS + 1  # a prompt chunk of more tokens than the products take
+            assert _fused(block, config, torch.randn(1, t, config.hidden_size), KVCache(config, 1, 16)) is None
             assert _fused(block, config, x.bfloat16(), KVCache(config, 1, 8)) is None  # another dtype
             block.feed_forward.record_routing = True  # training statistics: the module path
             assert _fused(block, config, x, KVCache(config, 1, 8)) is None
@@ -175,14 +217,15 @@ def test_layer_is_skipped_where_it_does_not_apply() -> None:
 
 def _fused(block: model.Block, config: MixtralConfig, x: torch.Tensor, cache: KVCache):
     """The layer's output when its forward ran as one kernel call, else None."""
-    positions = torch.zeros(x.shape[0], 1, dtype=torch.long)
+    b, t = x.shape[:2]
+    positions = torch.arange(t).expand(b, t)
     cos, sin = model.rotary_cos_sin(positions, model.inverse_frequencies(config.head_dim, config.rope_theta), x.dtype)
-    mask = torch.zeros(x.shape[0], 1, 1, cache.max_seq_len, dtype=x.dtype)
+    mask = torch.zeros(b, 1, t, cache.max_seq_len, dtype=x.dtype)
     outs = []
     real = LayerPlan.run
     LayerPlan.run = lambda *a: outs.append(real(*a)) or outs[-1]
     try:
-        block(x, cos, sin, mask, cache, torch.tensor([0]))
+        block(x, cos, sin, mask, cache, torch.arange(t))
     except RuntimeError:  # the reference's own complaint (an input of another dtype): not one call
         pass
     finally:

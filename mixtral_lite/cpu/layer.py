@@ -25,6 +25,12 @@ from . import build, native
 from .build import loaded
 from .native import _DTYPES, _INT8, NATIVE_MAX_ROWS, Projection
 
+# Rows of a decode step (B rows of one token) the one-call layer takes: each weight row is read
+# once for all of them, so serving many requests at once reads the weights once per step. A
+# prompt's chunk (T > 1) keeps the products' limit, NATIVE_MAX_ROWS: past it PyTorch's GEMM and
+# the many-row attention are faster.
+LAYER_MAX_ROWS = 64  # csrc/kernel.h's LAYER_MAXM
+
 _POINTERS = (
     "attention_norm", "wq", "wk", "wv", "wo", "sq", "sk", "sv", "so",
     "ffn_norm", "gate", "w1", "w3", "w2", "s1", "s3", "s2",
@@ -178,12 +184,13 @@ class LayerPlan:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(layer output [B, T, D], router logits [B * T, E]) for x [B, T, D], writing the new keys
         and values at ``slots`` [T] of ``caches`` [B, KV, S, hd]; None (nothing written) when these
-        inputs do not fit the kernel (more rows than ``NATIVE_MAX_ROWS``, another dtype or layout)."""
+        inputs do not fit the kernel (more rows than ``LAYER_MAX_ROWS`` of one token or ``NATIVE_MAX_ROWS``
+        of a prompt, another dtype or layout)."""
         dtype = self.dtype
         if x.dtype != dtype or x.dim() != 3 or not x.is_cpu or x.shape[2] != self.d:
             return None
         b, t, d = x.shape
-        if b * t > NATIVE_MAX_ROWS or b * t == 0:
+        if b * t > (LAYER_MAX_ROWS if t == 1 else NATIVE_MAX_ROWS) or b * t == 0:
             return None
         kc, vc = caches
         s = kc.shape[2] if kc.dim() == 4 else 0
@@ -221,4 +228,4 @@ def native_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return idx, rw
 
 
-__all__ = ["LayerPlan", "LayerWeights", "StepInputs", "native_route", "weights_key"]
+__all__ = ["LAYER_MAX_ROWS", "LayerPlan", "LayerWeights", "StepInputs", "native_route", "weights_key"]

@@ -159,6 +159,31 @@ class Result:
     prompt_tokens: int
 
 
+def _joint_groups(waiting: list[Seq], budget: int) -> list[list[Seq]]:
+    """Runs of at least two requests in adjacent rows that have not started their prompts, whose
+    prompts end at the same slot and need no prompt log-probs, within ``budget`` padded tokens in
+    all (rows times the longest prompt of each run)."""
+    fresh = [s for s in waiting if s.done == 0 and not s.req.prompt_logprobs]
+    if not fresh:
+        return []
+    end = fresh[0].region_end
+    runs: list[list[Seq]] = []
+    for s in sorted((s for s in fresh if s.region_end == end), key=lambda s: s.row):
+        run = runs[-1] if runs else []
+        longest = max(len(r.req.prompt) for r in [*run, s])
+        if run and s.row == run[-1].row + 1 and (len(run) + 1) * longest <= budget:
+            run.append(s)
+        else:
+            runs.append([s])
+    out = []
+    for run in runs:
+        cost = len(run) * max(len(s.req.prompt) for s in run)
+        if len(run) >= 2 and cost <= budget:
+            out.append(run)
+            budget -= cost
+    return out
+
+
 def _rows_view(cache: KVCache, lo: int, hi: int) -> KVCache:
     """Rows ``lo:hi`` of ``cache`` as a ``KVCache`` sharing its storage (contiguous, so the native
     kernels accept it); writes through it land in the pool's cache."""
@@ -393,9 +418,17 @@ class Engine:
             seq.prompt_logprobs, seq.prompt_top = [None], [None]  # the first token has no context to score it
 
     def _prefill(self) -> None:
-        """Up to ``prefill_chunk`` prompt tokens, oldest request first, each through its own row."""
+        """Up to ``prefill_chunk`` prompt tokens, oldest request first: prompts that joined together
+        in one left-padded call where they can (``_prefill_together``), the rest each through its
+        own row."""
         budget = self.prefill_chunk
-        for seq in sorted((s for s in self.rows if s is not None and not s.decoding), key=lambda s: s.id):
+        waiting = sorted((s for s in self.rows if s is not None and not s.decoding), key=lambda s: s.id)
+        for group in _joint_groups(waiting, budget):
+            budget -= len(group) * max(len(s.req.prompt) for s in group)
+            self._prefill_together(group)
+        for seq in waiting:
+            if seq.decoding:  # prefilled together above
+                continue
             if budget <= 0:
                 return
             prompt, n = seq.req.prompt, len(seq.req.prompt)
@@ -416,6 +449,32 @@ class Engine:
             self.metrics.prompt_tokens += c
             if seq.decoding:
                 self._accept(seq, *self._sample(seq, logits[:, -1]))
+
+    def _prefill_together(self, group: list[Seq]) -> None:
+        """Whole prompts of adjacent rows that end at the same slot, in one call: left-padded to the
+        longest, pads masked out (invalid keys, position 0). One call instead of one per prompt is
+        what a burst of requests costs on a CPU, where each call's fixed cost outweighs its tokens."""
+        t = max(len(s.req.prompt) for s in group)
+        device = self.model.device
+        ids = torch.full((len(group), t), PAD_ID, dtype=torch.long)
+        real = torch.zeros(len(group), t, dtype=torch.long)
+        for i, s in enumerate(group):
+            n = len(s.req.prompt)
+            ids[i, t - n :] = torch.tensor(s.req.prompt)
+            real[i, t - n :] = 1
+        end = group[0].region_end
+        view = _rows_view(self.cache, group[0].row, group[-1].row + 1)
+        logits = self.model(
+            ids.to(device),
+            cache=view,
+            slots=torch.arange(end - t, end, device=device),
+            attention_mask=real.to(device),
+            last_only=True,
+        )[:, -1]  # [rows, V]
+        for i, s in enumerate(group):
+            s.done = len(s.req.prompt)
+            self.metrics.prompt_tokens += s.done
+            self._accept(s, *self._sample(s, logits[i : i + 1]))
 
     def _score_prompt(self, seq: Seq, logits: torch.Tensor, start: int, c: int) -> None:
         """Log-probabilities of prompt tokens ``start+1 .. start+c`` (those the chunk's logits predict)."""

@@ -192,7 +192,7 @@ int few_rows_qkv(const void *wq, const void *wk, const void *wv, const void *sq,
     return 0;
 }
 
-/* The attention half of a decoder layer for M = B * T (1..MAXM) rows, in one call:
+/* The attention half of a decoder layer for M = B * T (1..LAYER_MAXM) rows, in one call:
  *     h = x + wo @ attention(rope(wq @ n), rope(wk @ n), wv @ n),  n = rmsnorm(x) * norm_w,
  * with rope's k and v written into the cache at slots[t] first (k_cache, v_cache [B, KV, S, hd]).
  * Each step rounds as the separate entries (few_rows_rmsnorm, few_rows_qkv, few_rows_attention,
@@ -205,7 +205,7 @@ int few_rows_attention_block(const void *x, const void *norm_w, float eps, const
                              void *v_cache, const int64_t *slots, const void *mask, void *h, long B, long T, long D,
                              long H, long KV, long hd, long S, int bf16, int threads) {
     long M = B * T, Oq = H * hd, Okv = KV * hd;
-    if (M < 1 || M > MAXM || hd < 2 || hd % 2 || KV < 1 || H % KV || S < 1 || bad_types(wtype, sq, bf16) ||
+    if (M < 1 || M > LAYER_MAXM || hd < 2 || hd % 2 || KV < 1 || H % KV || S < 1 || bad_types(wtype, sq, bf16) ||
         (sq == NULL) != (sk == NULL) || (sq == NULL) != (sv == NULL) || (sq == NULL) != (so == NULL))
         return -1;
     for (long t = 0; t < T; t++)
@@ -280,12 +280,12 @@ int few_rows_attention_block(const void *x, const void *norm_w, float eps, const
     return failed ? -1 : 0;
 }
 
-/* RMSNorm of M (1..MAXM) rows and the router's product in one call: n = rmsnorm(x) * norm_w (as
+/* RMSNorm of M (1..LAYER_MAXM) rows and the router's product in one call: n = rmsnorm(x) * norm_w (as
  * few_rows_rmsnorm), logits = n @ gate.T [M, E] (as few_rows). Returns 0, or -1 for bad arguments
  * or a failed allocation. */
 int few_rows_norm_gate(const void *x, const void *norm_w, float eps, const void *gate, void *n, void *logits, long M,
                        long D, long E, int bf16, int threads) {
-    if (M < 1 || M > MAXM) return -1;
+    if (M < 1 || M > LAYER_MAXM) return -1;
     few_rows_rmsnorm(x, norm_w, n, M, D, eps, bf16);
     return few_rows(gate, bf16 ? W_BF16 : W_F32, NULL, n, logits, M, E, D, bf16, threads);
 }

@@ -16,6 +16,7 @@
 
 #define V 16   /* floats per vector */
 #define MAXM 8 /* rows of x per call */
+#define LAYER_MAXM 64 /* rows of a decode step through the one-call layer and its parts (B rows of one token) */
 
 typedef float vf __attribute__((vector_size(V * 4)));
 typedef uint32_t vu __attribute__((vector_size(V * 4)));

@@ -181,7 +181,7 @@ typedef struct {
     long D, H, KV, hd, E, I, K;
 } Layer;
 
-/* A Mixtral decoder layer for M = B * T (1..MAXM) rows of x [M, D], in one call:
+/* A Mixtral decoder layer for M = B * T (1..LAYER_MAXM) rows of x [M, D], in one call:
  *     h = x + attention(attention_norm(x))          (few_rows_attention_block: writes the cache)
  *     n, logits = ffn_norm(h), ffn_norm(h) @ gate.T  (few_rows_norm_gate; logits [M, E] out)
  *     out = h + sum_j rw[j] * expert_{idx[j]}(n)     (few_rows_route, then few_rows_experts)
@@ -192,7 +192,7 @@ int few_rows_layer(const Layer *L, const void *x, void *out, void *logits, const
                    int threads) {
     long M = B * T, D = L->D, E = L->E, K = L->K;
     int bf16 = L->bf16;
-    if (M < 1 || M > MAXM || E < 1 || L->I < 1 || K < 1 || K > 17 || K > E || 64 * K <= E ||
+    if (M < 1 || M > LAYER_MAXM || E < 1 || L->I < 1 || K < 1 || K > 17 || K > E || 64 * K <= E ||
         bad_types(L->wtype_experts, L->s1, bf16) || (L->s1 == NULL) != (L->s3 == NULL) ||
         (L->s1 == NULL) != (L->s2 == NULL))
         return -1;

@@ -25,12 +25,12 @@ int few_rows_vnni(void) { return HAVE_VNNI; }
 /* Whether bfloat16 products use vdpbf16ps (1) or the float32 loop (0). */
 int few_rows_dpbf16(void) { return HAVE_DPBF16; }
 
-/* y = (x @ w.T) [* scale] for M (1..MAXM) rows. wtype: W_F32, W_BF16 or W_INT8 (scale required);
+/* y = (x @ w.T) [* scale] for M (1..LAYER_MAXM) rows. wtype: W_F32, W_BF16 or W_INT8 (scale required);
  * bf16: x, y and scale are bfloat16 (1) or float32 (0). Returns 0, or -1 for bad arguments or a
  * failed allocation (nothing written). */
 int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y, long M, long O, long I, int bf16,
              int threads) {
-    if (M < 1 || M > MAXM || bad_types(wtype, scale, bf16)) return -1;
+    if (M < 1 || M > LAYER_MAXM || bad_types(wtype, scale, bf16)) return -1;
     Act a;
     if (act_init(&a, x, M, I, bf16, wtype) != 0) return -1;
     Out out = {y, scale, O, bf16, NULL};
@@ -162,7 +162,7 @@ static Act act_rows(Act a, long r0, long D) {
     return a;
 }
 
-/* The mixture of M (1..MAXM) rows: y[m] = sum_j rw[m, j] * expert_{idx[m, j]}(x[m]) over the K chosen
+/* The mixture of M (1..LAYER_MAXM) rows: y[m] = sum_j rw[m, j] * expert_{idx[m, j]}(x[m]) over the K chosen
  * experts of each row, from stacked weights (expert e at e * I * D elements of w1, w3 and w2; scales
  * at e * I and e * D). Rows that chose the same expert run through it together, so each chosen
  * expert's weights are read once. Two phases over all chosen experts at once, one barrier between
@@ -176,7 +176,7 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
                      int wtype, long E, const int64_t *idx, const float *rw, long K, const void *res, const void *x,
                      void *y, long M, long D, long I, int bf16, int threads) {
     Expert base = {w1, w3, w2, s1, s3, s2, wtype};
-    if (M < 1 || M > MAXM || K < 1 || E < 1 || bad_expert(base, bf16)) return -1;
+    if (M < 1 || M > LAYER_MAXM || K < 1 || E < 1 || bad_expert(base, bf16)) return -1;
     long P = M * K; /* (row, choice) pairs */
     for (long j = 0; j < P; j++)
         if (idx[j] < 0 || idx[j] >= E) return -1;
