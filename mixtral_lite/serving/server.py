@@ -6,9 +6,9 @@ with OpenAI's error object ``{"error": {"message", "type", "param", "code"}}`` a
 never a traceback: the body is read with a size limit and checked field by field here, because the
 messages should name the field and what was expected.
 
-The engine steps in its own thread; each request's events cross into the event loop through
-``call_soon_threadsafe`` onto an ``asyncio.Queue``. A request whose client goes away is cancelled,
-which frees its row at the engine's next step.
+The engine steps in its own thread; each request's events cross into the event loop onto an
+``asyncio.Queue``, a step's events in one ``call_soon_threadsafe`` (``_Delivery``). A request
+whose client goes away is cancelled, which frees its row at the engine's next step.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import hmac
 import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -173,17 +174,42 @@ def _user_error(exc: UserError) -> ApiError:
 # ---- the app ----
 
 
+class _Delivery:
+    """Engine events crossing from the stepping thread into the event loop, coalesced: a decode step
+    of many rows posts one event per row, and waking the loop once per event (a write to its
+    self-pipe and a callback each) costs the loop more than the step's own work. One per app."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set by the first request
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, tuple[int, Delta]]] = []
+
+    def post(self, queue: asyncio.Queue, item: tuple[int, Delta]) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:  # a drain is already scheduled and takes this one too
+                return
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
 class _Events:
     """Engine events of one HTTP request's sequences, delivered into the event loop."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
+    def __init__(self, delivery: _Delivery) -> None:
+        delivery.loop = asyncio.get_running_loop()
+        self.delivery = delivery
         self.queue: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
 
     def callback(self, index: int):
         def on_event(delta: Delta) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening any more
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, delta))
+            self.delivery.post(self.queue, (index, delta))
 
         return on_event
 
@@ -209,6 +235,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, options: ServerOptions) -> 
 
     app = FastAPI(title="mixtral-lite", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    delivery = _Delivery()
     http_counts: dict[tuple[str, int], int] = {}
 
     app.add_middleware(_AuthAndCount, api_key=options.api_key, counts=http_counts)
@@ -276,7 +303,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, options: ServerOptions) -> 
         )
         seed = get_int(body, "seed")
         reqs = [SeqRequest(ids, seed=None if seed is None else seed + j, **base) for ids in prompts for j in range(n)]
-        events = _Events()
+        events = _Events(delivery)
         choices = _submit(engine, reqs, events)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": now, "model": options.model_name}
@@ -359,7 +386,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, options: ServerOptions) -> 
             )
             for j in range(n)
         ]
-        events = _Events()
+        events = _Events(delivery)
         choices = _submit(engine, reqs, events)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": now, "model": options.model_name}

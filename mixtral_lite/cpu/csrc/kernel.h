@@ -195,71 +195,119 @@ RUN(int8_t, i8)
  * bfloat16 values is exact in float32), another order; subnormal inputs count as zero. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define HAVE_DPBF16 1
-#define DP(MM)                                                                                       \
-    static inline void dp_##MM(const uint16_t *restrict wr, const uint16_t *restrict x, Out out,    \
-                               long m0, long I, long o) {                                            \
-        const uint16_t *xm = x + m0 * I;                                                             \
-        __m512 a[MM], b[MM];                                                                         \
-        for (int m = 0; m < MM; m++) a[m] = b[m] = _mm512_setzero_ps();                              \
+
+/* Lane r of the result: the sum of a[r]'s 16 lanes (r < 16), in one fixed order (elements two
+ * apart, then neighbours, then 128-bit lanes): 16 sums for the price of about two reductions. Every
+ * path below sums each (weight row, activation row) pair this way, whatever else shares the call,
+ * so a row's result never depends on the other rows of its batch. */
+static inline __m512 sum16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int j = 0; j < 4; j++) {
+        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * j]), _mm512_castps_pd(b[2 * j + 1]));
+        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * j]), _mm512_castps_pd(b[2 * j + 1]));
+        c[j] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    for (int j = 0; j < 2; j++)
+        d[j] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * j], c[2 * j + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+/* The lane sums of weight row r against activation row m over the first i32 inputs (a multiple of
+ * 32), one vdpbf16ps per 32 inputs, in two accumulators (even and odd blocks of 32: two chains of
+ * additions in flight), added into acc[r * MM + m]. MO weight rows and MM activation rows (at most
+ * 8 pairs) stay in registers, so each load feeds several products. */
+#define DPB(MO, MM)                                                                                  \
+    static inline void dpb_##MO##_##MM(const uint16_t *restrict w, const uint16_t *restrict x, long I, \
+                                       long i32, __m512 *acc) {                                      \
+        __m512 a[MO * MM], b[MO * MM];                                                               \
+        for (int p = 0; p < MO * MM; p++) a[p] = b[p] = _mm512_setzero_ps();                         \
         long k = 0;                                                                                  \
-        for (; k + 64 <= I; k += 64) {                                                               \
-            __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);                                     \
-            __m512bh w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);                                \
+        for (; k + 64 <= i32; k += 64) {                                                             \
+            __m512bh x0[MM], x1[MM];                                                                 \
             for (int m = 0; m < MM; m++) {                                                           \
-                a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(xm + m * I + k));      \
-                b[m] = _mm512_dpbf16_ps(b[m], w1, (__m512bh)_mm512_loadu_si512(xm + m * I + k + 32)); \
+                x0[m] = (__m512bh)_mm512_loadu_si512(x + m * I + k);                                 \
+                x1[m] = (__m512bh)_mm512_loadu_si512(x + m * I + k + 32);                            \
+            }                                                                                        \
+            for (int r = 0; r < MO; r++) {                                                           \
+                __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + r * I + k);                           \
+                __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + r * I + k + 32);                      \
+                for (int m = 0; m < MM; m++) {                                                       \
+                    a[r * MM + m] = _mm512_dpbf16_ps(a[r * MM + m], w0, x0[m]);                      \
+                    b[r * MM + m] = _mm512_dpbf16_ps(b[r * MM + m], w1, x1[m]);                      \
+                }                                                                                    \
             }                                                                                        \
         }                                                                                            \
-        for (; k + 32 <= I; k += 32) {                                                               \
-            __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);                                     \
-            for (int m = 0; m < MM; m++)                                                             \
-                a[m] = _mm512_dpbf16_ps(a[m], w0, (__m512bh)_mm512_loadu_si512(xm + m * I + k));      \
-        }                                                                                            \
-        for (int m = 0; m < MM; m++) {                                                               \
-            float s = _mm512_reduce_add_ps(_mm512_add_ps(a[m], b[m]));                               \
-            for (long kk = k; kk < I; kk++) s += bf16_to_f32(wr[kk]) * bf16_to_f32(xm[m * I + kk]);  \
-            store(out, m0 + m, o, s);                                                                \
-        }                                                                                            \
+        if (k < i32)                                                                                 \
+            for (int r = 0; r < MO; r++) {                                                           \
+                __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + r * I + k);                           \
+                for (int m = 0; m < MM; m++)                                                         \
+                    a[r * MM + m] = _mm512_dpbf16_ps(a[r * MM + m], w0,                              \
+                                                     (__m512bh)_mm512_loadu_si512(x + m * I + k));   \
+            }                                                                                        \
+        for (int p = 0; p < MO * MM; p++) acc[p] = _mm512_add_ps(a[p], b[p]);                        \
     }
-DP(2)
-DP(3)
+DPB(1, 1) DPB(1, 2) DPB(1, 3) DPB(1, 4)
+DPB(2, 1) DPB(2, 2) DPB(2, 3) DPB(2, 4)
+DPB(3, 1) DPB(3, 2) DPB(4, 1) DPB(4, 2)
 
-/* Per weight row, the rows of x three at a time (four measured slower); the weight row stays in the
- * L1 cache between groups. */
-/* The raw sum of one weight row against one bfloat16 row (before the epilogue, store). */
-static inline float dp_row(const uint16_t *restrict wr, const uint16_t *restrict xm, long I) {
-    __m512 a = _mm512_setzero_ps(), b = a;
-    long k = 0;
-    for (; k + 64 <= I; k += 64) {
-        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xm + k));
-        b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(wr + k + 32), (__m512bh)_mm512_loadu_si512(xm + k + 32));
+static inline void dpb(long mo, long mm, const uint16_t *w, const uint16_t *x, long I, long i32, __m512 *acc) {
+#define DPB_CASE(MO, MM) \
+    case MO * 8 + MM: dpb_##MO##_##MM(w, x, I, i32, acc); break;
+    switch (mo * 8 + mm) {
+        DPB_CASE(1, 1) DPB_CASE(1, 2) DPB_CASE(1, 3) DPB_CASE(1, 4)
+        DPB_CASE(2, 1) DPB_CASE(2, 2) DPB_CASE(2, 3) DPB_CASE(2, 4)
+        DPB_CASE(3, 1) DPB_CASE(3, 2) DPB_CASE(4, 1) DPB_CASE(4, 2)
     }
-    for (; k + 32 <= I; k += 32)
-        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xm + k));
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
-    for (long kk = k; kk < I; kk++) s += bf16_to_f32(wr[kk]) * bf16_to_f32(xm[kk]);
+#undef DPB_CASE
+}
+
+/* The inputs past the last multiple of 32, added after the vector sums. */
+static inline float dp_tail(const uint16_t *wr, const uint16_t *xm, long i32, long I) {
+    float s = 0;
+    for (long k = i32; k < I; k++) s += bf16_to_f32(wr[k]) * bf16_to_f32(xm[k]);
     return s;
 }
 
 static void run_dp(const uint16_t *w, const uint16_t *x, Out out, long M, long I, long o0, long o1) {
-    if (M == 1) { /* one row: sums of 16 outputs, then one vector epilogue (store16) */
-        long o = o0;
-        for (; o + V <= o1; o += V) {
-            vf sums;
-            for (int r = 0; r < V; r++) sums[r] = dp_row(w + (o + r) * I, x, I);
-            store16(out, 0, o, sums);
+    long i32 = I / 32 * 32;
+    __m512 acc[16];
+    vf s;
+    if (M == 1) { /* 16 outputs, one weight row after the other (one stream), one vector epilogue */
+        for (long o = o0; o < o1; o += V) {
+            long n = o1 - o < V ? o1 - o : V;
+            for (long r = 0; r < V; r++) acc[r] = _mm512_setzero_ps();
+            for (long r = 0; r < n; r++) dpb_1_1(w + (o + r) * I, x, I, i32, acc + r);
+            __m512 t = sum16(acc);
+            memcpy(&s, &t, sizeof s);
+            if (i32 < I)
+                for (long j = 0; j < n; j++) s[j] += dp_tail(w + (o + j) * I, x, i32, I);
+            if (n == V)
+                store16(out, 0, o, s);
+            else
+                for (long j = 0; j < n; j++) store(out, 0, o + j, s[j]);
         }
-        for (; o < o1; o++) store(out, 0, o, dp_row(w + o * I, x, I));
         return;
     }
-    for (long o = o0; o < o1; o++) {
-        const uint16_t *wr = w + o * I;
-        for (long m = 0; m < M;) {
-            switch (M - m) {
-            case 1: store(out, m, o, dp_row(wr, x + m * I, I)); m += 1; break;
-            case 2: dp_2(wr, x, out, m, I, o); m += 2; break;
-            default: dp_3(wr, x, out, m, I, o); m += 3; break;
-            }
+    /* Blocks of mo weight rows by mm activation rows. One weight row at a time streams best; two
+     * share each activation load, which pays once the activations no longer fit the L1 cache. */
+    long mm = M < 4 ? M : 4, mo = M > 4 && I > 1024 ? 2 : 1;
+    for (long o = o0; o < o1; o += mo) {
+        long no = o1 - o < mo ? o1 - o : mo;
+        for (long m = 0; m < M; m += mm) {
+            long nm = M - m < mm ? M - m : mm;
+            for (int p = 0; p < 16; p++) acc[p] = _mm512_setzero_ps();
+            dpb(no, nm, w + o * I, x + m * I, I, i32, acc);
+            __m512 t = sum16(acc);
+            memcpy(&s, &t, sizeof s);
+            for (long r = 0; r < no; r++)
+                for (long j = 0; j < nm; j++) {
+                    float v = s[r * nm + j];
+                    if (i32 < I) v += dp_tail(w + (o + r) * I, x + (m + j) * I, i32, I);
+                    store(out, m + j, o + r, v);
+                }
         }
     }
 }
