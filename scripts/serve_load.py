@@ -37,10 +37,15 @@ def spawn_server(args) -> tuple[str, subprocess.Popen]:
         if value:
             cmd += [flag, str(value)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    line = proc.stderr.readline()
-    if " at http://127.0.0.1:" not in line:
+    seen = []
+    for line in proc.stderr:  # notes before the startup line (a kernel build) are passed through
+        if " at http://127.0.0.1:" in line:
+            break
+        seen.append(line)
+        print(line, end="", file=sys.stderr)
+    else:
         proc.kill()
-        raise SystemExit(f"serve_load: the server did not start: {line}{proc.stderr.read()}")
+        raise SystemExit(f"serve_load: the server did not start: {''.join(seen)}")
     return line.split(" at ")[1].split()[0].removesuffix("/v1"), proc
 
 
@@ -102,6 +107,7 @@ async def one(client: httpx.AsyncClient, url: str, i: int, max_tokens: int) -> d
     if not done:
         return {"error": "no [DONE]"}
     ttft = times[0] - start if times else float("nan")
+    tokens = tokens or len(times)  # no usage chunk (llama-server): one token per streamed chunk
     return {"ttft": ttft, "itl": [b - a for a, b in zip(times, times[1:], strict=False)], "tokens": tokens}
 
 
@@ -122,7 +128,7 @@ async def level(url: str, concurrency: int, count: int, max_tokens: int, max_sec
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     ok = [r for r in results if "error" not in r]
-    ttfts = sorted(r["ttft"] for r in ok)
+    ttfts = sorted(r["ttft"] for r in ok if r["ttft"] == r["ttft"])  # a request with no text has no first token
     itls = sorted(x for r in ok for x in r["itl"])
     return {
         "concurrency": concurrency,

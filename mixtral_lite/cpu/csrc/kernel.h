@@ -219,6 +219,7 @@ static inline __m512 sum16(const __m512 *a) {
  * 32), one vdpbf16ps per 32 inputs, in two accumulators (even and odd blocks of 32: two chains of
  * additions in flight), added into acc[r * MM + m]. MO weight rows and MM activation rows (at most
  * 8 pairs) stay in registers, so each load feeds several products. */
+#define DP_AHEAD 4096 /* bytes of a weight row fetched ahead of the loads (several activation rows) */
 #define DPB(MO, MM)                                                                                  \
     static inline void dpb_##MO##_##MM(const uint16_t *restrict w, const uint16_t *restrict x, long I, \
                                        long i32, __m512 *acc) {                                      \
@@ -232,6 +233,10 @@ static inline __m512 sum16(const __m512 *a) {
                 x1[m] = (__m512bh)_mm512_loadu_si512(x + m * I + k + 32);                            \
             }                                                                                        \
             for (int r = 0; r < MO; r++) {                                                           \
+                if (MM > 1) { /* compute between loads: the hardware prefetcher falls behind */     \
+                    _mm_prefetch((const char *)(w + r * I + k) + DP_AHEAD, _MM_HINT_T0);             \
+                    _mm_prefetch((const char *)(w + r * I + k) + DP_AHEAD + 64, _MM_HINT_T0);        \
+                }                                                                                    \
                 __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + r * I + k);                           \
                 __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + r * I + k + 32);                      \
                 for (int m = 0; m < MM; m++) {                                                       \
