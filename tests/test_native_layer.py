@@ -60,12 +60,15 @@ def test_router_rejects_what_topk_selects_otherwise() -> None:
         native_route(torch.randn(2, 40), 18)
 
 
-def _decoder(dtype: torch.dtype, int8: bool, seed: int = 0) -> tuple[model.Mixtral, MixtralConfig]:
+def _decoder(
+    dtype: torch.dtype, int8: bool, seed: int = 0, mode: str | None = None
+) -> tuple[model.Mixtral, MixtralConfig]:
+    """The tiny model, quantised to int8 (or to ``mode``, int4 in groups of 32), kernels installed."""
     config = MixtralConfig.from_preset("tiny")
     torch.manual_seed(seed)
     net = model.Mixtral(config).to(dtype).eval()
-    if int8:
-        quant.quantize_model(net, "int8")
+    if int8 or mode:
+        quant.quantize_model(net, mode or "int8", group_size=32)
     install_cpu_kernels(net)
     return net, config
 
@@ -110,14 +113,18 @@ def test_layer_equals_the_two_fused_halves(dtype: torch.dtype, int8: bool, b: in
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
 @pytest.mark.parametrize("b", [9, 16, LAYER_MAX_ROWS])
-def test_a_decode_step_of_many_rows_is_each_row_alone(dtype: torch.dtype, int8: bool, b: int, monkeypatch) -> None:
+def test_a_decode_step_of_many_rows_is_each_row_alone(
+    dtype: torch.dtype, mode: str | None, b: int, monkeypatch
+) -> None:
     """A decode step of more rows than the separate kernels take (serving many requests) runs as one
     call; each row's output, logits and cache writes equal that row stepped alone, bit for bit (a
     request's tokens never depend on its neighbours), and the modules' step up to the order of sums
-    (and, for int8, the kernel's rounding of activations to int16)."""
-    net, config = _decoder(dtype, int8)
+    (and, for int8, the kernel's rounding of activations to int16; int4 rows alone are tied to the
+    modules by ``test_int4_layer_equals_the_module_path``)."""
+    int8 = mode == "int8"
+    net, config = _decoder(dtype, False, mode=mode)
     block = net.layers[1]
     x = torch.randn(b, 1, config.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
 
@@ -139,6 +146,8 @@ def test_a_decode_step_of_many_rows_is_each_row_alone(dtype: torch.dtype, int8: 
             o, lg = _step(block, config, x[r : r + 1], one, 9)
             assert torch.equal(o, out[r : r + 1]) and torch.equal(lg, logits[r : r + 1])
             assert torch.equal(one.k[1], many.k[1][r : r + 1]) and torch.equal(one.v[1], many.v[1][r : r + 1])
+        if mode == "int4":
+            return
         monkeypatch.setattr(modules.CpuBlock, "_plan", lambda *a: None)
         plain = cache()
         ref, ref_logits = _step(block, config, x, plain, 9)
@@ -147,6 +156,64 @@ def test_a_decode_step_of_many_rows_is_each_row_alone(dtype: torch.dtype, int8: 
     for got, want in pairs:
         atol = tol * (1 + 100 * int8) * want.float().abs().amax()
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=atol)
+
+
+def _with_history(config: MixtralConfig, b: int, dtype: torch.dtype) -> KVCache:
+    cache = KVCache(config, b, 16, dtype=dtype)
+    for layer in range(config.num_hidden_layers):
+        cache.k[layer].normal_(generator=torch.Generator().manual_seed(layer))
+        cache.v[layer].normal_(generator=torch.Generator().manual_seed(layer + 50))
+    return cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["int4", "int4-mixed"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_int4_layer_equals_the_module_path(dtype: torch.dtype, mode: str, b: int, monkeypatch) -> None:
+    """int4 weights in the one call (int4-mixed: int8 attention) against the per-module int4 path
+    (CpuInt4Linear, CpuInt4MoE) and against the int4 attention half: both round the activations to
+    int8 per group the same way, so the caches and router logits agree to the dtype's rounding and
+    the layer's own part of the output (out - x) to 1% of its largest value (another order of the
+    float32 sums, bfloat16 rounding of the expert intermediates)."""
+    net, config = _decoder(dtype, False, mode=mode)
+    block = net.layers[1]
+    assert type(block.feed_forward) is modules.CpuInt4MoE
+    caches = [_with_history(config, b, dtype) for _ in range(3)]
+    x = torch.randn(b, 1, config.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    runs = []
+    with torch.no_grad():
+        runs.append(_step(block, config, x, caches[0], 9))
+        assert block._layer_plan.ok
+        monkeypatch.setattr(modules.CpuBlock, "_plan", lambda *a: None)
+        runs.append(_step(block, config, x, caches[1], 9))  # the attention half in one call
+        monkeypatch.setattr(modules.CpuBlock, "_attention_half", lambda *a: None)
+        runs.append(_step(block, config, x, caches[2], 9))  # every module on its own
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    (out, logits), *others = runs
+    for (ref, ref_logits), cache in zip(others, caches[1:], strict=True):
+        for got, want in ((caches[0].k[1], cache.k[1]), (caches[0].v[1], cache.v[1]), (logits, ref_logits)):
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        part, ref_part = (out - x).float(), (ref - x).float()
+        torch.testing.assert_close(part, ref_part, rtol=0, atol=0.01 * ref_part.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["int4", "int4-mixed"])
+def test_int4_model_decodes_in_one_call_per_layer(mode: str) -> None:
+    net, config = _decoder(torch.bfloat16, False, mode=mode)
+    calls = []
+    real = LayerPlan.run
+    x = torch.randn(1, 1, config.hidden_size).bfloat16()
+    LayerPlan.run = lambda *a: calls.append(real(*a)) or calls[-1]
+    try:
+        with torch.no_grad():
+            for block in net.layers:
+                _step(block, config, x, KVCache(config, 1, 8, dtype=torch.bfloat16), 0)
+    finally:
+        LayerPlan.run = real
+    assert len(calls) == config.num_hidden_layers and all(c is not None for c in calls)
+    plan = net.layers[0]._layer_plan
+    assert plan.struct.wtype_experts == 3 and plan.struct.G == 32
+    assert plan.struct.wtype_attention == (2 if mode == "int4-mixed" else 3)
 
 
 def test_plan_follows_weight_changes(monkeypatch) -> None:

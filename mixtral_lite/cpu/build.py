@@ -124,7 +124,8 @@ def load() -> ctypes.CDLL | None:
         sw.argtypes = ptrs + [ctypes.c_int] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
         ex = lib.few_rows_experts
         ex.restype = ctypes.c_int
-        ex.argtypes = ptrs + [ctypes.c_int, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        ex.argtypes = ptrs + [ctypes.c_void_p] * 3  # int4 offsets
+        ex.argtypes += [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
         ex.argtypes += [ctypes.c_void_p]  # residual
         ex.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
         qkv = lib.few_rows_qkv
@@ -137,7 +138,7 @@ def load() -> ctypes.CDLL | None:
         ng.argtypes += [ctypes.c_int] * 2
         blk = lib.few_rows_attention_block
         blk.restype = ctypes.c_int
-        blk.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 8 + [ctypes.c_int]
+        blk.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_float] + [ctypes.c_void_p] * 12 + [ctypes.c_int, ctypes.c_long]
         blk.argtypes += [ctypes.c_void_p] * 7 + [ctypes.c_long] * 7 + [ctypes.c_int] * 2
         at = lib.few_rows_attention
         at.restype = ctypes.c_int

@@ -23,7 +23,7 @@ import torch
 
 from . import build, native
 from .build import loaded
-from .native import _DTYPES, _INT8, NATIVE_MAX_ROWS, Projection
+from .native import _DTYPES, _INT4, _INT8, NATIVE_MAX_ROWS, Projection, int4_group_size
 
 # Rows of a decode step (B rows of one token) the one-call layer takes: each weight row is read
 # once for all of them, so serving many requests at once reads the weights once per step. A
@@ -32,8 +32,8 @@ from .native import _DTYPES, _INT8, NATIVE_MAX_ROWS, Projection
 LAYER_MAX_ROWS = 64  # csrc/kernel.h's LAYER_MAXM
 
 _POINTERS = (
-    "attention_norm", "wq", "wk", "wv", "wo", "sq", "sk", "sv", "so",
-    "ffn_norm", "gate", "w1", "w3", "w2", "s1", "s3", "s2",
+    "attention_norm", "wq", "wk", "wv", "wo", "sq", "sk", "sv", "so", "bq", "bk", "bv", "bo",
+    "ffn_norm", "gate", "w1", "w3", "w2", "s1", "s3", "s2", "b1", "b3", "b2",
 )  # fmt: skip
 
 
@@ -46,14 +46,15 @@ class _LayerStruct(ctypes.Structure):
         ("wtype_attention", ctypes.c_int),
         ("wtype_experts", ctypes.c_int),
         ("bf16", ctypes.c_int),
-        *[(name, ctypes.c_long) for name in ("D", "H", "KV", "hd", "E", "I", "K")],
+        *[(name, ctypes.c_long) for name in ("D", "H", "KV", "hd", "E", "I", "K", "G")],
     ]
 
 
 class LayerWeights(NamedTuple):
     """What the one-call layer reads, gathered by ``modules.CpuBlock``: the two norms' weights and eps,
     wq wk wv wo as (weight, int8 scale or None), the router's weight, the stacked experts
-    (w1, w2, w3) and their int8 scales (or None), the attention heads and experts per token."""
+    (w1, w2, w3) and their int8 scales (or None), the attention heads and experts per token. int4
+    weights: the codes, their float16 group scales in place of the int8 ones, and the offsets."""
 
     attention_norm: torch.Tensor
     attention_eps: float
@@ -67,6 +68,8 @@ class LayerWeights(NamedTuple):
     n_kv_heads: int
     head_dim: int
     top_k: int
+    projection_offsets: tuple[torch.Tensor, ...] | None = None  # int4 wq wk wv wo
+    expert_offsets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # int4 w1 w2 w3
 
 
 def weights_key(dtype: torch.dtype, weights: LayerWeights) -> tuple:
@@ -75,8 +78,10 @@ def weights_key(dtype: torch.dtype, weights: LayerWeights) -> tuple:
     (wq, sq), (wk, sk), (wv, sv), (wo, so) = weights.projections
     ts = (weights.attention_norm, weights.ffn_norm, weights.gate, *weights.experts, wq, wk, wv, wo)
     ts += tuple(s for s in (sq, sk, sv, so) if s is not None) + (weights.expert_scales or ())
+    ts += (weights.projection_offsets or ()) + (weights.expert_offsets or ())
     settings = (dtype, weights.attention_eps, weights.ffn_eps, weights.n_heads, weights.n_kv_heads, weights.head_dim)
     settings += (weights.top_k, weights.expert_scales is None, sq is None, len(ts))
+    settings += (weights.projection_offsets is None, weights.expert_offsets is None)
     return settings + tuple(map(id, ts)) + tuple([t.data_ptr() for t in ts])
 
 
@@ -84,20 +89,33 @@ def _projections_ok(dtype: torch.dtype, d: int, weights: LayerWeights) -> bool:
     """``native.projections_ok`` for wq, wk, wv and wo, with the heads' counts."""
     (wq, _), (wk, _) = weights.projections[:2]
     hd, h, kv = weights.head_dim, weights.n_heads, weights.n_kv_heads
-    if kv < 1 or h % kv or wq.shape != (h * hd, d) or wk.shape != (kv * hd, d):
+    offsets = weights.projection_offsets
+    cols = d // 2 if offsets is not None else d  # int4: two codes a byte
+    if kv < 1 or h % kv or wq.shape != (h * hd, cols) or wk.shape != (kv * hd, cols):
         return False
-    return native.projections_ok(dtype, d, weights.projections, hd)
+    return native.projections_ok(dtype, d, weights.projections, hd, offsets)
 
 
 def _experts_ok(dtype: torch.dtype, d: int, weights: LayerWeights) -> bool:
     """``native.experts_weights_ok``, the router's weight [E, D] of the dtype, and the top-k the
     kernel's router selects as torch.topk does (``few_rows_route``)."""
-    if not native.experts_weights_ok(dtype, d, weights.experts, weights.expert_scales):
+    if not native.experts_weights_ok(dtype, d, weights.experts, weights.expert_scales, weights.expert_offsets):
         return False
     e, k, gate = weights.experts[0].shape[0], weights.top_k, weights.gate
     if gate.dtype != dtype or gate.shape != (e, d) or not gate.is_contiguous():
         return False
     return 1 <= k <= min(17, e) and 64 * k > e
+
+
+def _group_size(weights: LayerWeights) -> int | None:
+    """The inputs per group of the layer's int4 weights (0 without any), None where the attention's
+    and the experts' differ (the kernel takes one)."""
+    sizes = set()
+    if weights.projection_offsets is not None:
+        sizes.add(int4_group_size(*weights.projections[0]))
+    if weights.expert_offsets is not None:
+        sizes.add(int4_group_size(weights.experts[0], weights.expert_scales[0]))
+    return None if len(sizes) > 1 else next(iter(sizes), 0)
 
 
 class StepInputs:
@@ -145,6 +163,7 @@ class LayerPlan:
             and norms_ok
             and _projections_ok(dtype, d, weights)
             and _experts_ok(dtype, d, weights)
+            and _group_size(weights) is not None
             and all(t.device.type == "cpu" for t in (weights.attention_norm, weights.gate, weights.experts[0]))
             and build.available()
         )
@@ -154,21 +173,23 @@ class LayerPlan:
         self.kv, self.hd = weights.n_kv_heads, weights.head_dim
         (wq, sq), (wk, sk), (wv, sv), (wo, so) = weights.projections
         w1, w2, w3 = weights.experts
-        ss = weights.expert_scales
+        ss, pb, eb = weights.expert_scales, weights.projection_offsets, weights.expert_offsets
         ptrs = {
             "attention_norm": weights.attention_norm, "wq": wq, "wk": wk, "wv": wv, "wo": wo,
             "sq": sq, "sk": sk, "sv": sv, "so": so, "ffn_norm": weights.ffn_norm, "gate": weights.gate,
             "w1": w1, "w3": w3, "w2": w2, "s1": ss and ss[0], "s3": ss and ss[2], "s2": ss and ss[1],
+            "bq": pb and pb[0], "bk": pb and pb[1], "bv": pb and pb[2], "bo": pb and pb[3],
+            "b1": eb and eb[0], "b3": eb and eb[2], "b2": eb and eb[1],
         }  # fmt: skip
         s = _LayerStruct()
         for name, t in ptrs.items():
             setattr(s, name, None if t is None else t.data_ptr())
         s.attention_eps, s.ffn_eps = weights.attention_eps, weights.ffn_eps
-        s.wtype_attention = _INT8 if sq is not None else _DTYPES[wq.dtype]
-        s.wtype_experts = _INT8 if ss is not None else _DTYPES[w1.dtype]
+        s.wtype_attention = _INT4 if pb is not None else _INT8 if sq is not None else _DTYPES[wq.dtype]
+        s.wtype_experts = _INT4 if eb is not None else _INT8 if ss is not None else _DTYPES[w1.dtype]
         s.bf16 = _DTYPES[dtype]
         s.D, s.H, s.KV, s.hd = d, weights.n_heads, weights.n_kv_heads, weights.head_dim
-        s.E, s.I, s.K = w1.shape[0], w1.shape[1], weights.top_k
+        s.E, s.I, s.K, s.G = w1.shape[0], w1.shape[1], weights.top_k, _group_size(weights)
         self.struct = s
         self.ref = ctypes.byref(s)
 

@@ -18,6 +18,7 @@ from ..model.quant4 import Int4Linear, Int4MoE
 from .gemv import experts_pair, split_parts
 from .layer import LayerPlan, LayerWeights, StepInputs, weights_key
 from .native import (
+    Projection,
     native_attention,
     native_attention_block,
     native_experts,
@@ -206,19 +207,25 @@ class CpuBlock(Block):
         """The weights the one-call layer reads, or None where a part is not the plain Mixtral one
         (other routers, shared experts, parallelism, recorded routing, another dispatch)."""
         att, ff, an, fn = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
-        if type(ff) not in (CpuSparseMoE, CpuInt8MoE):  # a dense FFN, int4, or experts living elsewhere
+        if type(ff) not in (CpuSparseMoE, CpuInt8MoE, CpuInt4MoE):  # a dense FFN, or experts living elsewhere
             return None
         if self.declined() is not None or ff.record_routing or ff.dispatch != "auto":
             return None
         if ff.reduce is not None or att.reduce is not None:
             return None
-        projections = _projections(att)
-        if projections is None or type(ff.gate) is not CpuLinear:
+        found = _projections(att)
+        if found is None or type(ff.gate) is not CpuLinear:
             return None
-        scales = ff.scales() if isinstance(ff, Int8MoE) else None
+        projections, projection_offsets = found
+        scales = offsets = None
+        if isinstance(ff, Int8MoE):
+            scales = ff.scales()
+        elif isinstance(ff, Int4MoE):
+            scales = (ff.w1_scale, ff.w2_scale, ff.w3_scale)
+            offsets = (ff.w1_offset, ff.w2_offset, ff.w3_offset)
         return LayerWeights(
             an.weight, an.eps, projections, fn.weight, fn.eps, ff.gate.weight, (ff.w1, ff.w2, ff.w3), scales,
-            att.n_heads, att.n_kv_heads, att.head_dim, ff.top_k,
+            att.n_heads, att.n_kv_heads, att.head_dim, ff.top_k, projection_offsets, offsets,
         )  # fmt: skip
 
     def _attention_half(
@@ -234,29 +241,36 @@ class CpuBlock(Block):
         att, norm = self.attention, self.attention_norm
         if type(att) is not CpuAttention or att.qk_norm is not None or att.clip_qkv is not None:
             return None  # the kernel computes Mixtral's attention only
-        projections = _projections(att)
-        if projections is None or att.reduce is not None:
+        found = _projections(att)
+        if found is None or att.reduce is not None:
             return None
-        if not use_native_attention_block(x, norm.weight, projections, cos, att.head_dim, caches, mask):
+        projections, offsets = found
+        if not use_native_attention_block(x, norm.weight, projections, cos, att.head_dim, caches, mask, offsets):
             return None
         return native_attention_block(
-            x, norm.weight, norm.eps, projections, cos, sin, att.head_dim, caches, slots, mask
+            x, norm.weight, norm.eps, projections, cos, sin, att.head_dim, caches, slots, mask, offsets
         )
 
 
-def _projections(att: Attention) -> tuple[tuple[torch.Tensor, torch.Tensor | None], ...] | None:
+def _projections(att: Attention) -> tuple[tuple[Projection, ...], tuple[torch.Tensor, ...] | None] | None:
     """(weight, int8 scale or None) of wq, wk, wv, wo when each is a plain product the kernel may
-    compute (``CpuLinear`` or ``CpuInt8Linear``), else None."""
-    out = []
+    compute (``CpuLinear``, ``CpuInt8Linear``, or ``CpuInt4Linear``: codes and float16 scales), and
+    the int4 offsets (None for the others), else None."""
+    out, offsets = [], []
     for m in (att.wq, att.wk, att.wv, att.wo):
         kind = type(m)
         if kind is CpuLinear:
             out.append((m.weight, None))
         elif kind is CpuInt8Linear:
             out.append((m.weight, m.scale))
+        elif kind is CpuInt4Linear:
+            out.append((m.weight, m.scale))
+            offsets.append(m.offset)
         else:
             return None
-    return tuple(out)
+    if offsets and len(offsets) != len(out):  # mixed types: not one call
+        return None
+    return tuple(out), tuple(offsets) if offsets else None
 
 
 class CpuMixtral(Mixtral):

@@ -25,8 +25,9 @@ from .build import loaded as _loaded
 NATIVE_MAX_ROWS = 8  # rows per product the kernel takes (more: PyTorch / oneDNN)
 # float32 from 7 rows on: oneDNN's product is as fast (docs/performance.md)
 FLOAT32_MAX_ROWS = 6
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's weight types (int8: 2)
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's weight types (int8: 2, int4: 3)
 _INT8 = 2
+_INT4 = 3
 
 
 def use_native(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -140,11 +141,51 @@ def native_rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor
     return y
 
 
+def int4_weights_ok(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, in_features: int) -> bool:
+    """int4 weights as the kernel reads them (``model/quant4.py``'s format): codes uint8 [..., O, I/2],
+    float16 scale and offset [..., O, I / G], all contiguous, groups of a multiple of 32 inputs."""
+    if packed.dtype != torch.uint8 or packed.shape[-1] * 2 != in_features or not packed.is_contiguous():
+        return False
+    if scale.dtype != torch.float16 or offset.dtype != torch.float16 or scale.shape != offset.shape:
+        return False
+    if scale.shape[:-1] != packed.shape[:-1] or not (scale.is_contiguous() and offset.is_contiguous()):
+        return False
+    g = scale.shape[-1]
+    return g > 0 and in_features % g == 0 and (in_features // g) % 32 == 0
+
+
+def int4_group_size(packed: torch.Tensor, scale: torch.Tensor) -> int:
+    """The inputs per group of int4 weights (codes [..., I/2], scales [..., I / G])."""
+    return packed.shape[-1] * 2 // scale.shape[-1]
+
+
+def _int4_experts_ok(
+    d: int, ws: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...], bs: tuple[torch.Tensor, ...]
+) -> bool:
+    """Stacked int4 experts: codes w1, w3 [E, I, D/2], w2 [E, D, I/2], one group size."""
+    w1, w2, w3 = ws
+    if w1.dim() != 3 or len(ss) != 3 or len(bs) != 3:
+        return False
+    e, i, half = w1.shape
+    if half * 2 != d or w3.shape != w1.shape or w2.shape != (e, d, i // 2) or i % 2:
+        return False
+    if not all(int4_weights_ok(w, s, b, n) for w, s, b, n in zip(ws, ss, bs, (d, i, d), strict=True)):
+        return False
+    return len({int4_group_size(w, s) for w, s in zip(ws, ss, strict=True)}) == 1
+
+
 def experts_weights_ok(
-    dtype: torch.dtype, d: int, ws: tuple[torch.Tensor, ...], ss: tuple[torch.Tensor, ...] | None
+    dtype: torch.dtype,
+    d: int,
+    ws: tuple[torch.Tensor, ...],
+    ss: tuple[torch.Tensor, ...] | None,
+    bs: tuple[torch.Tensor, ...] | None = None,
 ) -> bool:
     """The weights' share of ``use_native_experts``: stacked w1, w3 [E, I, D], w2 [E, D, I] as ``ws`` =
-    (w1, w2, w3), contiguous, of ``dtype`` (the activations'), or int8 with scales ``ss`` of ``dtype``."""
+    (w1, w2, w3), contiguous, of ``dtype`` (the activations'), or int8 with scales ``ss`` of ``dtype``,
+    or int4 codes with float16 scales ``ss`` and offsets ``bs`` (``int4_weights_ok``)."""
+    if bs is not None:
+        return ss is not None and _int4_experts_ok(d, ws, ss, bs)
     w1, w2, w3 = ws
     if w1.dim() != 3:
         return False
@@ -198,7 +239,11 @@ def native_experts(
         w3.data_ptr(),
         w2.data_ptr(),
         *scales,
+        None,
+        None,
+        None,
         wtype,
+        0,
         e,
         ids.data_ptr(),
         rw.data_ptr(),
@@ -211,10 +256,37 @@ def native_experts(
 Projection = tuple[torch.Tensor, torch.Tensor | None]  # a weight [O, I] and its int8 scales [O] (or None)
 
 
-def projections_ok(dtype: torch.dtype, d: int, projections: tuple[Projection, ...], head_dim: int) -> bool:
+def _int4_projections_ok(
+    d: int, projections: tuple[Projection, ...], offsets: tuple[torch.Tensor, ...], head_dim: int
+) -> bool:
+    """``projections_ok`` for int4 codes with float16 scales and ``offsets``, one group size."""
+    if len(offsets) != len(projections) or head_dim % 2:
+        return False
+    (wq, _), (wk, _), (wv, _) = projections[:3]
+    ins = (d, d, d, wq.shape[0])[: len(projections)]
+    for (w, s), b, n in zip(projections, offsets, ins, strict=True):
+        if w.dim() != 2 or s is None or not int4_weights_ok(w, s, b, n):
+            return False
+    if any(w.shape[0] % head_dim for w, _ in projections[:3]) or wk.shape != wv.shape:
+        return False
+    if len(projections) == 4 and projections[3][0].shape[0] != d:
+        return False
+    return len({int4_group_size(w, s) for w, s in projections}) == 1
+
+
+def projections_ok(
+    dtype: torch.dtype,
+    d: int,
+    projections: tuple[Projection, ...],
+    head_dim: int,
+    offsets: tuple[torch.Tensor, ...] | None = None,
+) -> bool:
     """The weights' share of ``use_native_qkv``: wq, wk, wv [O, D] (and wo [D, Oq], given four)
-    contiguous, of one type (``dtype``, the activations', or int8 with scales [O] of ``dtype``),
-    outputs a multiple of an even ``head_dim``, k and v alike."""
+    contiguous, of one type (``dtype``, the activations', or int8 with scales [O] of ``dtype``, or
+    int4 codes with float16 scales and ``offsets``), outputs a multiple of an even ``head_dim``, k and
+    v alike."""
+    if offsets is not None:
+        return _int4_projections_ok(d, projections, offsets, head_dim)
     (wq, sq), (wk, _), (wv, _) = projections[:3]
     int8 = wq.dtype == torch.int8
     for w, s in projections[:3]:
@@ -306,11 +378,17 @@ def use_native_attention_block(
     head_dim: int,
     caches: tuple[torch.Tensor, torch.Tensor],
     mask: torch.Tensor | None,
+    offsets: tuple[torch.Tensor, ...] | None = None,
 ) -> bool:
     """Whether a decoder layer's attention half (norm, q/k/v with rotary, cache write, attention,
     output projection, residual) should run as one call: the rules of ``use_native_qkv`` for wq, wk,
-    wv and wo alike, a contiguous cache [B, KV, S, hd] of x's dtype and an additive mask of x's dtype."""
-    if mask is None or not use_native_qkv(x, projections, cos, head_dim) or not use_native_rmsnorm(x, norm_w):
+    wv and wo alike (int4 with ``offsets``), a contiguous cache [B, KV, S, hd] of x's dtype and an
+    additive mask of x's dtype."""
+    if mask is None or not use_native_rmsnorm(x, norm_w):
+        return False
+    if offsets is None and not use_native_qkv(x, projections, cos, head_dim):
+        return False
+    if offsets is not None and not _int4_qkv_ok(x, projections, offsets, cos, head_dim):
         return False
     wq, wk = projections[0][0], projections[1][0]
     b, t, _ = x.shape
@@ -321,6 +399,25 @@ def use_native_attention_block(
     if wq.shape[0] // head_dim % shape[1] or not (kc.is_contiguous() and vc.is_contiguous()):
         return False
     return mask.dtype == x.dtype and mask.shape == (b, 1, t, kc.shape[2]) and mask.is_contiguous()
+
+
+def _int4_qkv_ok(
+    x: torch.Tensor,
+    projections: tuple[Projection, ...],
+    offsets: tuple[torch.Tensor, ...],
+    cos: torch.Tensor,
+    head_dim: int,
+) -> bool:
+    """``use_native_qkv`` for int4 projections."""
+    if x.device.type != "cpu" or x.dim() != 3 or x.dtype not in _DTYPES or x.shape[0] * x.shape[1] > NATIVE_MAX_ROWS:
+        return False
+    if cos.dtype != x.dtype or cos.shape != (x.shape[0], 1, x.shape[1], head_dim) or not cos.is_contiguous():
+        return False
+    if not _int4_projections_ok(x.shape[2], projections, offsets, head_dim):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    return not torch.compiler.is_compiling() and build.available()
 
 
 def native_attention_block(
@@ -334,21 +431,27 @@ def native_attention_block(
     caches: tuple[torch.Tensor, torch.Tensor],
     slots: torch.Tensor,
     mask: torch.Tensor,
+    offsets: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """``x + wo(attention(...))`` of one decoder layer for a few rows of x [B, T, D], writing the new
-    keys and values into ``caches`` at ``slots`` [T]; each step rounds as the plain ops round."""
+    keys and values into ``caches`` at ``slots`` [T]; each step rounds as the plain ops round. int4
+    projections: codes with float16 scales and ``offsets``."""
     b, t, d = x.shape
     rows = x.contiguous()
     kc, vc = caches
     (wq, sq), (wk, sk), (wv, sv), (wo, so) = projections
-    int8 = sq is not None
-    scales = (sq.data_ptr(), sk.data_ptr(), sv.data_ptr(), so.data_ptr()) if int8 else (None,) * 4
+    scaled = sq is not None
+    scales = (sq.data_ptr(), sk.data_ptr(), sv.data_ptr(), so.data_ptr()) if scaled else (None,) * 4
+    if offsets is not None:
+        wtype, group, bs = _INT4, int4_group_size(wq, sq), tuple(o.data_ptr() for o in offsets)
+    else:
+        wtype, group, bs = _INT8 if scaled else _DTYPES[wq.dtype], 0, (None,) * 4
     ids = slots.to(torch.int64).contiguous()
     sin = sin.contiguous()  # held while the kernel reads it
     h = torch.empty_like(rows)
     rc = _loaded().few_rows_attention_block(
         rows.data_ptr(), norm_w.data_ptr(), eps, wq.data_ptr(), wk.data_ptr(), wv.data_ptr(), wo.data_ptr(),
-        *scales, _INT8 if int8 else _DTYPES[wq.dtype], cos.data_ptr(), sin.data_ptr(),
+        *scales, *bs, wtype, group, cos.data_ptr(), sin.data_ptr(),
         kc.data_ptr(), vc.data_ptr(), ids.data_ptr(), mask.data_ptr(), h.data_ptr(),
         b, t, d, wq.shape[0] // head_dim, kc.shape[1], head_dim, kc.shape[2], _DTYPES[x.dtype],
         torch.get_num_threads(),
@@ -519,6 +622,8 @@ __all__ = [
     "FLOAT32_MAX_ROWS",
     "NATIVE_MAX_ROWS",
     "experts_weights_ok",
+    "int4_group_size",
+    "int4_weights_ok",
     "native_attention",
     "native_attention_block",
     "native_experts",

@@ -12,22 +12,9 @@ import torch
 
 from . import build
 from .build import loaded as _loaded
-from .native import NATIVE_MAX_ROWS
+from .native import NATIVE_MAX_ROWS, int4_weights_ok
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-
-
-def _weights_ok(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, in_features: int) -> bool:
-    """Codes uint8 [..., O, I/2], float16 scale and offset [..., O, G], all contiguous, G dividing
-    I into groups of a multiple of 32."""
-    if packed.dtype != torch.uint8 or packed.shape[-1] * 2 != in_features or not packed.is_contiguous():
-        return False
-    if scale.dtype != torch.float16 or offset.dtype != torch.float16 or scale.shape != offset.shape:
-        return False
-    if scale.shape[:-1] != packed.shape[:-1] or not (scale.is_contiguous() and offset.is_contiguous()):
-        return False
-    g = scale.shape[-1]
-    return g > 0 and in_features % g == 0 and (in_features // g) % 32 == 0
 
 
 def _rows_ok(x: torch.Tensor) -> bool:
@@ -43,7 +30,7 @@ def _rows_ok(x: torch.Tensor) -> bool:
 def use_native_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> bool:
     """Whether x [..., I] @ w.T (w int4 [O, I]) should run through the kernel: CPU, float32 or
     bfloat16, at most ``NATIVE_MAX_ROWS`` rows, the weights in the kernel's layout, no autograd."""
-    return packed.dim() == 2 and _weights_ok(packed, scale, offset, x.shape[-1]) and _rows_ok(x)
+    return packed.dim() == 2 and int4_weights_ok(packed, scale, offset, x.shape[-1]) and _rows_ok(x)
 
 
 def native_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -73,7 +60,7 @@ def use_native_experts_int4(x: torch.Tensor, parts: tuple[Parts, Parts, Parts], 
     d = x.shape[1]
     if q3.shape != q1.shape or q2.shape != (e, d, i // 2) or not _rows_ok(x):
         return False
-    if not (_weights_ok(q1, s1, b1, d) and _weights_ok(q3, s3, b3, d) and _weights_ok(q2, s2, b2, i)):
+    if not (int4_weights_ok(q1, s1, b1, d) and int4_weights_ok(q3, s3, b3, d) and int4_weights_ok(q2, s2, b2, i)):
         return False
     return d // s1.shape[-1] == i // s2.shape[-1] == d // s3.shape[-1]
 

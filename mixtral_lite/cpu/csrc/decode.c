@@ -161,10 +161,10 @@ int few_rows_qkv(const void *wq, const void *wk, const void *wv, const void *sq,
                  int wtype, const void *cos, const void *sin, long hd, void *q, void *k, void *v, const void *x,
                  long M, long Oq, long Okv, long D, int bf16, int threads) {
     if (M < 1 || M > MAXM || hd < 2 || hd % 2 || Oq % hd || Okv % hd || bad_types(wtype, sq, bf16) ||
-        (sq == NULL) != (sk == NULL) || (sq == NULL) != (sv == NULL))
+        (sq == NULL) != (sk == NULL) || (sq == NULL) != (sv == NULL) || wtype == W_INT4)
         return -1;
     Act ax;
-    if (act_init(&ax, x, M, D, bf16, wtype) != 0) return -1;
+    if (act_init(&ax, x, M, D, bf16, wtype, 0) != 0) return -1;
     Out oq = {q, sq, Oq, bf16, NULL}, ok = {k, sk, Okv, bf16, NULL}, ov = {v, sv, Okv, bf16, NULL};
     long O = Oq + 2 * Okv, heads = (Oq + Okv) / hd;
 #pragma omp parallel num_threads(threads)
@@ -196,17 +196,21 @@ int few_rows_qkv(const void *wq, const void *wk, const void *wv, const void *sq,
  *     h = x + wo @ attention(rope(wq @ n), rope(wk @ n), wv @ n),  n = rmsnorm(x) * norm_w,
  * with rope's k and v written into the cache at slots[t] first (k_cache, v_cache [B, KV, S, hd]).
  * Each step rounds as the separate entries (few_rows_rmsnorm, few_rows_qkv, few_rows_attention,
- * few_rows) and the residual sum as PyTorch's add. Weights of type wtype (int8: scales, else NULL),
- * cos, sin [M, hd], mask [B, T, S] additive; x, h [M, D]. Returns 0, or -1 for bad arguments
- * (nothing written: neither h nor the cache) or a failed allocation. */
+ * few_rows) and the residual sum as PyTorch's add. Weights of type wtype (int8: scales; int4:
+ * float16 scales and offsets bq..bo, groups of G inputs; else NULL), cos, sin [M, hd], mask
+ * [B, T, S] additive; x, h [M, D]. Returns 0, or -1 for bad arguments (nothing written: neither h
+ * nor the cache) or a failed allocation. */
 int few_rows_attention_block(const void *x, const void *norm_w, float eps, const void *wq, const void *wk,
                              const void *wv, const void *wo, const void *sq, const void *sk, const void *sv,
-                             const void *so, int wtype, const void *cos, const void *sin, void *k_cache,
-                             void *v_cache, const int64_t *slots, const void *mask, void *h, long B, long T, long D,
-                             long H, long KV, long hd, long S, int bf16, int threads) {
+                             const void *so, const void *bq, const void *bk, const void *bv, const void *bo,
+                             int wtype, long G, const void *cos, const void *sin, void *k_cache, void *v_cache,
+                             const int64_t *slots, const void *mask, void *h, long B, long T, long D, long H, long KV,
+                             long hd, long S, int bf16, int threads) {
     long M = B * T, Oq = H * hd, Okv = KV * hd;
     if (M < 1 || M > LAYER_MAXM || hd < 2 || hd % 2 || KV < 1 || H % KV || S < 1 || bad_types(wtype, sq, bf16) ||
-        (sq == NULL) != (sk == NULL) || (sq == NULL) != (sv == NULL) || (sq == NULL) != (so == NULL))
+        (sq == NULL) != (sk == NULL) || (sq == NULL) != (sv == NULL) || (sq == NULL) != (so == NULL) ||
+        bad_groups(wtype, bq, G, D) || bad_groups(wtype, bk, G, D) || bad_groups(wtype, bv, G, D) ||
+        bad_groups(wtype, bo, G, Oq))
         return -1;
     for (long t = 0; t < T; t++)
         if (slots[t] < 0 || slots[t] >= S) return -1;
@@ -222,12 +226,12 @@ int few_rows_attention_block(const void *x, const void *norm_w, float eps, const
     int view = act_view(bf16, wtype); /* then y is prepared for wo before it is written: one barrier less */
     if (!failed) {
         few_rows_rmsnorm(x, norm_w, n, M, D, eps, bf16);
-        failed = act_init(&ax, n, M, D, bf16, wtype) != 0;
+        failed = act_init(&ax, n, M, D, bf16, wtype, G) != 0;
     }
-    if (!failed && view) failed = act_init(&ay, y, M, Oq, bf16, wtype) != 0;
+    if (!failed && view) failed = act_init(&ay, y, M, Oq, bf16, wtype, G) != 0;
     if (!failed) {
-        Out oq = {q, sq, Oq, bf16, NULL}, ok = {k, sk, Okv, bf16, NULL}, ov = {v, sv, Okv, bf16, NULL};
-        Out oh = {h, so, D, bf16, x};
+        Out oq = {q, sq, Oq, bf16, NULL, bq}, ok = {k, sk, Okv, bf16, NULL, bk}, ov = {v, sv, Okv, bf16, NULL, bv};
+        Out oh = {h, so, D, bf16, x, bo};
         long O = Oq + 2 * Okv, heads = H + 2 * KV;
 #pragma omp parallel num_threads(nt)
         {
@@ -260,7 +264,7 @@ int few_rows_attention_block(const void *x, const void *norm_w, float eps, const
             }
             if (!view) {
 #pragma omp single
-                failed = act_init(&ay, y, M, Oq, bf16, wtype) != 0;
+                failed = act_init(&ay, y, M, Oq, bf16, wtype, G) != 0;
             }
             if (!failed) {
                 long d0, d1;

@@ -1,7 +1,7 @@
 /* The kernel's shared core (included by every .c file here: products.c, decode.c, layer.c,
- * attention.c): bfloat16/int8 helpers, the few-row product loops for every weight type and CPU
- * (generic vectors, AVX-512 BF16 pairs, AVX512-VNNI int16 pairs), the activations prepared for them
- * (Act), the per-thread product and a vectorised exp. Everything here is static; the exported
+ * attention.c, int4.c): bfloat16/int8 helpers, the few-row product loops for every weight type and
+ * CPU (generic vectors, AVX-512 BF16 pairs, AVX512-VNNI int16 pairs, int4 codes against int8
+ * activations), the activations prepared for them (Act), the per-thread product and a vectorised exp. Everything here is static; the exported
  * entries live in the .c files. */
 #ifndef MIXTRAL_LITE_KERNEL_H
 #define MIXTRAL_LITE_KERNEL_H
@@ -89,13 +89,16 @@ static inline vf load_any(const void *x, long i, int bf16) {
     return bf16 ? load_bf16((const uint16_t *)x + i) : load_f32((const float *)x + i);
 }
 
-/* Where results go: y[m, o] = sum * scale[o] (no scale: sum), stored as bfloat16 or float32. */
+/* Where results go: y[m, o] = sum * scale[o] (no scale: sum), stored as bfloat16 or float32. For
+ * int4 weights scale and offset are the weights' float16 group scales and offsets [O, I / G]
+ * (product4 applies them inside the sums; store sees no scale). */
 typedef struct {
     void *y;
     const void *scale;
     long O;
     int bf16;
-    const void *res; /* a residual [M, O] to add (after the product's own rounding), or NULL */
+    const void *res;    /* a residual [M, O] to add (after the product's own rounding), or NULL */
+    const void *offset; /* int4 only */
 } Out;
 
 static inline void store(Out out, long m, long o, float s) {
@@ -417,18 +420,257 @@ static void run_qd(const int8_t *w, const int16_t *xq, const float *xs, Out out,
 #endif
 
 
-enum { W_F32 = 0, W_BF16 = 1, W_INT8 = 2 };
+enum { W_F32 = 0, W_BF16 = 1, W_INT8 = 2, W_INT4 = 3 };
+
+/* Group-wise int4 weights (model/quant4.py's format), [O, I]: codes packed two to a byte in blocks
+ * of 32 inputs (byte j of a block: input j in the low nibble, input j + 16 in the high one), a
+ * float16 scale s and offset b per group of G inputs: w = q * s + b. So per row and group
+ *     sum_k x_k w_k = s * sum_k x_k q_k + b * sum_k x_k,
+ * and the group sums of x are computed once per activation row.
+ *
+ * With AVX2 the activations are rounded to int8, one scale per group (xs = max|x| / 127, an error
+ * of at most xs / 2 per element, as llama.cpp's Q8 activations; the group sums are those of the
+ * rounded values, so the result is the exact product with rounded activations), and a block of 32
+ * weights costs a broadcast load, a shift, a blend and a mask to unpack the codes into a register,
+ * then one vpmaddubsw per activation row (unsigned codes times signed activations, pairs summed in
+ * 16 bits: at most 2 * 15 * 127 per lane, so eight blocks add up in 16 bits before one vpmaddwd
+ * widens them). Without AVX2 (or for rows holding inf or NaN) a scalar float32 loop dequantises
+ * each weight. Sums are float32; the output is rounded once to the activations' dtype. */
+#if defined(__F16C__)
+static inline float half_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float half_to_f32(uint16_t h) { /* IEEE binary16 -> binary32, subnormals included */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);
+    else if (exp) u = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man) u = sign;
+    else {
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400u));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+#endif
 
 /* The activations in the form the loop for a weight type reads: bfloat16 as given (vdpbf16ps),
- * int16 with one scale per row (vpdpwssd), or float32 (the generic loops; bfloat16 rows are
- * converted once, they are few). */
+ * int16 with one scale per row (vpdpwssd), int8 with one scale per group of G (int4 weights), or
+ * float32 (the generic loops; bfloat16 rows are converted once, they are few). */
 typedef struct {
     const uint16_t *bf;
     const int16_t *q;
     const float *qs;
     const float *f;
-    void *mem; /* what act_init allocated */
+    const int8_t *q8;  /* int4 weights: int8 rows [M, I] (AVX2), or NULL (then the float loop) */
+    const float *gs;   /* [M, I / G] the int8 scale of each group */
+    const float *gsum; /* [M, I / G] the sum of each group (of the int8 values, scaled, with AVX2) */
+    long G;            /* int4 weights: inputs per group */
+    void *mem;         /* what act_init allocated */
 } Act;
+
+/* M rows of x prepared for int4 products of I inputs in groups of G. */
+static int act4_init(Act *a, const void *x, long M, long I, long G, int bf16) {
+    long ng = I / G;
+    memset(a, 0, sizeof *a);
+    a->G = G;
+    char *mem = malloc(sizeof(float) * M * I * (bf16 ? 1 : 0) + sizeof(float) * 2 * M * ng + (size_t)M * I);
+    if (!mem) return -1;
+    a->mem = mem;
+    float *f = bf16 ? (float *)mem : (float *)x;
+    char *p = mem + (bf16 ? sizeof(float) * M * I : 0);
+    float *gs = (float *)p, *gsum = gs + M * ng;
+    a->gs = gs, a->gsum = gsum;
+    int8_t *q = (int8_t *)(p + sizeof(float) * 2 * M * ng);
+    if (bf16)
+        for (long i = 0; i < M * I; i++) f[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    a->f = f;
+    int finite = 1;
+    for (long m = 0; m < M; m++)
+        for (long g = 0; g < ng; g++) {
+            const float *xg = f + m * I + g * G;
+            float amax = 0, s = 0;
+            for (long k = 0; k < G; k++) {
+                s += xg[k];
+                if (!(fabsf(xg[k]) <= amax)) amax = fabsf(xg[k]); /* NaN makes amax NaN */
+            }
+            gsum[m * ng + g] = s;
+            if (!isfinite(amax)) finite = 0;
+            float inv = amax > 0 ? 127.0f / amax : 0.0f;
+            gs[m * ng + g] = amax / 127.0f;
+            int qsum = 0;
+            for (long k = 0; finite && k < G; k++) {
+                int8_t v = (int8_t)nearbyintf(xg[k] * inv);
+                q[m * I + g * G + k] = v;
+                qsum += v;
+            }
+            /* the offsets multiply the rounded activations too: the error is then sum dx * w, not
+             * sum dx * (w - b) (the codes' part alone is far from zero-mean) */
+            if (finite) gsum[m * ng + g] = (float)qsum * gs[m * ng + g];
+        }
+#if defined(__AVX2__)
+    if (finite) a->q8 = q;
+#endif
+    return 0;
+}
+
+/* The raw sums (before store) of weight row o against the rows m0 .. m0 + MM - 1. */
+#if defined(__AVX2__)
+#if defined(__FMA__)
+#define FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#else
+#define FMADD(a, b, c) _mm256_add_ps(_mm256_mul_ps(a, b), c)
+#endif
+#define DOT4(MM)                                                                                     \
+    static inline void dot4_##MM(const uint8_t *restrict wr, const uint16_t *restrict sr,           \
+                                 const uint16_t *restrict br, const Act *a, long m0, long I, long G, \
+                                 float *restrict out) {                                              \
+        long ng = I / G;                                                                             \
+        __m256 f[MM];                                                                                \
+        float bsum[MM];                                                                              \
+        for (int m = 0; m < MM; m++) f[m] = _mm256_setzero_ps(), bsum[m] = 0;                        \
+        const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                     \
+        for (long g = 0; g < ng; g++) {                                                              \
+            float s = half_to_f32(sr[g]), b = half_to_f32(br[g]);                                    \
+            __m256i acc[MM];                                                                         \
+            for (int m = 0; m < MM; m++) acc[m] = _mm256_setzero_si256();                            \
+            for (long k0 = g * G; k0 < (g + 1) * G; k0 += 256) {                                     \
+                long k1 = k0 + 256 < (g + 1) * G ? k0 + 256 : (g + 1) * G;                           \
+                __m256i h[MM];                                                                       \
+                for (int m = 0; m < MM; m++) h[m] = _mm256_setzero_si256();                          \
+                for (long k = k0; k < k1; k += 32) {                                                 \
+                    __m256i p = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wr + k / 2))); \
+                    __m256i c = _mm256_and_si256(_mm256_blend_epi32(p, _mm256_srli_epi16(p, 4), 0xf0), low); \
+                    for (int m = 0; m < MM; m++)                                                     \
+                        h[m] = _mm256_add_epi16(h[m], _mm256_maddubs_epi16(c,                        \
+                            _mm256_loadu_si256((const __m256i *)(a->q8 + (m0 + m) * I + k))));         \
+                }                                                                                    \
+                for (int m = 0; m < MM; m++) acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(h[m], ones)); \
+            }                                                                                        \
+            for (int m = 0; m < MM; m++) {                                                           \
+                long j = (m0 + m) * ng + g;                                                          \
+                f[m] = FMADD(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(s * a->gs[j]), f[m]); \
+                bsum[m] += b * a->gsum[j];                                                            \
+            }                                                                                        \
+        }                                                                                            \
+        for (int m = 0; m < MM; m++) {                                                               \
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(f[m]), _mm256_extractf128_ps(f[m], 1));    \
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));                                                  \
+            v = _mm_add_ss(v, _mm_movehdup_ps(v));                                                   \
+            out[m] = _mm_cvtss_f32(v) + bsum[m];                                                     \
+        }                                                                                            \
+    }
+DOT4(1)
+DOT4(2)
+DOT4(3)
+DOT4(4)
+
+/* With AVX512-VNNI: 64 codes (two blocks) per register, and vpdpbusd multiplies unsigned codes by
+ * signed activations and adds groups of four straight into int32 lanes: about half the
+ * instructions per weight of the AVX2 loop. A group of 32 (one block) takes the 256-bit form. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define HAVE_VNNI4 1
+#define DOTV(MM)                                                                                     \
+    static inline void dotv_##MM(const uint8_t *restrict wr, const uint16_t *restrict sr,           \
+                                 const uint16_t *restrict br, const Act *a, long m0, long I, long G, \
+                                 float *restrict out) {                                              \
+        long ng = I / G;                                                                             \
+        __m512 f[MM];                                                                                \
+        float bsum[MM];                                                                              \
+        for (int m = 0; m < MM; m++) f[m] = _mm512_setzero_ps(), bsum[m] = 0;                        \
+        const __m256i low8 = _mm256_set1_epi8(0x0f);                                                 \
+        for (long g = 0; g < ng; g++) {                                                              \
+            float s = half_to_f32(sr[g]), b = half_to_f32(br[g]);                                    \
+            __m512i acc[MM];                                                                         \
+            for (int m = 0; m < MM; m++) acc[m] = _mm512_setzero_si512();                            \
+            long k = g * G, end = (g + 1) * G;                                                       \
+            for (; k + 64 <= end; k += 64) {                                                         \
+                __m256i p = _mm256_loadu_si256((const __m256i *)(wr + k / 2));                       \
+                __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(p, low8)),   \
+                                               _mm256_and_si256(_mm256_srli_epi16(p, 4), low8), 1);  \
+                __m512i c = _mm512_shuffle_i64x2(z, z, 0xd8);                                        \
+                for (int m = 0; m < MM; m++)                                                         \
+                    acc[m] = _mm512_dpbusd_epi32(acc[m], c,                                          \
+                        _mm512_loadu_si512((const void *)(a->q8 + (m0 + m) * I + k)));                \
+            }                                                                                        \
+            if (k < end) { /* one block of 32 left */                                                \
+                __m256i p = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(wr + k / 2))); \
+                __m256i c = _mm256_and_si256(_mm256_blend_epi32(p, _mm256_srli_epi16(p, 4), 0xf0), low8); \
+                for (int m = 0; m < MM; m++)                                                         \
+                    acc[m] = _mm512_add_epi32(acc[m], _mm512_castsi256_si512(_mm256_dpbusd_epi32(    \
+                        _mm256_setzero_si256(), c,                                                   \
+                        _mm256_loadu_si256((const __m256i *)(a->q8 + (m0 + m) * I + k)))));          \
+            }                                                                                        \
+            for (int m = 0; m < MM; m++) {                                                           \
+                long j = (m0 + m) * ng + g;                                                          \
+                f[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(s * a->gs[j]), f[m]); \
+                bsum[m] += b * a->gsum[j];                                                            \
+            }                                                                                        \
+        }                                                                                            \
+        for (int m = 0; m < MM; m++) out[m] = _mm512_reduce_add_ps(f[m]) + bsum[m];                  \
+    }
+DOTV(1)
+DOTV(2)
+DOTV(3)
+DOTV(4)
+#else
+#define HAVE_VNNI4 0
+#endif
+#endif
+
+/* The scalar loop: each weight dequantised to float32, times the float32 activations. */
+static float dot4_scalar(const uint8_t *wr, const uint16_t *sr, const uint16_t *br, const float *x, long I, long G) {
+    float total = 0;
+    for (long g = 0; g < I / G; g++) {
+        float s = half_to_f32(sr[g]), b = half_to_f32(br[g]), acc = 0;
+        for (long k = g * G; k < (g + 1) * G; k++) {
+            long blk = k / 32 * 32, j = k - blk;
+            uint8_t byte = wr[blk / 2 + (j & 15)];
+            float w = (float)(j < 16 ? byte & 15 : byte >> 4) * s + b;
+            acc += w * x[k];
+        }
+        total += acc;
+    }
+    return total;
+}
+
+/* Outputs [o0, o1) of x @ w.T for the M rows of x (one thread's share). */
+static void product4(const uint8_t *w, const uint16_t *s, const uint16_t *b, const Act *a, Out out, long M, long I,
+                     long o0, long o1) {
+    long G = a->G, ng = I / G;
+    for (long o = o0; o < o1; o++) {
+        const uint8_t *wr = w + o * (I / 2);
+        const uint16_t *sr = s + o * ng, *br = b + o * ng;
+        if (a->q8) {
+#if defined(__AVX2__)
+            for (long m = 0; m < M;) {
+                float r[4];
+                long mm = M - m > 4 ? 4 : M - m;
+#if HAVE_VNNI4
+                switch (mm) {
+                case 1: dotv_1(wr, sr, br, a, m, I, G, r); break;
+                case 2: dotv_2(wr, sr, br, a, m, I, G, r); break;
+                case 3: dotv_3(wr, sr, br, a, m, I, G, r); break;
+                default: dotv_4(wr, sr, br, a, m, I, G, r); break;
+                }
+#else
+                switch (mm) {
+                case 1: dot4_1(wr, sr, br, a, m, I, G, r); break;
+                case 2: dot4_2(wr, sr, br, a, m, I, G, r); break;
+                case 3: dot4_3(wr, sr, br, a, m, I, G, r); break;
+                default: dot4_4(wr, sr, br, a, m, I, G, r); break;
+                }
+#endif
+                for (long j = 0; j < mm; j++) store(out, m + j, o, r[j]);
+                m += mm;
+            }
+#endif
+        } else {
+            for (long m = 0; m < M; m++) store(out, m, o, dot4_scalar(wr, sr, br, a->f + m * I, I, G));
+        }
+    }
+}
 
 /* Rounds M rows of x to int16, one scale per row; returns 0, or -1 if a row holds inf or NaN (the
  * float32 loop then carries them through as PyTorch would). */
@@ -453,9 +695,10 @@ static int quantize_rows(const void *x, int bf16, long M, long I, int16_t *q, fl
     return 0;
 }
 
-/* Prepares x [M, I] (bfloat16 if bf16, else float32) for products with wtype weights; 0, or -1 for
- * a failed allocation. Free a->mem afterwards. */
-static int act_init(Act *a, const void *x, long M, long I, int bf16, int wtype) {
+/* Prepares x [M, I] (bfloat16 if bf16, else float32) for products with wtype weights (int4: in
+ * groups of G inputs, else G is ignored); 0, or -1 for a failed allocation. Free a->mem afterwards. */
+static int act_init(Act *a, const void *x, long M, long I, int bf16, int wtype, long G) {
+    if (wtype == W_INT4) return act4_init(a, x, M, I, G, bf16);
     memset(a, 0, sizeof *a);
     if (HAVE_DPBF16 && wtype == W_BF16) {
         a->bf = (const uint16_t *)x;
@@ -486,6 +729,7 @@ static int act_init(Act *a, const void *x, long M, long I, int bf16, int wtype) 
 /* Whether act_init for these activations and weights only records x's address (no copy, no
  * conversion, nothing allocated): then it may run before x is written. */
 static inline int act_view(int bf16, int wtype) {
+    if (wtype == W_INT4) return 0;
     if (HAVE_DPBF16 && wtype == W_BF16) return 1;
     if (HAVE_VNNI && wtype == W_INT8) return 0;
     return !bf16;
@@ -494,6 +738,12 @@ static inline int act_view(int bf16, int wtype) {
 /* Outputs [o0, o1) of x @ w.T for the M rows of x (one thread's share). */
 static void product(const void *w, int wtype, const Act *x, Out out, long M, long I, long o0, long o1) {
     if (o0 >= o1) return;
+    if (wtype == W_INT4) {
+        Out o = out;
+        o.scale = NULL; /* the group scales act inside the sums */
+        product4((const uint8_t *)w, (const uint16_t *)out.scale, (const uint16_t *)out.offset, x, o, M, I, o0, o1);
+        return;
+    }
 #if HAVE_DPBF16
     if (x->bf) {
         run_dp((const uint16_t *)w, x->bf, out, M, I, o0, o1);
@@ -525,8 +775,15 @@ static void share(long O, long *o0, long *o1) {
 }
 
 static int bad_types(int wtype, const void *scale, int bf16) {
-    return (wtype == W_INT8) != (scale != NULL) || (wtype == W_BF16 && !bf16) || (wtype == W_F32 && bf16) ||
-           wtype < W_F32 || wtype > W_INT8;
+    return (wtype == W_INT8 || wtype == W_INT4) != (scale != NULL) || (wtype == W_BF16 && !bf16) ||
+           (wtype == W_F32 && bf16) || wtype < W_F32 || wtype > W_INT4;
+}
+
+/* Whether int4 weights of I inputs lack their offsets or groups of G (a multiple of 32 dividing I),
+ * or other weights come with offsets. */
+static int bad_groups(int wtype, const void *offset, long G, long I) {
+    if (wtype != W_INT4) return offset != NULL;
+    return offset == NULL || G < 32 || G % 32 || I % G;
 }
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -570,13 +827,15 @@ int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y
              int threads);
 void few_rows_rmsnorm(const void *x, const void *w, void *y, long M, long D, float eps, int bf16);
 int few_rows_experts(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
-                     int wtype, long E, const int64_t *idx, const float *rw, long K, const void *res, const void *x,
-                     void *y, long M, long D, long I, int bf16, int threads);
+                     const void *b1, const void *b3, const void *b2, int wtype, long G, long E, const int64_t *idx,
+                     const float *rw, long K, const void *res, const void *x, void *y, long M, long D, long I, int bf16,
+                     int threads);
 int few_rows_attention_block(const void *x, const void *norm_w, float eps, const void *wq, const void *wk,
                              const void *wv, const void *wo, const void *sq, const void *sk, const void *sv,
-                             const void *so, int wtype, const void *cos, const void *sin, void *k_cache,
-                             void *v_cache, const int64_t *slots, const void *mask, void *h, long B, long T, long D,
-                             long H, long KV, long hd, long S, int bf16, int threads);
+                             const void *so, const void *bq, const void *bk, const void *bv, const void *bo,
+                             int wtype, long G, const void *cos, const void *sin, void *k_cache, void *v_cache,
+                             const int64_t *slots, const void *mask, void *h, long B, long T, long D, long H, long KV,
+                             long hd, long S, int bf16, int threads);
 int few_rows_norm_gate(const void *x, const void *norm_w, float eps, const void *gate, void *n, void *logits, long M,
                        long D, long E, int bf16, int threads);
 

@@ -171,14 +171,16 @@ int few_rows_route(const void *logits, long M, long E, long K, int bf16, int64_t
 }
 
 /* One decoder layer's weights and settings (see model.Block): the attention half's (wtype_attention;
- * int8 with scales sq..so, else NULL) and the MoE half's (router gate [E, D] of the activations'
- * dtype; stacked experts w1, w3 [E, I, D], w2 [E, D, I] of wtype_experts, int8 with scales). */
+ * int8 with scales sq..so; int4 with float16 scales sq..so and offsets bq..bo; else NULL) and the
+ * MoE half's (router gate [E, D] of the activations' dtype; stacked experts w1, w3 [E, I, D],
+ * w2 [E, D, I] of wtype_experts, int8 with scales, int4 with scales and offsets). G: the inputs per
+ * group of the int4 weights (0 without). */
 typedef struct {
-    const void *attention_norm, *wq, *wk, *wv, *wo, *sq, *sk, *sv, *so;
-    const void *ffn_norm, *gate, *w1, *w3, *w2, *s1, *s3, *s2;
+    const void *attention_norm, *wq, *wk, *wv, *wo, *sq, *sk, *sv, *so, *bq, *bk, *bv, *bo;
+    const void *ffn_norm, *gate, *w1, *w3, *w2, *s1, *s3, *s2, *b1, *b3, *b2;
     float attention_eps, ffn_eps;
     int wtype_attention, wtype_experts, bf16;
-    long D, H, KV, hd, E, I, K;
+    long D, H, KV, hd, E, I, K, G;
 } Layer;
 
 /* A Mixtral decoder layer for M = B * T (1..LAYER_MAXM) rows of x [M, D], in one call:
@@ -194,7 +196,8 @@ int few_rows_layer(const Layer *L, const void *x, void *out, void *logits, const
     int bf16 = L->bf16;
     if (M < 1 || M > LAYER_MAXM || E < 1 || L->I < 1 || K < 1 || K > 17 || K > E || 64 * K <= E ||
         bad_types(L->wtype_experts, L->s1, bf16) || (L->s1 == NULL) != (L->s3 == NULL) ||
-        (L->s1 == NULL) != (L->s2 == NULL))
+        (L->s1 == NULL) != (L->s2 == NULL) || bad_groups(L->wtype_experts, L->b1, L->G, D) ||
+        bad_groups(L->wtype_experts, L->b3, L->G, D) || bad_groups(L->wtype_experts, L->b2, L->G, L->I))
         return -1;
     size_t el = bf16 ? 2 : 4;
     char *h = malloc(el * M * D), *n = malloc(el * M * D);
@@ -203,13 +206,14 @@ int few_rows_layer(const Layer *L, const void *x, void *out, void *logits, const
     int rc = !h || !n || !idx || !rw ? -1 : 0;
     if (rc == 0)
         rc = few_rows_attention_block(x, L->attention_norm, L->attention_eps, L->wq, L->wk, L->wv, L->wo, L->sq,
-                                      L->sk, L->sv, L->so, L->wtype_attention, cos, sin, k_cache, v_cache, slots,
-                                      mask, h, B, T, D, L->H, L->KV, L->hd, S, bf16, threads);
+                                      L->sk, L->sv, L->so, L->bq, L->bk, L->bv, L->bo, L->wtype_attention, L->G, cos,
+                                      sin, k_cache, v_cache, slots, mask, h, B, T, D, L->H, L->KV, L->hd, S, bf16,
+                                      threads);
     if (rc == 0) rc = few_rows_norm_gate(h, L->ffn_norm, L->ffn_eps, L->gate, n, logits, M, D, E, bf16, threads);
     if (rc == 0) rc = few_rows_route(logits, M, E, K, bf16, idx, rw);
     if (rc == 0)
-        rc = few_rows_experts(L->w1, L->w3, L->w2, L->s1, L->s3, L->s2, L->wtype_experts, E, idx, rw, K, h, n, out, M,
-                              D, L->I, bf16, threads);
+        rc = few_rows_experts(L->w1, L->w3, L->w2, L->s1, L->s3, L->s2, L->b1, L->b3, L->b2, L->wtype_experts, L->G, E,
+                              idx, rw, K, h, n, out, M, D, L->I, bf16, threads);
     free(h);
     free(n);
     free(idx);

@@ -9,7 +9,7 @@
  * thread writes its own outputs in the caller's dtype.
  *
  * Weights: bfloat16 (uint16_t bit patterns), float32 or int8 with one scale per output, [O, I],
- * row-major (w[o, k] at o * I + k). x [M, I] and y [M, O] are row-major, both bfloat16 or both
+ * row-major (w[o, k] at o * I + k); the experts also int4 (kernel.h: codes, group scales, offsets). x [M, I] and y [M, O] are row-major, both bfloat16 or both
  * float32 (the scale too).
  *
  * Entries here: few_rows (one product), few_rows_swiglu (one expert), few_rows_experts (the chosen
@@ -30,9 +30,9 @@ int few_rows_dpbf16(void) { return HAVE_DPBF16; }
  * failed allocation (nothing written). */
 int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y, long M, long O, long I, int bf16,
              int threads) {
-    if (M < 1 || M > LAYER_MAXM || bad_types(wtype, scale, bf16)) return -1;
+    if (M < 1 || M > LAYER_MAXM || bad_types(wtype, scale, bf16) || wtype == W_INT4) return -1; /* int4: int4.c */
     Act a;
-    if (act_init(&a, x, M, I, bf16, wtype) != 0) return -1;
+    if (act_init(&a, x, M, I, bf16, wtype, 0) != 0) return -1;
     Out out = {y, scale, O, bf16, NULL};
     if ((O + V - 1) / V < 2 || threads < 2) { /* one block of outputs (a router): no parallel region */
         product(w, wtype, &a, out, M, I, 0, O);
@@ -49,10 +49,11 @@ int few_rows(const void *w, int wtype, const void *scale, const void *x, void *y
 }
 
 /* One SwiGLU expert's weights: w1, w3 [I, D] and w2 [D, I] of type wtype (int8: with scales s1, s3
- * [I] and s2 [D]; else NULL). */
+ * [I] and s2 [D]; int4: float16 scales and offsets b1, b3 [I, D / G], s2, b2 [D, I / G]; else NULL). */
 typedef struct {
-    const void *w1, *w3, *w2, *s1, *s3, *s2;
+    const void *w1, *w3, *w2, *s1, *s3, *s2, *b1, *b3, *b2;
     int wtype;
+    long G;
 } Expert;
 
 /* Scratch and shared state of a SwiGLU run by a team of threads. */
@@ -69,7 +70,8 @@ typedef struct {
  * order of the float32 additions. On return all threads have finished (t->failed: an allocation
  * failed, y not written). */
 static void swiglu_team(Expert ex, const Act *ax, Team *t, void *y, long M, long D, long I, int bf16) {
-    Out oa = {t->a, ex.s1, I, bf16, NULL}, ob = {t->b, ex.s3, I, bf16, NULL}, oy = {y, ex.s2, D, bf16, NULL};
+    Out oa = {t->a, ex.s1, I, bf16, NULL, ex.b1}, ob = {t->b, ex.s3, I, bf16, NULL, ex.b3};
+    Out oy = {y, ex.s2, D, bf16, NULL, ex.b2};
     long i0, i1;
     share(I, &i0, &i1);
     product(ex.w1, ex.wtype, ax, oa, M, D, i0, i1);
@@ -90,7 +92,7 @@ static void swiglu_team(Expert ex, const Act *ax, Team *t, void *y, long M, long
 #pragma omp single
     {
         free(t->h.mem);
-        t->failed = act_init(&t->h, t->a, M, I, bf16, ex.wtype) != 0;
+        t->failed = act_init(&t->h, t->a, M, I, bf16, ex.wtype, ex.G) != 0;
     }
     if (!t->failed) {
         long d0, d1;
@@ -114,8 +116,9 @@ static void team_free(Team *t) {
     free(t->h.mem);
 }
 
-static int bad_expert(Expert ex, int bf16) {
-    return bad_types(ex.wtype, ex.s1, bf16) || (ex.s1 == NULL) != (ex.s3 == NULL) || (ex.s1 == NULL) != (ex.s2 == NULL);
+static int bad_expert(Expert ex, long D, long I, int bf16) {
+    return bad_types(ex.wtype, ex.s1, bf16) || (ex.s1 == NULL) != (ex.s3 == NULL) || (ex.s1 == NULL) != (ex.s2 == NULL) ||
+           bad_groups(ex.wtype, ex.b1, ex.G, D) || bad_groups(ex.wtype, ex.b3, ex.G, D) || bad_groups(ex.wtype, ex.b2, ex.G, I);
 }
 
 /* One SwiGLU expert on M (1..MAXM) rows: y = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T (see Expert and
@@ -123,11 +126,11 @@ static int bad_expert(Expert ex, int bf16) {
  * failed allocation (nothing written). */
 int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
                     int wtype, const void *x, void *y, long M, long D, long I, int bf16, int threads) {
-    Expert ex = {w1, w3, w2, s1, s3, s2, wtype};
-    if (M < 1 || M > MAXM || bad_expert(ex, bf16)) return -1;
+    Expert ex = {w1, w3, w2, s1, s3, s2, NULL, NULL, NULL, wtype, 0};
+    if (M < 1 || M > MAXM || bad_expert(ex, D, I, bf16) || wtype == W_INT4) return -1; /* int4: int4.c */
     Team t;
     Act ax;
-    if (team_init(&t, M, I, bf16) != 0 || act_init(&ax, x, M, D, bf16, wtype) != 0) {
+    if (team_init(&t, M, I, bf16) != 0 || act_init(&ax, x, M, D, bf16, wtype, 0) != 0) {
         team_free(&t);
         return -1;
     }
@@ -139,10 +142,22 @@ int few_rows_swiglu(const void *w1, const void *w3, const void *w2, const void *
     return failed ? -1 : 0;
 }
 
-/* The expert e's slice of the stacked weights. */
+/* The expert e's slice of the stacked weights (int4: half a byte per weight, float16 scales and
+ * offsets per group). */
 static Expert expert_at(Expert base, long e, long D, long I, int bf16) {
-    size_t el = bf16 ? 2 : 4, wel = base.wtype == W_INT8 ? 1 : el;
+    size_t el = bf16 ? 2 : 4;
     Expert ex = base;
+    if (base.wtype == W_INT4) {
+        long n = e * I * D, ng = n / base.G;
+        ex.w1 = (const uint8_t *)base.w1 + n / 2, ex.w3 = (const uint8_t *)base.w3 + n / 2;
+        ex.w2 = (const uint8_t *)base.w2 + n / 2;
+        ex.s1 = (const uint16_t *)base.s1 + ng, ex.s3 = (const uint16_t *)base.s3 + ng;
+        ex.s2 = (const uint16_t *)base.s2 + ng;
+        ex.b1 = (const uint16_t *)base.b1 + ng, ex.b3 = (const uint16_t *)base.b3 + ng;
+        ex.b2 = (const uint16_t *)base.b2 + ng;
+        return ex;
+    }
+    size_t wel = base.wtype == W_INT8 ? 1 : el;
     ex.w1 = (const char *)base.w1 + wel * e * I * D;
     ex.w3 = (const char *)base.w3 + wel * e * I * D;
     ex.w2 = (const char *)base.w2 + wel * e * I * D;
@@ -159,6 +174,8 @@ static Act act_rows(Act a, long r0, long D) {
     if (a.bf) a.bf += r0 * D;
     if (a.q) a.q += r0 * D, a.qs += r0;
     if (a.f) a.f += r0 * D;
+    if (a.gs) a.gs += r0 * (D / a.G), a.gsum += r0 * (D / a.G);
+    if (a.q8) a.q8 += r0 * D;
     return a;
 }
 
@@ -170,13 +187,15 @@ static Act act_rows(Act a, long r0, long D) {
  * hidden units, then w2; in each, every thread streams one contiguous share. Rounding as the plain
  * code's: each expert output rounded to the dtype, times its float32 weight rounded, added in the
  * order of j, each sum rounded. idx: int64 [M, K] in [0, E); rw: float32 [M, K]; res: a residual
- * [M, D] added last (as PyTorch's add), or NULL. Returns 0, or -1 for bad arguments or a failed
- * allocation (nothing written). */
+ * [M, D] added last (as PyTorch's add), or NULL. int4 weights (wtype W_INT4): s1, s3, s2 their
+ * float16 scales, b1, b3, b2 their offsets, G inputs per group (else NULL and ignored). Returns 0,
+ * or -1 for bad arguments or a failed allocation (nothing written). */
 int few_rows_experts(const void *w1, const void *w3, const void *w2, const void *s1, const void *s3, const void *s2,
-                     int wtype, long E, const int64_t *idx, const float *rw, long K, const void *res, const void *x,
-                     void *y, long M, long D, long I, int bf16, int threads) {
-    Expert base = {w1, w3, w2, s1, s3, s2, wtype};
-    if (M < 1 || M > LAYER_MAXM || K < 1 || E < 1 || bad_expert(base, bf16)) return -1;
+                     const void *b1, const void *b3, const void *b2, int wtype, long G, long E, const int64_t *idx,
+                     const float *rw, long K, const void *res, const void *x, void *y, long M, long D, long I, int bf16,
+                     int threads) {
+    Expert base = {w1, w3, w2, s1, s3, s2, b1, b3, b2, wtype, G};
+    if (M < 1 || M > LAYER_MAXM || K < 1 || E < 1 || bad_expert(base, D, I, bf16)) return -1;
     long P = M * K; /* (row, choice) pairs */
     for (long j = 0; j < P; j++)
         if (idx[j] < 0 || idx[j] >= E) return -1;
@@ -200,13 +219,13 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
             if (n > n0) used[n_used] = e, start[n_used++] = n0;
         }
         start[n_used] = n;
-        failed = act_init(&ax, xs, P, D, bf16, wtype) != 0;
+        failed = act_init(&ax, xs, P, D, bf16, wtype, G) != 0;
     }
     /* Where the gated products only need their address recorded (act_view), they are prepared
      * before the region, and w2 starts right after one barrier. */
     int view = act_view(bf16, wtype);
     for (long u = 0; !failed && view && u < n_used; u++)
-        failed = act_init(&hs[u], ha + el * start[u] * I, start[u + 1] - start[u], I, bf16, wtype) != 0;
+        failed = act_init(&hs[u], ha + el * start[u] * I, start[u + 1] - start[u], I, bf16, wtype, G) != 0;
     if (!failed) {
         int bad = 0;
 #pragma omp parallel num_threads(threads)
@@ -219,7 +238,8 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
                 long r0 = start[u], n = start[u + 1] - r0;
                 Expert ex = expert_at(base, used[u], D, I, bf16);
                 Act a = act_rows(ax, r0, D);
-                Out o1 = {ha + el * r0 * I, ex.s1, I, bf16, NULL}, o3 = {hb + el * r0 * I, ex.s3, I, bf16, NULL};
+                Out o1 = {ha + el * r0 * I, ex.s1, I, bf16, NULL, ex.b1};
+                Out o3 = {hb + el * r0 * I, ex.s3, I, bf16, NULL, ex.b3};
                 product(ex.w1, wtype, &a, o1, n, D, i0, i1);
                 product(ex.w3, wtype, &a, o3, n, D, i0, i1);
                 for (long r = r0; r < r0 + n; r++) /* silu(x @ w1.T) * (x @ w3.T) */
@@ -239,7 +259,7 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
             if (!view) {
 #pragma omp for schedule(dynamic, 1)
                 for (long u = 0; u < n_used; u++) /* the gated products prepared for w2 (converted, rounded) */
-                    if (act_init(&hs[u], ha + el * start[u] * I, start[u + 1] - start[u], I, bf16, wtype) != 0) {
+                    if (act_init(&hs[u], ha + el * start[u] * I, start[u + 1] - start[u], I, bf16, wtype, G) != 0) {
 #pragma omp atomic write
                         bad = 1;
                     }
@@ -250,7 +270,7 @@ int few_rows_experts(const void *w1, const void *w3, const void *w2, const void 
                     long u = v / D, d0 = v % D, d1 = v1 - v < D - d0 ? d0 + (v1 - v) : D;
                     long r0 = start[u], n = start[u + 1] - r0;
                     Expert ex = expert_at(base, used[u], D, I, bf16);
-                    Out o = {ys + el * r0 * D, ex.s2, D, bf16, NULL};
+                    Out o = {ys + el * r0 * D, ex.s2, D, bf16, NULL, ex.b2};
                     product(ex.w2, wtype, &hs[u], o, n, I, d0, d1);
                     v += d1 - d0;
                 }
