@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from mixtral_lite import load_model, load_tokenizer  # noqa: E402
 from mixtral_lite.commands.generate import BUNDLED  # noqa: E402
-from mixtral_lite.serving.engine import Engine, SeqRequest  # noqa: E402
+from mixtral_lite.generation.engine import Engine, SeqRequest  # noqa: E402
 
 
 def requests(tokenizer, n: int, max_tokens: int) -> list[SeqRequest]:

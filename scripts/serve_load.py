@@ -55,7 +55,7 @@ def start_server(args) -> tuple[str, object]:
 
     from mixtral_lite import load_model, load_tokenizer
     from mixtral_lite.commands.generate import BUNDLED
-    from mixtral_lite.serving.engine import Engine
+    from mixtral_lite.generation.engine import Engine
     from mixtral_lite.serving.server import ServerOptions, create_app
 
     if args.threads:

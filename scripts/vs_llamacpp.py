@@ -5,8 +5,8 @@ layers, 2 of them, random weights drawn in bfloat16) the checkpoint is converted
 own ``convert_hf_to_gguf.py`` (f32, bf16, q8_0) and ``llama-quantize`` (q4_0, q4_K_M), and:
 
 1. **checked**: 32 greedy tokens from llama.cpp (``llama-server``, token ids in and out, EOS
-   suppressed) against ours at the matching precision (int8 against q8_0; 4-bit against our
-   bfloat16), and the log-probability each gave llama.cpp's chosen tokens (ours teacher-forced);
+   suppressed) against ours at the matching precision (int8 against q8_0, int4 against q4_0;
+   q4_K_M against our bfloat16), and the log-probability each gave llama.cpp's chosen tokens (ours teacher-forced);
 2. **timed** in interleaved rounds, each engine in a fresh process per round (8x7B-sized weights of
    two engines do not fit in memory together): prefill of 512 tokens and decoding at batch 1 (128
    tokens from an empty cache; ``llama-bench -p 512 -n 128``), ``--threads`` threads each; which
@@ -53,7 +53,7 @@ PRECISIONS: dict[str, tuple[str | None, str | None, str]] = {
     "f32": ("float32", None, "f32"),
     "bf16": ("bfloat16", None, "bf16"),
     "int8": ("bfloat16", "int8", "q8_0"),
-    "q4_0": (None, None, "q4_0"),
+    "q4_0": ("bfloat16", "int4", "q4_0"),  # both 4.5 bits per weight (ours: groups of 64, scale and offset)
     "q4_K_M": (None, None, "q4_K_M"),
 }
 REFERENCE_FOR_4BIT = "bf16"  # whose tokens llama.cpp's 4-bit files are checked against

@@ -8,9 +8,9 @@ import torch
 from mixtral_lite import load_model, load_tokenizer
 from mixtral_lite.commands.generate import BUNDLED
 from mixtral_lite.errors import UserError
+from mixtral_lite.generation.engine import Engine, QueueFull, SeqRequest
 from mixtral_lite.generation.generate import generate
 from mixtral_lite.generation.sampling import SamplingParams
-from mixtral_lite.serving.engine import Engine, QueueFull, SeqRequest
 
 TEXTS = ["Once upon a time", "The king", "She opened the door and saw", "Hi", "Tom had a red ball. One day, he went"]
 

@@ -373,8 +373,8 @@ def test_deepseek_v3_multi_token_prediction_layers_are_named_not_read(tmp_path):
 def test_serving_engine_equals_generate_alone(pair):
     """The continuous-batching engine (chunked prefill into the cache, rows joining mid-batch,
     cache compaction) gives each request ``generate``'s tokens: for MLA the latent cache too."""
+    from mixtral_lite.generation.engine import Engine, SeqRequest
     from mixtral_lite.generation.sampling import SamplingParams
-    from mixtral_lite.serving.engine import Engine, SeqRequest
 
     _, _, ours, path = pair
     write_tokenizer(path)

@@ -12,6 +12,7 @@ import torch
 from gen_fixtures import MISTRAL_V1, greedy_margins, make_model_folder, one_thread  # noqa: F401 (autouse fixture)
 
 from mixtral_lite.errors import UserError
+from mixtral_lite.generation import generate as gen
 from mixtral_lite.generation.generate import decode_step, generate, prefill, stream
 from mixtral_lite.generation.sampling import apply_repetition_penalty
 from mixtral_lite.generation.tokenizer import load_tokenizer
@@ -108,6 +109,29 @@ def test_batched_equals_one_by_one(tiny):
         assert (got.token_ids, got.text, got.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
         torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), atol=1e-4, rtol=0)
     assert len({len(tok.encode(p)) for p in PROMPTS}) == len(PROMPTS)  # really different lengths
+
+
+def test_a_long_list_of_prompts_is_scheduled_not_padded(tiny, monkeypatch):
+    """On the CPU a list of prompts runs through the continuous-batching engine, a few rows at a
+    time (here 2 rows for 9 prompts): each result equals its prompt alone, stop strings and seeded
+    samples included, and no batch is as wide as the list."""
+    _, model, tok = tiny
+    monkeypatch.setattr(gen, "SCHEDULED_ROWS", 2)
+    widths = []
+    real = gen.Engine.__init__
+    monkeypatch.setattr(
+        gen.Engine, "__init__", lambda self, *a, **kw: widths.append(kw["max_batch"]) or real(self, *a, **kw)
+    )
+    prompts = [PROMPTS[i % len(PROMPTS)] + " x" * (i // len(PROMPTS)) for i in range(9)]
+    for kw in (dict(stop=["e"]), dict(temperature=0.9, top_k=20, seed=7)):
+        batch = generate(model, tok, prompts, max_new_tokens=12, **kw)
+        for prompt, got in zip(prompts, batch, strict=True):
+            alone = generate(model, tok, prompt, max_new_tokens=12, **kw)
+            assert (got.token_ids, got.text, got.finish_reason) == (alone.token_ids, alone.text, alone.finish_reason)
+            assert got.stop_reason == alone.stop_reason
+        assert batch[0].stats.generated_tokens == sum(len(r.token_ids) for r in batch)
+    assert widths == [2, 2]
+    assert any(r.stop_reason == "e" for r in generate(model, tok, prompts, max_new_tokens=12, stop=["e"]))
 
 
 def test_seeded_sampling_is_reproducible(tiny):
@@ -265,11 +289,11 @@ def test_bad_arguments_raise_user_error(tiny, kwargs, message):
 def test_stop_string_in_held_text(tiny):
     """Text that could start a stop string is held back; once the stop string completes, nothing
     after it comes out, even what the detokeniser still held."""
-    from mixtral_lite.generation.generate import _RowText
+    from mixtral_lite.generation.detok import RowText
 
     _, _, tok = tiny
     ids = tok.encode("one two three 🦙 four", bos=False)
-    row = _RowText(tok, [], ["thr", "🦙 f"])
+    row = RowText(tok, [], ["thr", "🦙 f"])
     pieces = []
     for i in ids:
         piece, stopped = row.push(i)
@@ -279,6 +303,6 @@ def test_stop_string_in_held_text(tiny):
     pieces.append(row.finish())
     assert "".join(pieces) == row.text == "one two "
     assert row.finish() == ""
-    row = _RowText(tok, [], ["🦙 f"])
+    row = RowText(tok, [], ["🦙 f"])
     pieces = [row.push(i)[0] for i in ids + ids] + [row.finish()]  # pushing on after the stop adds nothing
     assert "".join(pieces) == row.text == "one two three "

@@ -21,8 +21,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from mixtral_lite import load_model, load_tokenizer  # noqa: E402
 from mixtral_lite.commands.generate import BUNDLED  # noqa: E402
+from mixtral_lite.generation.engine import Engine, SeqRequest  # noqa: E402
 from mixtral_lite.generation.generate import generate  # noqa: E402
-from mixtral_lite.serving.engine import Engine, SeqRequest  # noqa: E402
 from mixtral_lite.serving.server import ServerOptions, create_app  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The king", "She opened the door and saw", "Hi", "Tom had a red ball. One day, he went"]

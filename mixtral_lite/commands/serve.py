@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         missing = f"serve needs fastapi and uvicorn ({exc.name} is missing)"
         raise UserError(f"{missing}: pip install 'mixtral-lite[serve]'") from None
+    from ..generation.engine import Engine
     from ..generation.tokenizer import load_tokenizer
-    from ..serving.engine import Engine
 
     if not 0 <= args.port < 65536:
         raise UserError(f"--port: expected 0..65535, got {args.port}")

@@ -18,6 +18,10 @@ which is ``decode(ids)`` without context.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 CONTEXT_TOKENS = 8  # prompt tokens kept as context: enough to place the first piece's leading space
 MAX_WINDOW = 24  # re-anchor the window when it holds more tokens than this
@@ -85,4 +89,57 @@ def continuation_text(decode: Callable[[Sequence[int]], str], context: Sequence[
     return decode(context + list(ids))[len(decode(context)) :]
 
 
-__all__ = ["Detokenizer", "continuation_text"]
+class RowText:
+    """One row's streamed text: detokenised, cut at the first stop string, and holding back any
+    tail that could still become a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, context: list[int], stops: list[str]) -> None:
+        anchor = tokenizer.encode("a", bos=False)
+        self.detok = Detokenizer(tokenizer.decode, context, anchor=anchor, byte_ids=tokenizer.byte_ids)
+        self.stops = stops
+        self.text = ""
+        self.emitted = 0  # characters handed out
+        self.checked = 0  # characters searched for stop strings
+        self.stopped = False
+        self.stop_hit: str | None = None  # the stop string found first in the text
+
+    def push(self, token: int) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        self.text += self.detok.push(token)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text once the row ends (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        self.text += self.detok.flush()
+        return self._emit(final=True)[0]
+
+    def _emit(self, final: bool) -> tuple[str, bool]:
+        stopped = False
+        if self.stops:
+            start = max(0, self.checked - max(map(len, self.stops)) + 1)
+            hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                at, self.stop_hit = min(hits, key=lambda h: h[0])
+                self.text, stopped, final = self.text[:at], True, True
+                self.stopped = True
+            self.checked = len(self.text)
+        end = len(self.text) if final else len(self.text) - self._partial_stop()
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece, stopped
+
+    def _partial_stop(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        held = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), held, -1):
+                if self.text.endswith(s[:k]):
+                    held = k
+                    break
+        return held
+
+
+__all__ = ["Detokenizer", "RowText", "continuation_text"]

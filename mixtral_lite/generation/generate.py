@@ -32,13 +32,13 @@ from ..model.cache import KVCache
 from ..validate import check_seed
 from ..weights.device_map import layer_devices
 from .cache_pool import CachePool
-from .detok import Detokenizer, continuation_text
+from .detok import RowText, continuation_text
+from .engine import Engine, SeqRequest
 from .prompt_cache import PromptCache
 from .sampling import SamplingParams, make_generator, sample
-from .tokenizer import Tokenizer
+from .tokenizer import PAD_ID, Tokenizer
 
 Prompt = str | Sequence[int]
-PAD_ID = 0  # left padding; masked out, so any valid id works
 
 
 @dataclass
@@ -221,6 +221,8 @@ def generate(
     Text prompts are encoded with BOS. The options are a ``GenerationOptions`` or its fields as
     keywords (``max_new_tokens=20, temperature=0.8``; keywords override ``options``). Returns one
     ``GenerationResult`` per prompt (a list for a list of prompts); each carries the call's ``stats``.
+    On the CPU a list is scheduled through the continuous-batching engine (``engine.Engine``), at
+    most ``SCHEDULED_ROWS`` rows at a time; elsewhere it runs as one left-padded batch.
     ``cache``: a ``PromptCache`` kept across calls with one prompt each; a prompt that starts with
     the tokens of the previous call (prompt and answer) prefills only the rest.
     """
@@ -229,6 +231,8 @@ def generate(
     if cache is not None and not single:
         raise UserError("cache: a PromptCache serves one prompt per call, got a list of prompts")
     request = prepare(model.config, tokenizer, [prompts] if single else list(prompts), **asdict(opts))
+    if not single and len(request.prompts) > 1 and decode_fn is decode_step and _schedules(model):
+        return _scheduled(model, request)
     events = _run(model, request, stream=False, decode_fn=decode_fn, prompt_cache=cache)
     while True:
         try:
@@ -237,6 +241,60 @@ def generate(
             results = done.value
             break
     return results[0] if single else results
+
+
+SCHEDULED_ROWS = 64  # rows a list of prompts is scheduled through at once on the CPU
+
+
+def _schedules(model: torch.nn.Module) -> bool:
+    """Whether a list of prompts runs through the continuous-batching engine: a model on the CPU
+    (every layer), experts in memory. A GPU keeps one padded batch, whose decode step its CUDA graph
+    replays."""
+    if getattr(model, "offload", None) is not None:
+        return False
+    return all(d.type == "cpu" for d in layer_devices(model)) and model.device.type == "cpu"
+
+
+def _scheduled(model: torch.nn.Module, request: Request) -> list[GenerationResult]:
+    """Many prompts through the engine (``engine.Engine``): prompts join as rows free up and leave
+    when done, instead of one padded batch as long as the longest, so a list of a thousand prompts
+    holds at most ``SCHEDULED_ROWS`` rows of cache. Each row samples from its own generator seeded
+    with the call's seed, as in the padded batch, and equals its prompt alone."""
+    if not hasattr(model, "cpu_kernels"):
+        install_cpu_kernels(model)
+    start = time.perf_counter()
+    context = model.config.max_position_embeddings
+    longest = max(len(p) + n for p, n in zip(request.prompts, request.budgets, strict=True))
+    rows = min(len(request.prompts), SCHEDULED_ROWS)
+    engine = Engine(model, request.tokenizer, max_batch=rows, max_queue=len(request.prompts),
+                    max_seq_len=min(context, max(longest, 2)))  # fmt: skip
+    reqs = [
+        SeqRequest(p, n, request.params, seed=request.seed, stop=request.stops, continuation=request.continuation)
+        for p, n in zip(request.prompts, request.budgets, strict=True)
+    ]
+    results = engine.generate(reqs)
+    elapsed = time.perf_counter() - start
+    first = engine.metrics.ttft.total / max(engine.metrics.ttft.count, 1)
+    stats = GenerationStats(
+        prompt_tokens=engine.metrics.prompt_tokens,
+        generated_tokens=sum(len(r.token_ids) for r in results),
+        time_to_first_token=first,
+        prefill_time=first,
+        decode_time=max(elapsed - first, 0.0),
+        rows_with_tokens=sum(1 for r in results if r.token_ids),
+    )
+    return [
+        GenerationResult(
+            text=r.text,
+            token_ids=r.token_ids,
+            logprobs=r.logprobs,
+            finish_reason="length" if r.finish_reason == "length" else "stop",
+            prompt_tokens=r.prompt_tokens,
+            stats=stats,
+            stop_reason=r.stop_reason,
+        )
+        for r in results
+    ]
 
 
 class TextStream:
@@ -368,59 +426,6 @@ def prepare(
     return Request(tokenizer, encoded, budgets, params, seed, stops, continuation)
 
 
-class _RowText:
-    """One row's streamed text: detokenised, cut at the first stop string, and holding back any
-    tail that could still become a stop string."""
-
-    def __init__(self, tokenizer: Tokenizer, context: list[int], stops: list[str]) -> None:
-        anchor = tokenizer.encode("a", bos=False)
-        self.detok = Detokenizer(tokenizer.decode, context, anchor=anchor, byte_ids=tokenizer.byte_ids)
-        self.stops = stops
-        self.text = ""
-        self.emitted = 0  # characters handed out
-        self.checked = 0  # characters searched for stop strings
-        self.stopped = False
-        self.stop_hit: str | None = None  # the stop string found first in the text
-
-    def push(self, token: int) -> tuple[str, bool]:
-        if self.stopped:
-            return "", True
-        self.text += self.detok.push(token)
-        return self._emit(final=False)
-
-    def finish(self) -> str:
-        """The rest of the text once the row ends (nothing after a stop string)."""
-        if self.stopped:
-            return ""
-        self.text += self.detok.flush()
-        return self._emit(final=True)[0]
-
-    def _emit(self, final: bool) -> tuple[str, bool]:
-        stopped = False
-        if self.stops:
-            start = max(0, self.checked - max(map(len, self.stops)) + 1)
-            hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
-            if hits:
-                at, self.stop_hit = min(hits, key=lambda h: h[0])
-                self.text, stopped, final = self.text[:at], True, True
-                self.stopped = True
-            self.checked = len(self.text)
-        end = len(self.text) if final else len(self.text) - self._partial_stop()
-        piece = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        return piece, stopped
-
-    def _partial_stop(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        held = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), held, -1):
-                if self.text.endswith(s[:k]):
-                    held = k
-                    break
-        return held
-
-
 def _to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
     """Start copying small tensors to the host without waiting for the device (CUDA); the event
     says when they have arrived."""
@@ -510,7 +515,7 @@ def _run(
     first = _to_host(tokens, logprobs)
 
     contexts = request.prompts if request.continuation else [[] for _ in request.prompts]
-    texts = [_RowText(tokenizer, c, request.stops) if stream or request.stops else None for c in contexts]
+    texts = [RowText(tokenizer, c, request.stops) if stream or request.stops else None for c in contexts]
     out_ids: list[list[int]] = [[] for _ in range(b)]
     out_logprobs: list[list[float]] = [[] for _ in range(b)]
     finish: list[str | None] = [None] * b

@@ -27,6 +27,9 @@ from .chat_template import ChatTemplate, special_tokens, template_from_tokenizer
 ROLES = ("system", "user", "assistant")
 
 
+PAD_ID = 0  # the id of left padding (generate) and of idle rows (the engine); masked out, so any valid id works
+
+
 class Tokenizer:
     """``encode(text, bos=True) -> ids``, ``decode(ids) -> text``, ``encode_chat(messages) -> ids``."""
 
@@ -301,4 +304,12 @@ def _is_mixtral_folder(folder: Path) -> bool:
     return data.get("model_type") in ("mixtral", "mixtral_lite", None)
 
 
-__all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "find_tokenizer", "load_tokenizer", "tokenizer_file"]
+__all__ = [
+    "PAD_ID",
+    "HFTokenizer",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "find_tokenizer",
+    "load_tokenizer",
+    "tokenizer_file",
+]

@@ -31,9 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from ..generation.detok import CONTEXT_TOKENS
+from ..generation.engine import Delta, Engine, EngineStopped, Histogram, QueueFull, Seq, SeqRequest
 from ..generation.sampling import SamplingParams
 from ..generation.tokenizer import Tokenizer
-from .engine import Delta, Engine, EngineStopped, Histogram, QueueFull, Seq, SeqRequest
 
 MAX_N = 16  # choices per request
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for chat; completions allow 5)

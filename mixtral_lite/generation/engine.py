@@ -1,10 +1,11 @@
-"""Continuous (iteration-level) batching over one static ``KVCache``, for serving many requests.
+"""Continuous (iteration-level) batching over one static ``KVCache``: the server's requests, and
+``generate()``'s lists of prompts on the CPU.
 
-``generate()`` pads a list of prompts into one batch: a request that arrives later waits for the
-whole batch, and a seeded row's samples change with its neighbours. The engine instead keeps a pool
-of ``max_batch`` cache rows and runs one *step* at a time: finished requests leave (their row's
-``valid`` flags are cleared), queued requests join a free row (first come, first served), one chunk
-of prompt tokens is prefilled, then one decode step feeds every running row its next token.
+One padded batch makes a request that arrives later wait for the whole batch, and holds every row
+until the longest is done. The engine instead keeps a pool of ``max_batch`` cache rows and runs one
+*step* at a time: finished requests leave (their row's ``valid`` flags are cleared), queued requests
+join a free row (first come, first served), prompts are prefilled (those that joined together in
+one call), then one decode step feeds every running row its next token.
 
 How rows share the cache: the model's mask is causal in *slot* order over each row's own valid keys,
 and rotary positions are explicit. So all rows write one shared slot ``cur`` per decode step, each at
@@ -34,12 +35,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
-from ..generation.detok import continuation_text
-from ..generation.generate import PAD_ID, _RowText
-from ..generation.sampling import SamplingParams, make_generator, sample
-from ..generation.tokenizer import Tokenizer
 from ..model.cache import KVCache
 from ..weights.device_map import layer_devices
+from .detok import RowText, continuation_text
+from .sampling import SamplingParams, make_generator, sample
+from .tokenizer import PAD_ID, Tokenizer
 
 # latency buckets (seconds) for the time-to-first-token and inter-token histograms
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -132,7 +132,7 @@ class Seq:
     cancelled: bool = False
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None
-    text: _RowText | None = None
+    text: RowText | None = None
     last_token_time: float = 0.0
 
     @property
@@ -157,6 +157,7 @@ class Result:
     prompt_top_logprobs: list[list[tuple[int, float]] | None]
     finish_reason: str
     prompt_tokens: int
+    stop_reason: str | None = None  # the stop string that ended the text (finish_reason "stop")
 
 
 def _joint_groups(waiting: list[Seq], budget: int) -> list[list[Seq]]:
@@ -346,6 +347,7 @@ class Engine:
             prompt_top_logprobs=seq.prompt_top,
             finish_reason=seq.finish_reason or "length",
             prompt_tokens=len(seq.req.prompt),
+            stop_reason=seq.text.stop_hit if seq.text is not None and seq.finish_reason == "stop" else None,
         )
 
     # ---- the stepping side (one thread) ----
@@ -413,7 +415,7 @@ class Engine:
             ids = torch.tensor([i for i in req.prompt if i < self._vocab], dtype=torch.long, device=device)
             seq.seen[0, ids] = True
         context = req.prompt if req.continuation else []
-        seq.text = _RowText(self.tokenizer, context, req.stop)
+        seq.text = RowText(self.tokenizer, context, req.stop)
         if req.prompt_logprobs:
             seq.prompt_logprobs, seq.prompt_top = [None], [None]  # the first token has no context to score it
 
