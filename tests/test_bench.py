@@ -23,6 +23,9 @@ def test_active_weight_bytes_by_hand() -> None:
     assert active_weight_bytes(model) == expected
     q = quantize_model(model.to(torch.bfloat16))
     assert active_weight_bytes(q) < expected / 2 / 1.5  # int8 (and bf16 scales) vs float32
+    q4 = quantize_model(Mixtral(c).to(torch.bfloat16), "int4")
+    # the packed codes (uint8, two per byte) count: 4.5 bits per quantised weight against int8's 8
+    assert 0.5 * active_weight_bytes(q) < active_weight_bytes(q4) < active_weight_bytes(q)
 
 
 def test_benchmark_runs_and_matches_transformers(tmp_path, capsys) -> None:

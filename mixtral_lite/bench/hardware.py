@@ -44,7 +44,7 @@ def active_weight_bytes(model: torch.nn.Module) -> int:
     total = 0
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         key = id(t) if t.is_meta else t.data_ptr()  # meta tensors all have address 0
-        if key in seen or not t.is_floating_point() and t.dtype != torch.int8:
+        if key in seen or not t.is_floating_point() and t.dtype not in (torch.int8, torch.uint8):  # uint8: int4 codes
             continue
         seen.add(key)
         size = t.numel() * t.element_size()
