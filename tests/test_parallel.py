@@ -311,6 +311,53 @@ def test_torchrun_generate_tp2_prints_the_single_process_text(gen_folder, capsys
 
 
 @needs_processes
+def test_torchrun_serve_tp2_answers_as_the_single_process_model(gen_folder):
+    """`torchrun --nproc-per-node 2 -m mixtral_lite serve --tp 2`: rank 0 serves HTTP, both ranks run
+    every step; concurrent greedy completions equal generate() of the single-process model, and
+    SIGTERM to torchrun ends the job within a minute."""
+    import signal
+    import threading
+
+    import httpx
+
+    from mixtral_lite import generate, load_model, load_tokenizer
+
+    prompts = ["The capital of France is", "Once upon a time", "a b c"]
+    single, tok = load_model(gen_folder, dtype=torch.float32), load_tokenizer(gen_folder)
+    want = [generate(single, tok, p, max_new_tokens=10).text for p in prompts]
+    cmd = [*TORCHRUN, "-m", "mixtral_lite", "serve", "--model", str(gen_folder), "--tp", "2", "--port", "0",
+           "--max-batch", "4", "--device", "cpu", "--dtype", "float32"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url, seen = None, []
+        for line in proc.stderr:
+            seen.append(line)
+            if " at http://127.0.0.1:" in line:
+                url = line.split(" at ")[1].split()[0]
+                break
+        assert url is not None, "".join(seen)
+        threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+        got = [None] * len(prompts)
+
+        def ask(i: int) -> None:
+            body = {"model": gen_folder.name, "prompt": prompts[i], "max_tokens": 10, "temperature": 0}
+            got[i] = httpx.post(f"{url}/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=150)
+        assert got == want
+        proc.send_signal(signal.SIGTERM)  # torchrun forwards it, then exits non-zero itself (its own rule)
+        proc.wait(timeout=60)  # every rank ends: rank 0 shuts down, the others stop with it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@needs_processes
 def test_bad_world_size_exits_nonzero_on_every_rank_quickly(gen_folder):
     """--tp 2 --ep 2 with 2 processes: both ranks print the reason and exit 2 before joining, in seconds."""
     cmd = [PY, *_generate_args(gen_folder), "--tp", "2", "--ep", "2"]

@@ -100,6 +100,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quiet-stats", action="store_true", help="do not print timing to stderr")
     p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
+    add_parallel_arguments(p)
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    """--tp, --ep and --step-timeout: generate and serve under torchrun."""
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch with torchrun)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (launch with torchrun)")
     p.add_argument(

@@ -8,8 +8,11 @@ Endpoints: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming with
 up to --shutdown-timeout seconds, cancels the rest and exits 0. Without --model the bundled demo
 model is served.
 
+Under torchrun with --tp/--ep, rank 0 serves HTTP and the other ranks run every step with it.
+
 Examples:
   mixtral-lite serve --model /data/Mixtral-8x7B-Instruct-v0.1 --max-batch 16
+  torchrun --nproc-per-node 2 -m mixtral_lite serve --model /data/Mixtral-8x7B-Instruct-v0.1 --tp 2
   mixtral-lite serve --port 8080 --api-key "$KEY"
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"model": "bundled", "prompt": "Once upon a time", "max_tokens": 20}'
@@ -18,12 +21,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 import threading
 
 from ..errors import UserError
-from .generate import add_model_arguments, load, model_folder
+from .generate import add_model_arguments, add_parallel_arguments, load, model_folder, start_parallel
 
 HELP = "serve a model over an OpenAI-compatible HTTP API (continuous batching)"
 
@@ -40,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the model folder's name)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get at SIGTERM")
+    add_parallel_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         missing = f"serve needs fastapi and uvicorn ({exc.name} is missing)"
         raise UserError(f"{missing}: pip install 'mixtral-lite[serve]'") from None
-    from ..generation.engine import Engine
+    from ..config import MixtralConfig
+    from ..generation.engine import Engine, follow
     from ..generation.tokenizer import load_tokenizer
 
     if not 0 <= args.port < 65536:
@@ -58,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     folder = model_folder(args)
     name = args.served_model_name or folder.name
     tokenizer = load_tokenizer(folder, chat_template=args.chat_template)
-    model = load(args, folder)
+    parallel = start_parallel(args, MixtralConfig.from_pretrained(folder))
+    model = load(args, folder) if parallel is None else parallel.load(folder, dtype=args.dtype)
     engine = Engine(
         model,
         tokenizer,
@@ -68,6 +75,27 @@ def run(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
     )
     app = create_app(engine, tokenizer, ServerOptions(name, api_key=args.api_key, max_body_bytes=args.max_body_bytes))
+    if parallel is None:
+        return _serve(args, uvicorn, app, engine, model, name)
+    # torchrun: rank 0 serves HTTP and sends every model and cache operation to the other ranks,
+    # which apply them to their shards in the same order
+    send, receive = parallel.channel()
+    if not parallel.state.is_main:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun signals every rank: this one ends with rank 0
+            signal.signal(sig, signal.SIG_IGN)
+        with parallel.guard():
+            follow(engine, receive)
+        parallel.close()
+        return 0
+    engine.mirror = send
+    try:
+        return _serve(args, uvicorn, app, engine, model, name)
+    finally:
+        send(None)  # the other ranks stop following
+        parallel.close()
+
+
+def _serve(args: argparse.Namespace, uvicorn, app, engine, model, name: str) -> int:
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

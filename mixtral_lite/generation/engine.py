@@ -242,6 +242,7 @@ class Engine:
         self._stopping = False
         self._vocab = min(tokenizer.vocab_size, model.config.vocab_size)
         self.error: BaseException | None = None  # what stopped the stepping thread, if anything
+        self.mirror: Callable[[tuple], None] | None = None  # rank 0 of a tensor-parallel server: sends each op
 
     # ---- the public side (any thread) ----
 
@@ -436,15 +437,14 @@ class Engine:
             prompt, n = seq.req.prompt, len(seq.req.prompt)
             c = min(n - seq.done, budget)
             budget -= c
-            device = self.model.device
             start = seq.region_end - n + seq.done
-            ids = torch.tensor([prompt[seq.done : seq.done + c]], device=device)  # [1, T]
-            slots = torch.arange(start, start + c, device=device)
-            positions = torch.arange(seq.done, seq.done + c, device=device)[None]  # [1, T]
-            view = _rows_view(self.cache, seq.row, seq.row + 1)
-            logits = self.model(
-                ids, cache=view, slots=slots, positions=positions, last_only=not seq.req.prompt_logprobs
-            )
+            logits = self._run(
+                (
+                    "forward", seq.row, seq.row + 1, [prompt[seq.done : seq.done + c]],  # ids [1, T]
+                    list(range(start, start + c)), [list(range(seq.done, seq.done + c))], None,
+                    not seq.req.prompt_logprobs,
+                )
+            )  # fmt: skip
             if seq.req.prompt_logprobs:
                 self._score_prompt(seq, logits[0], seq.done, c)
             seq.done += c
@@ -457,22 +457,11 @@ class Engine:
         longest, pads masked out (invalid keys, position 0). One call instead of one per prompt is
         what a burst of requests costs on a CPU, where each call's fixed cost outweighs its tokens."""
         t = max(len(s.req.prompt) for s in group)
-        device = self.model.device
-        ids = torch.full((len(group), t), PAD_ID, dtype=torch.long)
-        real = torch.zeros(len(group), t, dtype=torch.long)
-        for i, s in enumerate(group):
-            n = len(s.req.prompt)
-            ids[i, t - n :] = torch.tensor(s.req.prompt)
-            real[i, t - n :] = 1
+        ids = [[PAD_ID] * (t - len(s.req.prompt)) + s.req.prompt for s in group]  # [rows, T]
+        real = [[0] * (t - len(s.req.prompt)) + [1] * len(s.req.prompt) for s in group]
         end = group[0].region_end
-        view = _rows_view(self.cache, group[0].row, group[-1].row + 1)
-        logits = self.model(
-            ids.to(device),
-            cache=view,
-            slots=torch.arange(end - t, end, device=device),
-            attention_mask=real.to(device),
-            last_only=True,
-        )[:, -1]  # [rows, V]
+        op = ("forward", group[0].row, group[-1].row + 1, ids, list(range(end - t, end)), None, real, True)
+        logits = self._run(op)[:, -1]  # [rows, V]
         for i, s in enumerate(group):
             s.done = len(s.req.prompt)
             self.metrics.prompt_tokens += s.done
@@ -501,20 +490,13 @@ class Engine:
         if self.cur >= self.max_seq_len:  # the shared slot ran off the end: compact every row
             self._repack(max(s.need for s in self.rows if s is not None))
         hi = max(s.row for s in running) + 1  # rows 0..hi-1 take part; free or prefilling ones write invalid keys
-        device = self.model.device
-        tokens = [PAD_ID] * hi
-        positions = [0] * hi
-        live = [0] * hi
+        tokens = [[PAD_ID]] * hi  # [B, 1]
+        positions = [[0]] * hi
+        live = [[0]] * hi
         for s in running:
-            tokens[s.row], positions[s.row], live[s.row] = s.next_token, s.need, 1
-        mask = None if all(live) else torch.tensor(live, device=device)[:, None]  # [B, 1]
-        logits = self.model(
-            torch.tensor(tokens, device=device)[:, None],
-            cache=_rows_view(self.cache, 0, hi),
-            slots=torch.tensor([self.cur], device=device),
-            positions=torch.tensor(positions, device=device)[:, None],
-            attention_mask=mask,
-        )[:, -1]  # [B, V]
+            tokens[s.row], positions[s.row], live[s.row] = [s.next_token], [s.need], [1]
+        mask = None if all(v == [1] for v in live) else live  # [B, 1]
+        logits = self._run(("forward", 0, hi, tokens, [self.cur], positions, mask, False))[:, -1]  # [B, V]
         self.cur += 1
         self.metrics.steps += 1
         picks = self._sample_rows(running, logits)
@@ -584,7 +566,7 @@ class Engine:
         seq.finish_reason = reason
         if seq.row >= 0 and self.rows[seq.row] is seq:
             self.rows[seq.row] = None
-            self.cache.valid[seq.row] = False
+            self._run(("clear", seq.row))
         self.metrics.requests[reason] = self.metrics.requests.get(reason, 0) + 1
         rest = "" if text_done or seq.text is None or reason == "cancelled" else seq.text.finish()
         seq.on_event(Delta(text=rest, finish_reason=reason))
@@ -594,24 +576,67 @@ class Engine:
         room for its whole prompt), and make ``target`` the shared slot. Order and rotary positions
         are kept, so every row attends to the same keys as before."""
         self.metrics.repacks += 1
-        cache = self.cache
+        plan = []  # (row, the slot its first key moves to)
         for s in self.rows:
             if s is None:
                 continue
-            r = s.row
-            src = cache.valid[r].nonzero()[:, 0]  # [n] slots in order
-            n = src.numel()
-            first = target - (len(s.req.prompt) if not s.decoding else n)
-            dst = torch.arange(first, first + n, device=src.device)
-            for k in (*cache.k, *cache.v):
-                k[r][:, dst.to(k.device)] = k[r][:, src.to(k.device)]  # the read copies: overlap is safe
-            pos = cache.pos[r, src]
-            cache.valid[r] = False
-            cache.valid[r, dst] = True
-            cache.pos[r, dst] = pos
+            n = int(self.cache.valid[s.row].sum())
+            plan.append((s.row, target - (len(s.req.prompt) if not s.decoding else n)))
             if not s.decoding:
                 s.region_end = target
+        self._run(("repack", plan))
         self.cur = target
 
+    # ---- the operations on the model and the cache (every rank's, under torchrun) ----
 
-__all__ = ["Delta", "Engine", "EngineMetrics", "EngineStopped", "Histogram", "QueueFull", "Result", "SeqRequest"]
+    def _run(self, op: tuple):
+        """Apply one operation on the model or the cache. In a tensor-parallel server rank 0 first
+        hands it to ``mirror``, which sends it to the other ranks: they apply the same operations in
+        the same order on their shards (``follow``), so every collective inside the model has all
+        its ranks. The operations hold plain lists, the same on every rank."""
+        if self.mirror is not None:
+            self.mirror(op)
+        return self.apply(op)
+
+    def apply(self, op: tuple):
+        """("forward", lo, hi, ids, slots, positions, mask, last_only): the model on rows lo..hi-1 of
+        the cache (positions None: from the mask), its logits; ("clear", row): the row's keys made
+        invisible; ("repack", [(row, first), ...]): each row's valid keys moved, in order, to slots
+        first.. (their rotary positions kept)."""
+        cache, kind = self.cache, op[0]
+        if kind == "forward":
+            _, lo, hi, ids, slots, positions, mask, last_only = op
+            device = self.model.device
+            as_tensor = lambda v: None if v is None else torch.tensor(v, device=device)  # noqa: E731
+            return self.model(
+                as_tensor(ids), cache=_rows_view(cache, lo, hi), slots=as_tensor(slots),
+                positions=as_tensor(positions), attention_mask=as_tensor(mask), last_only=last_only,
+            )  # fmt: skip
+        if kind == "clear":
+            cache.valid[op[1]] = False
+            return None
+        if kind == "repack":
+            for r, first in op[1]:
+                src = cache.valid[r].nonzero()[:, 0]  # [n] slots in order
+                dst = torch.arange(first, first + src.numel(), device=src.device)
+                for k in (*cache.k, *cache.v):
+                    k[r][:, dst.to(k.device)] = k[r][:, src.to(k.device)]  # the read copies: overlap is safe
+                pos = cache.pos[r, src]
+                cache.valid[r] = False
+                cache.valid[r, dst] = True
+                cache.pos[r, dst] = pos
+            return None
+        raise ValueError(f"engine: unknown operation {kind!r}")
+
+
+def follow(engine: Engine, receive: Callable[[], tuple | None]) -> None:
+    """A tensor-parallel server's other ranks: apply rank 0's operations (``Engine.mirror``) on this
+    rank's engine, whose cache holds this rank's heads, until ``receive`` gives None."""
+    with torch.no_grad():
+        while (op := receive()) is not None:
+            engine.apply(op)
+
+
+__all__ = [
+    "Delta", "Engine", "EngineMetrics", "EngineStopped", "Histogram", "QueueFull", "Result", "SeqRequest", "follow",
+]  # fmt: skip

@@ -13,6 +13,7 @@ need every rank to take part in every forward. To keep them in step:
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import sys
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -75,6 +77,22 @@ class ParallelRun:
             return inner(model, broadcast_tokens(tokens, self.state), cache, slot, positions)
 
         return decode
+
+    def channel(self) -> tuple[Callable[[Any], None], Callable[[], Any]]:
+        """(send, receive) of small Python objects from rank 0 to every rank, on a gloo group of its
+        own with no practical timeout: a server's other ranks wait there while rank 0 has nothing to
+        do (the model's collectives keep the short step timeout). Every rank must call this."""
+        group = dist.new_group(list(range(self.state.world_size)), backend="gloo", timeout=datetime.timedelta(days=365))
+
+        def send(obj: Any) -> None:
+            dist.broadcast_object_list([obj], src=0, group=group)
+
+        def receive() -> Any:
+            box = [None]
+            dist.broadcast_object_list(box, src=0, group=group)
+            return box[0]
+
+        return send, receive
 
     def close(self) -> None:
         """Leave the group. After success, wait for every rank first (rank 0 also hosts the store the
