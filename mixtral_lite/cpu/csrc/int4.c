@@ -62,7 +62,7 @@ int few_rows_experts_int4(const uint8_t *w1, const uint16_t *s1, const uint16_t 
             long e = idx[m * K + j];
             Act xm = ax; /* row m only */
             xm.f += m * D, xm.gs += m * ngd, xm.gsum += m * ngd;
-            if (xm.q8) xm.q8 += m * D;
+            if (xm.q8) xm.q8 += m * q8_stride(D);
             Out oa = {ha, NULL, I, 0, NULL}, ob = {hb, NULL, I, 0, NULL}, oy = {yo, NULL, D, 0, NULL};
 #pragma omp parallel num_threads(threads)
             {

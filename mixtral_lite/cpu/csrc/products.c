@@ -175,7 +175,7 @@ static Act act_rows(Act a, long r0, long D) {
     if (a.q) a.q += r0 * D, a.qs += r0;
     if (a.f) a.f += r0 * D;
     if (a.gs) a.gs += r0 * (D / a.G), a.gsum += r0 * (D / a.G);
-    if (a.q8) a.q8 += r0 * D;
+    if (a.q8) a.q8 += r0 * q8_stride(D);
     return a;
 }
 
