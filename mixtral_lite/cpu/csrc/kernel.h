@@ -80,6 +80,14 @@ static inline float hsum(vf a) {
     return s;
 }
 
+/* The sum of a's 16 lanes in sum16's order (elements two apart, then neighbours, then 128-bit
+ * lanes): a one-row path that reduces one vector gives the bits of a path that reduces sixteen. */
+static inline float tree16(vf a) {
+    float q[4];
+    for (int l = 0; l < 4; l++) q[l] = (a[4 * l] + a[4 * l + 2]) + (a[4 * l + 1] + a[4 * l + 3]);
+    return (q[0] + q[1]) + (q[2] + q[3]);
+}
+
 /* x[0..n) as float32 from bfloat16 (bf16 = 1) or float32. */
 static inline float at(const void *x, long i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
@@ -615,8 +623,8 @@ static inline __m512 load_halves(const uint16_t *p, long n) {
                                  const uint16_t *restrict br, const Act *a, long m0, long I, long G, \
                                  float *restrict out) {                                              \
         long ng = I / G, stride = q8_stride(I);                                                      \
-        __m512 f[MM], fb[MM];                                                                        \
-        for (int m = 0; m < MM; m++) f[m] = fb[m] = _mm512_setzero_ps();                             \
+        __m512 f[MM];                                                                                \
+        for (int m = 0; m < MM; m++) f[m] = _mm512_setzero_ps();                                     \
         const __m512i low = _mm512_set1_epi8(0x0f);                                                  \
         for (long g0 = 0; g0 < ng; g0 += 16) { /* a run of 16 groups (fewer at the end) */          \
             __mmask16 gm = ng - g0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (ng - g0)) - 1);   \
@@ -625,7 +633,7 @@ static inline __m512 load_halves(const uint16_t *p, long n) {
             for (int m = 0; m < MM; m++) {                                                           \
                 const float *gs = a->gs + (m0 + m) * ng + g0, *gsum = a->gsum + (m0 + m) * ng + g0;  \
                 mg[m] = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(gm, gs));                             \
-                fb[m] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(gm, gsum), fb[m]);                  \
+                f[m] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(gm, gsum), f[m]);                    \
             }                                                                                        \
             long k1 = (g0 + 16) * G < I ? (g0 + 16) * G : I;                                         \
             const int32_t *idx = a->gidx;                                                            \
@@ -643,7 +651,11 @@ static inline __m512 load_halves(const uint16_t *p, long n) {
                 }                                                                                    \
             }                                                                                        \
         }                                                                                            \
-        for (int m = 0; m < MM; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(f[m], fb[m]));      \
+        for (int m = 0; m < MM; m++) { /* dotv_rows4's order of operations: the same bits as one row */ \
+            vf v;                                                                                    \
+            memcpy(&v, &f[m], sizeof v);                                                             \
+            out[m] = tree16(v);                                                                      \
+        }                                                                                            \
     }
 DOTV(1)
 DOTV(2)
