@@ -73,6 +73,14 @@ def _decoder(
     return net, config
 
 
+def _with_history(config: MixtralConfig, b: int, dtype: torch.dtype) -> KVCache:
+    cache = KVCache(config, b, 16, dtype=dtype)
+    for layer in range(config.num_hidden_layers):
+        cache.k[layer].normal_(generator=torch.Generator().manual_seed(layer))
+        cache.v[layer].normal_(generator=torch.Generator().manual_seed(layer + 50))
+    return cache
+
+
 def _step(block: model.Block, config: MixtralConfig, x: torch.Tensor, cache: KVCache, pos: int):
     b = x.shape[0]
     positions = torch.full((b, 1), pos)
@@ -91,11 +99,7 @@ def test_layer_equals_the_two_fused_halves(dtype: torch.dtype, int8: bool, b: in
     routing weights (expf against torch's exp)."""
     net, config = _decoder(dtype, int8)
     block = net.layers[1]
-    caches = [KVCache(config, b, 16, dtype=dtype) for _ in range(2)]
-    for c in caches:  # an earlier history in the cache
-        for layer in range(config.num_hidden_layers):
-            c.k[layer].normal_(generator=torch.Generator().manual_seed(layer))
-            c.v[layer].normal_(generator=torch.Generator().manual_seed(layer + 50))
+    caches = [_with_history(config, b, dtype) for _ in range(2)]
     x = torch.randn(b, 1, config.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
     runs = []
     with torch.no_grad():
@@ -129,10 +133,7 @@ def test_a_decode_step_of_many_rows_is_each_row_alone(
     x = torch.randn(b, 1, config.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
 
     def cache() -> KVCache:  # the same earlier history every time
-        c = KVCache(config, b, 16, dtype=dtype)
-        c.k[1].normal_(generator=torch.Generator().manual_seed(1))
-        c.v[1].normal_(generator=torch.Generator().manual_seed(51))
-        return c
+        return _with_history(config, b, dtype)
 
     with torch.no_grad():
         assert _fused(block, config, x, KVCache(config, b, 16, dtype=dtype)) is not None
@@ -156,14 +157,6 @@ def test_a_decode_step_of_many_rows_is_each_row_alone(
     for got, want in pairs:
         atol = tol * (1 + 100 * int8) * want.float().abs().amax()
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=atol)
-
-
-def _with_history(config: MixtralConfig, b: int, dtype: torch.dtype) -> KVCache:
-    cache = KVCache(config, b, 16, dtype=dtype)
-    for layer in range(config.num_hidden_layers):
-        cache.k[layer].normal_(generator=torch.Generator().manual_seed(layer))
-        cache.v[layer].normal_(generator=torch.Generator().manual_seed(layer + 50))
-    return cache
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
