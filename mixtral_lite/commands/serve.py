@@ -103,6 +103,7 @@ def _serve(args: argparse.Namespace, uvicorn, app, engine, model, name: str) -> 
         sock.bind((args.host, args.port))
     except OSError as exc:
         raise UserError(f"--host {args.host} --port {args.port}: cannot bind ({exc.strerror})") from None
+    sock.listen(2048)  # before the startup line: a client that reads it may connect at once
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(
