@@ -171,18 +171,21 @@ def _joint_groups(waiting: list[Seq], budget: int) -> list[list[Seq]]:
     runs: list[list[Seq]] = []
     for s in sorted((s for s in fresh if s.region_end == end), key=lambda s: s.row):
         run = runs[-1] if runs else []
-        longest = max(len(r.req.prompt) for r in [*run, s])
-        if run and s.row == run[-1].row + 1 and (len(run) + 1) * longest <= budget:
+        if run and s.row == run[-1].row + 1 and _padded_tokens([*run, s]) <= budget:
             run.append(s)
         else:
             runs.append([s])
     out = []
     for run in runs:
-        cost = len(run) * max(len(s.req.prompt) for s in run)
-        if len(run) >= 2 and cost <= budget:
+        if len(run) >= 2 and _padded_tokens(run) <= budget:
             out.append(run)
-            budget -= cost
+            budget -= _padded_tokens(run)
     return out
+
+
+def _padded_tokens(group: list[Seq]) -> int:
+    """Tokens a left-padded call on these prompts runs: rows times the longest prompt."""
+    return len(group) * max(len(s.req.prompt) for s in group)
 
 
 def _rows_view(cache: KVCache, lo: int, hi: int) -> KVCache:
@@ -427,7 +430,7 @@ class Engine:
         budget = self.prefill_chunk
         waiting = sorted((s for s in self.rows if s is not None and not s.decoding), key=lambda s: s.id)
         for group in _joint_groups(waiting, budget):
-            budget -= len(group) * max(len(s.req.prompt) for s in group)
+            budget -= _padded_tokens(group)
             self._prefill_together(group)
         for seq in waiting:
             if seq.decoding:  # prefilled together above

@@ -263,11 +263,9 @@ def _scheduled(model: torch.nn.Module, request: Request) -> list[GenerationResul
     if not hasattr(model, "cpu_kernels"):
         install_cpu_kernels(model)
     start = time.perf_counter()
-    context = model.config.max_position_embeddings
-    longest = max(len(p) + n for p, n in zip(request.prompts, request.budgets, strict=True))
+    longest = max(len(p) + n for p, n in zip(request.prompts, request.budgets, strict=True))  # <= the context
     rows = min(len(request.prompts), SCHEDULED_ROWS)
-    engine = Engine(model, request.tokenizer, max_batch=rows, max_queue=len(request.prompts),
-                    max_seq_len=min(context, max(longest, 2)))  # fmt: skip
+    engine = Engine(model, request.tokenizer, max_batch=rows, max_queue=len(request.prompts), max_seq_len=longest)
     reqs = [
         SeqRequest(p, n, request.params, seed=request.seed, stop=request.stops, continuation=request.continuation)
         for p, n in zip(request.prompts, request.budgets, strict=True)
