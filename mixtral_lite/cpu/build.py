@@ -21,7 +21,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(
-    CSRC / f for f in ("products.c", "decode.c", "layer.c", "attention.c", "int4.c")
+    CSRC / f for f in ("products.c", "decode.c", "layer.c", "attention.c", "int4.c", "convert.c")
 )  # all include kernel.h
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 
@@ -165,6 +165,10 @@ def load() -> ctypes.CDLL | None:
         e4.restype = ctypes.c_int
         e4.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
         e4.argtypes += [ctypes.c_void_p] * 2 + [ctypes.c_long] * 4 + [ctypes.c_int] * 2
+        lib.convert_int8.restype = ctypes.c_int
+        lib.convert_int8.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] + [ctypes.c_int] * 2
+        lib.convert_int4.restype = ctypes.c_int
+        lib.convert_int4.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int] * 2
         ly = lib.few_rows_layer  # its first argument: a ctypes.byref of native_layer's struct
         ly.restype = ctypes.c_int
         ly.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_long] * 3 + [ctypes.c_int]

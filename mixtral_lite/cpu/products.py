@@ -10,10 +10,13 @@ the order of float32 additions; the tests tie them.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
 from ..model.quant4 import dequantize4
+from .dequant import dequantize_int4, dequantize_int8, native_int4_ok, native_int8_ok
 from .gemv import split_linear, split_parts
 from .native import (
     native_int8,
@@ -51,6 +54,40 @@ HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
 # crash the process (measured: 8, 24, 40 segfault; 16, 32, 48 run). Such products dequantise.
 INT8_MM_INNER_MULTIPLE = 16
 _FAST_ACT = (torch.bfloat16, torch.float16)
+# Many-row int8/int4 products convert the weight a tile of rows at a time into one reused buffer and
+# multiply each tile at once: the tile is still in the cache when the GEMM reads it, and no
+# matrix-sized tensor is allocated (a fresh one costs more in page faults than the conversion).
+TILE_BYTES = 8 << 20
+_scratch = threading.local()
+
+
+def _tile_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's conversion buffer of ``dtype``, at least ``numel`` elements."""
+    buf = getattr(_scratch, str(dtype), None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_scratch, str(dtype), buf)
+    return buf
+
+
+def _tiled(x: torch.Tensor, rows: int, dtype: torch.dtype, convert) -> torch.Tensor:
+    """x [..., I] @ w.T -> [..., rows] in ``dtype``, w [rows, I] produced tile by tile by
+    ``convert(o0, o1, out)`` (rows o0..o1 of w into ``out``, [o1 - o0, I] of ``dtype``)."""
+    i = x.shape[-1]
+    x2 = x.reshape(-1, i).to(dtype)
+    tile = max(16, TILE_BYTES // (i * torch.tensor([], dtype=dtype).element_size()) // 16 * 16)
+    if tile >= rows:
+        w = _tile_buffer(rows * i, dtype)[: rows * i].view(rows, i)
+        convert(0, rows, w)
+        return linear(x2, w).view(*x.shape[:-1], rows)
+    y = torch.empty(x2.shape[0], rows, dtype=dtype)
+    buf = _tile_buffer(tile * i, dtype)
+    for o0 in range(0, rows, tile):
+        o1 = min(rows, o0 + tile)
+        w = buf[: (o1 - o0) * i].view(o1 - o0, i)
+        convert(o0, o1, w)
+        y[:, o0:o1] = linear(x2, w)
+    return y.view(*x.shape[:-1], rows)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -86,8 +123,12 @@ def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         return y.view(*x.shape[:-1], q.shape[0])
     if rows >= INT8_UPCAST_MIN_ROWS:  # int8 -> bfloat16/float16 is exact (|q| <= 127)
         units = x.dtype in _FAST_ACT and x.dtype not in UPCAST_ON_CPU
-        w = q.to(x.dtype) if units else q.float()
-        return (linear(x.to(w.dtype), w).float() * scale.float()).to(x.dtype)
+        dtype = x.dtype if units else torch.float32
+        if native_int8_ok(q, dtype):
+            y = _tiled(x, q.shape[0], dtype, lambda o0, o1, out: dequantize_int8(q[o0:o1], dtype, out))
+        else:
+            y = linear(x.to(dtype), q.to(dtype))
+        return (y.float() * scale.float()).to(x.dtype)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     act = x2 if x2.dtype in _FAST_ACT else x2.to(torch.bfloat16)
@@ -102,8 +143,14 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offs
     if use_native_int4(x, packed, scale, offset):
         return native_int4(x, packed, scale, offset)
     units = x.dtype in _FAST_ACT and x.dtype not in UPCAST_ON_CPU
-    w = dequantize4(packed, scale, offset).to(x.dtype if units else torch.float32)
-    return linear(x.to(w.dtype), w).to(x.dtype)
+    dtype = x.dtype if units else torch.float32
+    if native_int4_ok(packed, scale, offset, dtype):
+
+        def convert(o0: int, o1: int, out: torch.Tensor) -> None:
+            dequantize_int4(packed[o0:o1], scale[o0:o1], offset[o0:o1], dtype, out)
+
+        return _tiled(x, packed.shape[0], dtype, convert).to(x.dtype)
+    return linear(x.to(dtype), dequantize4(packed, scale, offset).to(dtype)).to(x.dtype)
 
 
 def swiglu_int4(x: torch.Tensor, parts: tuple) -> torch.Tensor:
