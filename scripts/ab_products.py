@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from mixtral_lite.cpu import build  # noqa: E402
+from mixtral_lite.cpu import build, hugepages  # noqa: E402
 
 WTYPES = {"float32": 0, "bfloat16": 1}
 
@@ -113,6 +113,8 @@ def main() -> int:
                 dtype = getattr(torch, dt)
                 nbytes = o * i * dtype.itemsize
                 ws = [torch.randn(o, i).to(dtype) for _ in range(max(2, (256 << 20) // nbytes + 1))]
+                if hugepages.available():  # where a loaded model's weights live (cpu.install)
+                    ws = [hugepages.huge_page_copy(w) for w in ws]
                 x = torch.randn(args.rows, i).to(dtype)
                 ys = {k: torch.empty(args.rows, o, dtype=dtype) for k in libs}
                 times: dict[str, list[float]] = {k: [] for k in libs}

@@ -72,17 +72,17 @@ def product_table(config: MixtralConfig, dtypes: list[torch.dtype], bandwidth: f
     return "\n".join(lines)
 
 
-def step_profile(ckpt: Path, dtype: torch.dtype, steps: int) -> str:
+def step_profile(ckpt: Path, dtype: torch.dtype, steps: int, quantize: str | None = None) -> str:
     """One model's decode steps: the layers' kernel calls and the head timed inside the step."""
     from mixtral_lite.bench.engines import Ours
     from mixtral_lite.bench.hardware import active_weight_bytes
     from mixtral_lite.cpu import layer as layer_mod
-    from mixtral_lite.cpu import modules
 
-    engine = Ours.load(ckpt, dtype, torch.device("cpu"))
+    engine = Ours.load(ckpt, dtype, torch.device("cpu"), quantize=quantize)
     spent = {"layers": 0.0, "head": 0.0}
-    run, head_forward = layer_mod.LayerPlan.run, modules.CpuLinear.forward
     head = engine.model.output
+    head_class = type(head)  # CpuLinear, or the int8 / int4 one
+    run, head_forward = layer_mod.LayerPlan.run, head_class.forward
 
     def timed_run(self, *a, **k):
         t0 = time.perf_counter()
@@ -99,11 +99,11 @@ def step_profile(ckpt: Path, dtype: torch.dtype, steps: int) -> str:
 
     one = torch.tensor([[5]])
     engine.greedy(one, 8)
-    layer_mod.LayerPlan.run, modules.CpuLinear.forward = timed_run, timed_head
+    layer_mod.LayerPlan.run, head_class.forward = timed_run, timed_head
     try:
         t = engine.greedy(one, steps + 1).decode_s
     finally:
-        layer_mod.LayerPlan.run, modules.CpuLinear.forward = run, head_forward
+        layer_mod.LayerPlan.run, head_class.forward = run, head_forward
     nbytes = active_weight_bytes(engine.model)
     n = engine.model.config.num_hidden_layers
     layers, head_s = spent["layers"] / steps, spent["head"] / steps
@@ -111,7 +111,7 @@ def step_profile(ckpt: Path, dtype: torch.dtype, steps: int) -> str:
     rest = step - layers - head_s
     return "\n".join(
         [
-            f"{dtype}: {1 / step:.1f} tok/s, {step * 1e3:.2f} ms per step, "
+            f"{dtype}{' ' + quantize if quantize else ''}: {1 / step:.1f} tok/s, {step * 1e3:.2f} ms per step, "
             f"{nbytes / step / 1e9:.1f} GB/s of active weights",
             f"  {n} layers (one kernel call each): {layers * 1e3:.2f} ms ({layers / n * 1e6:.0f} us per layer)",
             f"  output head: {head_s * 1e3:.2f} ms",
@@ -128,13 +128,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--checkpoint", type=Path, default=None, help="model folder (default: bench_out/vs_llamacpp)")
     p.add_argument("--products-only", action="store_true")
+    p.add_argument("--quantize", action="append", help="also profile these weights (int8, int4, ...) with --dtype")
+    p.add_argument("--skip-products", action="store_true", help="only the decode steps")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtypes = [getattr(torch, d) for d in (args.dtype or ["float32", "bfloat16"])]
     bw = measure_bandwidth(torch.device("cpu"))
     config = SHAPES[args.shape]
     print(f"read bandwidth {bw / 1e9:.1f} GB/s ({args.threads} threads)\n")
-    print(product_table(config, dtypes, bw))
+    if not args.skip_products:
+        print(product_table(config, dtypes, bw))
     if args.products_only:
         return 0
     ckpt = args.checkpoint or ROOT / "bench_out" / "vs_llamacpp" / f"ckpt-{args.shape}"
@@ -143,7 +146,8 @@ def main() -> int:
         return 2
     print()
     for dtype in dtypes:
-        print(step_profile(ckpt, dtype, args.steps))
+        for quantize in [None, *(args.quantize or [])]:
+            print(step_profile(ckpt, dtype, args.steps, quantize))
     return 0
 
 
