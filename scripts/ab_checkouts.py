@@ -20,7 +20,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-CONFIGS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
+CONFIGS = {
+    "float32": ("float32", None),
+    "bfloat16": ("bfloat16", None),
+    "int8": ("bfloat16", "int8"),
+    "int4": ("bfloat16", "int4"),
+}
 
 
 def worker(ckpt: str, dtype_name: str, quantize: str | None, repeats: int) -> dict[str, float]:

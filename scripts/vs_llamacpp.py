@@ -220,6 +220,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--build", action="store_true", help="build llama.cpp first (cached in --llamacpp)")
     p.add_argument("--llamacpp", type=Path, default=DEFAULT_HOME, help="llama.cpp home (src/, build/bin/)")
+    p.add_argument(
+        "--llamacpp-amx", action="store_true", help="--build: keep llama.cpp's AMX kernels (left out by default)"
+    )
     p.add_argument("--shapes", default="bench,8x7b", help="comma list of: bench, 8x7b")
     p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma list of: {', '.join(PRECISIONS)}")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (0: only convert and check)")
@@ -263,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
     llama = LlamaCpp(args.llamacpp)
     if args.build:
         t0 = time.perf_counter()
-        llama.build()
+        llama.build(amx=args.llamacpp_amx)
         print(f"llama.cpp built in {llama.bin} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     llama.require()
     torch.set_num_threads(args.threads)

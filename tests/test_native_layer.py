@@ -248,6 +248,44 @@ def test_plan_follows_weight_changes(monkeypatch) -> None:
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
 
 
+def test_plan_is_checked_by_identity_and_rebuilt_on_any_change(monkeypatch) -> None:
+    """Later steps reuse the plan without gathering the weights again (``Watch``); a replaced child
+    module, a submodule's class swapped, a buffer replaced, added or deleted, a setting changed each make
+    the next step gather and key them again."""
+    net, config = _decoder(torch.float32, True)
+    block = net.layers[0]
+    x = torch.randn(1, 1, config.hidden_size)
+    gathered = []
+    real = modules.CpuBlock._layer_weights
+    monkeypatch.setattr(modules.CpuBlock, "_layer_weights", lambda self: gathered.append(1) or real(self))
+
+    def step() -> int:
+        gathered.clear()
+        with torch.no_grad():
+            _step(block, config, x, KVCache(config, 1, 8), 0)
+        return len(gathered)
+
+    assert step() == 1 and step() == 0 and step() == 0  # built once, then checked by identity
+    att, ff = block.attention, block.feed_forward
+    att.wk.__class__ = quant.Int8Linear  # the reference class: the layer does not fit, gathered every step
+    assert step() == 1 and step() == 1
+    att.wk.__class__ = modules.CpuInt8Linear  # back as the plan was built: it holds again
+    assert step() == 0
+    changes = [
+        lambda: setattr(ff, "gate", modules.CpuLinear(config.hidden_size, ff.gate.weight.shape[0])),
+        lambda: ff.register_buffer("w1_scale", ff.w1_scale.clone()),
+        lambda: setattr(att.wo, "scale", att.wo.scale * 1),
+        lambda: setattr(ff, "top_k", 1),
+        lambda: setattr(block.ffn_norm, "eps", block.ffn_norm.eps * 2),
+        lambda: ff.register_buffer("extra", torch.zeros(1)),  # one more tensor
+        lambda: delattr(ff, "extra"),  # one fewer
+    ]
+    for n, change in enumerate(changes):
+        change()
+        assert step() == 1, n
+        assert step() == 0, n
+
+
 def test_layer_is_skipped_where_it_does_not_apply() -> None:
     net, config = _decoder(torch.float32, False)
     block = net.layers[0]

@@ -36,6 +36,35 @@ CONVERTED = ("f32", "bf16", "q8_0")
 QUANTIZED = {"q4_0": "Q4_0", "q4_K_M": "Q4_K_M"}
 
 
+# /proc/cpuinfo flag -> the ggml option that turns the extension on (a build that names them)
+_X86_EXTENSIONS = {
+    "avx": "GGML_AVX", "avx2": "GGML_AVX2", "bmi2": "GGML_BMI2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
+    "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
+    "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16",
+}  # fmt: skip
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cmake_cpu_flags(amx: bool = False) -> list[str]:
+    """``-DGGML_NATIVE=ON`` (``-march=native``), except on an x86 CPU that advertises AMX when
+    ``amx`` is False: there the build names the CPU's other extensions one by one and leaves the
+    AMX kernels out. The vendored llama.cpp's AMX matrix products (q8_0, q4_0) die with a general
+    protection fault in ``ldtilecfg`` on such a machine, whose AMX otherwise runs (docs/performance.md)."""
+    flags = _cpu_flags()
+    if amx or "amx_tile" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    named = [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in _X86_EXTENSIONS.items()]
+    return ["-DGGML_NATIVE=OFF", *named, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
 def _tail(text: str, n: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-n:])
 
@@ -83,11 +112,18 @@ class LlamaCpp:
         lines = (out.stdout + out.stderr).strip().splitlines()
         return next((line for line in lines if "version" in line), lines[-1] if lines else "unknown")
 
-    def build(self, jobs: int = 2, version: str = SDIST_VERSION) -> None:
+    def build(self, jobs: int = 2, version: str = SDIST_VERSION, *, amx: bool = False) -> None:
         """Download the sdist with pip, take its vendored llama.cpp, build the three programs with
-        cmake (Release, native CPU, ``-j jobs``). Cached: does nothing when they are already built;
-        an interrupted build resumes where cmake left it."""
-        if self.built() and self.has_server():
+        cmake (Release, this CPU's extensions, ``-j jobs``; see ``cmake_cpu_flags`` for ``amx``).
+        Cached: does nothing when they are already built with the same flags; an interrupted build
+        resumes where cmake left it."""
+        flags = ["-DCMAKE_BUILD_TYPE=Release", *cmake_cpu_flags(amx), "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"]
+        flags += ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_EXAMPLES=ON"]
+        stamp = self.home / "build" / "mixtral_lite-cmake-flags.txt"
+        # a build without the stamp (an older one, the shared build tool's) is a native one
+        done = stamp.read_text() if stamp.is_file() else None
+        native = cmake_cpu_flags(amx) == ["-DGGML_NATIVE=ON"]
+        if self.built() and self.has_server() and (done == " ".join(flags) or done is None and native):
             return
         for prog in ("cmake", "c++"):
             if shutil.which(prog) is None:
@@ -106,12 +142,11 @@ class LlamaCpp:
                 shutil.rmtree(self.src, ignore_errors=True)
                 os.replace(vendored, self.src)
         build = self.home / "build"
-        flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF"]
-        flags += ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_EXAMPLES=ON"]
         _run(["cmake", "-S", str(self.src), "-B", str(build), *flags], "cmake configure of llama.cpp")
         _run(["cmake", "--build", str(build), "-j", str(jobs), "--target", *TARGETS], "cmake build of llama.cpp")
         if not (self.built() and self.has_server()):
             raise RuntimeError(f"llama.cpp build finished but {self.bin} lacks one of {', '.join(TARGETS)}")
+        stamp.write_text(" ".join(flags))
 
     def require(self) -> None:
         if not self.built():

@@ -24,6 +24,7 @@ import torch
 from . import build, native
 from .build import loaded
 from .native import _DTYPES, _INT4, _INT8, NATIVE_MAX_ROWS, Projection, int4_group_size
+from .watch import Watch
 
 # Rows of a decode step (B rows of one token) the one-call layer takes: each weight row is read
 # once for all of them, so serving many requests at once reads the weights once per step. A
@@ -153,8 +154,9 @@ class LayerPlan:
     layer cannot run as one call (then the key still saves re-checking it every step)."""
 
     def __init__(self, key: tuple, dtype: torch.dtype, weights: LayerWeights) -> None:
-        self.key = key
+        self.key, self.dtype = key, dtype
         self.weights = weights  # held: the struct points into these tensors
+        self.watch: Watch | None = None  # set by the module that built it: whether it still holds
         d = weights.attention_norm.shape[0]
         norms = (weights.attention_norm, weights.ffn_norm)
         norms_ok = all(n.dtype == dtype and n.shape == (d,) and n.is_contiguous() for n in norms)
@@ -169,7 +171,7 @@ class LayerPlan:
         )
         if not self.ok:
             return
-        self.dtype, self.d, self.e = dtype, d, weights.gate.shape[0]
+        self.d, self.e = d, weights.gate.shape[0]
         self.kv, self.hd = weights.n_kv_heads, weights.head_dim
         (wq, sq), (wk, sk), (wv, sv), (wo, so) = weights.projections
         w1, w2, w3 = weights.experts

@@ -35,6 +35,7 @@ from .native import (
 )
 from .native4 import native_experts_int4, use_native_experts_int4
 from .products import linear, linear_int4, linear_int8, swiglu, swiglu_int4, swiglu_int8
+from .watch import Watch
 
 # Reduced-precision attention runs in float32 on a CPU: PyTorch's float32 kernel is faster there
 # even with bfloat16 units (docs/performance.md).
@@ -177,15 +178,30 @@ class CpuBlock(Block):
         return h + y, router_logits
 
     def _plan(self, dtype: torch.dtype) -> LayerPlan | None:
+        plan = self.__dict__.get("_layer_plan")
+        if plan is not None and plan.dtype is dtype and plan.watch is not None and plan.watch.unchanged():
+            return plan if plan.ok else None
         weights = self._layer_weights()
         if weights is None:
             return None
         key = weights_key(dtype, weights)
-        plan = self.__dict__.get("_layer_plan")
         if plan is None or plan.key != key:
             plan = LayerPlan(key, dtype, weights)
             self.__dict__["_layer_plan"] = plan  # a plain attribute (not a module or tensor)
+        plan.watch = self._watch()
         return plan if plan.ok else None
+
+    def _watch(self) -> Watch:
+        """What ``_layer_weights`` and ``declined`` read, for ``_plan``'s check by identity."""
+        att, ff, an, fn = self.attention, self.feed_forward, self.attention_norm, self.ffn_norm
+        projections = dict(zip(("wq", "wk", "wv", "wo"), (att.wq, att.wk, att.wv, att.wo), strict=True))
+        children = [(self, "attention", att), (self, "feed_forward", ff), (self, "attention_norm", an)]
+        children += [(self, "ffn_norm", fn), (ff, "gate", ff.gate)]
+        children += [(att, name, m) for name, m in projections.items()]
+        settings = [(att, a) for a in ("qk_norm", "clip_qkv", "reduce", "n_heads", "n_kv_heads", "head_dim")]
+        settings += [(ff, a) for a in ("plain", "shared", "record_routing", "dispatch", "reduce", "top_k")]
+        settings += [(an, "eps"), (fn, "eps")]
+        return Watch(children, (att, ff, an, fn, ff.gate, *projections.values()), settings)
 
     def declined(self) -> str | None:
         """Why the one-call layer and the fused attention half never run this layer (a part that
