@@ -36,14 +36,6 @@ CONVERTED = ("f32", "bf16", "q8_0")
 QUANTIZED = {"q4_0": "Q4_0", "q4_K_M": "Q4_K_M"}
 
 
-# /proc/cpuinfo flag -> the ggml option that turns the extension on (a build that names them)
-_X86_EXTENSIONS = {
-    "avx": "GGML_AVX", "avx2": "GGML_AVX2", "bmi2": "GGML_BMI2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
-    "avx_vnni": "GGML_AVX_VNNI", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
-    "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16",
-}  # fmt: skip
-
-
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -55,14 +47,15 @@ def _cpu_flags() -> set[str]:
 
 def cmake_cpu_flags(amx: bool = False) -> list[str]:
     """``-DGGML_NATIVE=ON`` (``-march=native``), except on an x86 CPU that advertises AMX when
-    ``amx`` is False: there the build names the CPU's other extensions one by one and leaves the
-    AMX kernels out. The vendored llama.cpp's AMX matrix products (q8_0, q4_0) die with a general
-    protection fault in ``ldtilecfg`` on such a machine, whose AMX otherwise runs (docs/performance.md)."""
-    flags = _cpu_flags()
-    if amx or "amx_tile" not in flags:
+    ``amx`` is False: there ``-march=native -mno-amx-*`` is passed by hand (ggml's own native flag
+    comes after any flags given, so it cannot be amended), the same build less the AMX kernels.
+    The vendored llama.cpp's AMX matrix products (q8_0, q4_0) die with a general protection fault
+    in ``ldtilecfg`` on such a machine, whose AMX otherwise runs (docs/performance.md)."""
+    if amx or "amx_tile" not in _cpu_flags():
         return ["-DGGML_NATIVE=ON"]
-    named = [f"-D{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in _X86_EXTENSIONS.items()]
-    return ["-DGGML_NATIVE=OFF", *named, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    march = "-march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    return ["-DGGML_NATIVE=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_BMI2=OFF", "-DGGML_FMA=OFF",
+            "-DGGML_F16C=OFF", f"-DCMAKE_C_FLAGS={march}", f"-DCMAKE_CXX_FLAGS={march}"]  # fmt: skip
 
 
 def _tail(text: str, n: int = 15) -> str:
