@@ -154,6 +154,10 @@ static inline void store16(Out out, long m, long o, vf s) {
     }
 }
 
+/* Bytes of a weight row fetched ahead of the loads at batch 1: the hardware prefetchers alone leave
+ * part of the read bandwidth unused (docs/performance.md has the A/B). */
+#define AHEAD 1024
+
 /* Outputs [o0, o1) for rows m0 .. m0+MM-1 of float32 x: each a dot product along a weight row, two
  * accumulators per row so consecutive multiply-adds do not wait on each other. */
 #define ROWS(T, SFX, MM)                                                                             \
@@ -165,6 +169,8 @@ static inline void store16(Out out, long m, long o, vf s) {
             for (int m = 0; m < MM; m++) a[m] = b[m] = (vf){0};                                      \
             long k = 0;                                                                              \
             for (; k + 2 * V <= I; k += 2 * V) {                                                     \
+                if ((k * sizeof(T)) % 128 == 0) /* one line in two: the other comes with it */      \
+                    __builtin_prefetch((const char *)(wr + k) + AHEAD, 0, 3);                        \
                 vf w0 = load_##SFX(wr + k), w1 = load_##SFX(wr + k + V);                             \
                 for (int m = 0; m < MM; m++) {                                                       \
                     a[m] += w0 * load_f32(x + (m0 + m) * I + k);                                     \
@@ -247,6 +253,8 @@ static inline __m512 sum16(const __m512 *a) {
                 if (MM > 1) { /* compute between loads: the hardware prefetcher falls behind */     \
                     _mm_prefetch((const char *)(w + r * I + k) + DP_AHEAD, _MM_HINT_T0);             \
                     _mm_prefetch((const char *)(w + r * I + k) + DP_AHEAD + 64, _MM_HINT_T0);        \
+                } else { /* one line in two, as the float32 loop */                                 \
+                    _mm_prefetch((const char *)(w + r * I + k) + AHEAD, _MM_HINT_T0);                \
                 }                                                                                    \
                 __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + r * I + k);                           \
                 __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + r * I + k + 32);                      \
@@ -342,6 +350,7 @@ static void run_dp(const uint16_t *w, const uint16_t *x, Out out, long M, long I
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HAVE_VNNI 1
 #define CHUNK 8192
+#define Q8_AHEAD 2048 /* bytes of an int8 weight row fetched ahead of the loads at batch 1 */
 #define QD(MM)                                                                                       \
     static inline void qd_##MM(const int8_t *restrict wr, const int16_t *restrict xq,                \
                                const float *restrict xs, Out out, long m0, long I, long o) {         \
@@ -386,6 +395,7 @@ static inline float qd_row(const int8_t *restrict wr, const int16_t *restrict xm
         long end = k + CHUNK < i32 ? k + CHUNK : i32;
         __m512i a = _mm512_setzero_si512(), b = a;
         for (; k + 64 <= end; k += 64) {
+            _mm_prefetch((const char *)(wr + k) + Q8_AHEAD, _MM_HINT_T0); /* every line: one in two gains nothing */
             a = _mm512_dpwssd_epi32(a, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k))),
                                     _mm512_loadu_si512(xm + k));
             b = _mm512_dpwssd_epi32(b, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(wr + k + 32))),
