@@ -154,8 +154,9 @@ static inline void store16(Out out, long m, long o, vf s) {
     }
 }
 
-/* Bytes of a weight row fetched ahead of the loads at batch 1: the hardware prefetchers alone leave
- * part of the read bandwidth unused (docs/performance.md has the A/B). */
+/* Bytes of a weight row fetched ahead of the loads by the streaming loops (ROWS, and the one-row
+ * bfloat16 loop): the hardware prefetchers alone leave part of the read bandwidth unused
+ * (docs/performance.md has the A/B). */
 #define AHEAD 1024
 
 /* Outputs [o0, o1) for rows m0 .. m0+MM-1 of float32 x: each a dot product along a weight row, two
@@ -350,7 +351,7 @@ static void run_dp(const uint16_t *w, const uint16_t *x, Out out, long M, long I
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HAVE_VNNI 1
 #define CHUNK 8192
-#define Q8_AHEAD 2048 /* bytes of an int8 weight row fetched ahead of the loads at batch 1 */
+#define Q8_AHEAD 2048 /* bytes of an int8 weight row fetched ahead of the loads (qd_row) */
 #define QD(MM)                                                                                       \
     static inline void qd_##MM(const int8_t *restrict wr, const int16_t *restrict xq,                \
                                const float *restrict xs, Out out, long m0, long I, long o) {         \
